@@ -1,0 +1,59 @@
+# diffkd — set-up, demo, tests and benchmarks. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are pinned: these wheels install from local disk on our machines (see README "Install notes").
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: help install demo test test-slow test-all lint format bench bench-gpu fashion-mnist clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[dev]" $(TORCH_PINS)
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv (if needed) and install diffkd with its dev tools
+
+fashion-mnist: ## install Debian's dataset-fashion-mnist when we are root and apt exists (else torchvision downloads it)
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ ! -d /usr/share/fashion-mnist ] \
+	   && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
+	  || echo "note: apt could not install dataset-fashion-mnist; torchvision will download Fashion-MNIST instead"; \
+	fi
+
+demo: install fashion-mnist ## install, then run the main job on the embedded default (Fashion-MNIST, offline)
+	$(PY) -m diffkd.train
+
+test: install ## run the default (fast) test suite
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install ## run only the slow tests (DDP spawn, longer runs)
+	$(PY) -m pytest -m slow -q
+
+test-all: install ## run every test
+	$(PY) -m pytest -q
+
+lint: install ## ruff lint and format check
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+format: install ## ruff autofix and format
+	$(VENV)/bin/ruff check --fix src tests
+	$(VENV)/bin/ruff format src tests
+
+bench: install ## CPU benchmark of a training step (student / KD / DiffKD; fp32 / bf16)
+	$(PY) -m diffkd.bench
+
+bench-gpu: install ## GPU benchmark + 1-GPU DDP smoke + timed CIFAR-shaped run
+	bash scripts/bench_gpu.sh
+
+clean: ## remove caches and run outputs (keeps .venv and data/)
+	rm -rf .pytest_cache .ruff_cache logs outputs multirun

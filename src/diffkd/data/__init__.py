@@ -1,0 +1,1 @@
+"""LightningDataModules. They know nothing of distillation."""

@@ -1,0 +1,130 @@
+"""Distances between student and teacher outputs: KL, MSE, DIST and DKD.
+
+Each is a small ``nn.Module`` computing in fp32 (also under autocast) with log-softmax/logsumexp forms, so no
+log of a rounded-to-zero probability appears. Inputs are logits (B, K) or maps (B, K, H, W); for maps the class
+dimension is dim 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DIST", "DKD", "MSE", "KLDivergence", "build_distance"]
+
+
+def _flatten_classes(x: Tensor) -> Tensor:
+    """(B, K) → (B, K); (B, K, H, W) → (B·H·W, K): every spatial position is one distribution."""
+    if x.dim() == 2:
+        return x
+    if x.dim() == 4:
+        return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    raise ValueError(f"expected logits (B, K) or maps (B, K, H, W), got shape {tuple(x.shape)}")
+
+
+class KLDivergence(nn.Module):
+    """Hinton KD: ``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))``, summed over classes and positions, divided by B.
+
+    This is the official ``KLDivergence`` (``reduction='batchmean'``); for (B, K, 1, 1) inputs it equals the
+    2-D loss. The teacher is detached.
+    """
+
+    def __init__(self, tau: float = 1.0) -> None:
+        super().__init__()
+        self.tau = float(tau)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        log_q = F.log_softmax(student.float() / self.tau, dim=1)
+        log_p = F.log_softmax(teacher.detach().float() / self.tau, dim=1)
+        kl = (log_p.exp() * (log_p - log_q)).sum()
+        return kl / student.shape[0] * self.tau**2
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
+class MSE(nn.Module):
+    """Mean squared error over all elements, ``mean((s − t)²)`` (official ``nn.MSELoss()``)."""
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return F.mse_loss(student.float(), teacher.detach().float())
+
+
+def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+class DIST(nn.Module):
+    """DIST (Huang et al., 2022): match relations instead of values.
+
+    With p = softmax(s/τ), q = softmax(t/τ) as (N, K) matrices,
+    ``L = τ² · (β · (1 − mean_n ρ(p_n, q_n)) + γ · (1 − mean_k ρ(p_{:,k}, q_{:,k})))`` where ρ is the Pearson
+    correlation: the inter-class term correlates each sample's class distribution, the intra-class term each
+    class's scores across the batch. Maps (B, K, H, W) are treated as B·H·W distributions.
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> None:
+        super().__init__()
+        self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        p = F.softmax(_flatten_classes(student).float() / self.tau, dim=1)
+        q = F.softmax(_flatten_classes(teacher.detach()).float() / self.tau, dim=1)
+        inter = 1 - _pearson_rows(p, q).mean()
+        intra = 1 - _pearson_rows(p.t(), q.t()).mean()
+        return self.tau**2 * (self.beta * inter + self.gamma * intra)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, gamma={self.gamma}, tau={self.tau}"
+
+
+class DKD(nn.Module):
+    """Decoupled KD (Zhao et al., 2022): ``α·TCKD + β·NCKD``, each ×T² and averaged over the batch.
+
+    - TCKD = KL([p_gt, 1−p_gt]_teacher ‖ [p_gt, 1−p_gt]_student), the binary target-vs-rest distribution.
+    - NCKD = KL(teacher ‖ student) over the non-target classes, renormalised (gt masked out).
+
+    Computed with logsumexp, so it stays finite where the reference's ``log(softmax)`` turns to inf/NaN.
+    ``forward(student, teacher, target)`` with logits (B, K) and target (B,) int64.
+    """
+
+    needs_target = True
+
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        T = self.temperature
+        s = student.float().flatten(1) / T
+        t = teacher.detach().float().flatten(1) / T
+        gt = F.one_hot(target, s.shape[1]).bool()
+        neg_inf = torch.finfo(s.dtype).min
+
+        def binary_log_probs(z: Tensor) -> Tensor:
+            lse_all = torch.logsumexp(z, dim=1)
+            log_gt = z[gt] - lse_all
+            log_rest = torch.logsumexp(z.masked_fill(gt, neg_inf), dim=1) - lse_all
+            return torch.stack([log_gt, log_rest], dim=1)
+
+        log_bs, log_bt = binary_log_probs(s), binary_log_probs(t)
+        tckd = (log_bt.exp() * (log_bt - log_bs)).sum(1).mean()
+        log_ns = F.log_softmax(s.masked_fill(gt, neg_inf), dim=1)
+        log_nt = F.log_softmax(t.masked_fill(gt, neg_inf), dim=1)
+        p_nt = log_nt.exp()  # exactly 0 at the target class, which then contributes nothing
+        nckd = (p_nt * (log_nt - log_ns)).masked_fill(gt, 0.0).sum(1).mean()
+        return (self.alpha * tckd + self.beta * nckd) * T**2
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
+
+
+def build_distance(name: str, **kwargs) -> nn.Module:
+    """``kl`` | ``mse`` | ``dist`` | ``dkd`` → the module, with its keyword arguments."""
+    table = {"kl": KLDivergence, "mse": MSE, "dist": DIST, "dkd": DKD}
+    if name not in table:
+        raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(table)}")
+    return table[name](**kwargs)
