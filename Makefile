@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## create .venv (if needed) and install diffkd with its dev tools
 
 fashion-mnist: ## install Debian's dataset-fashion-mnist when we are root and apt exists (else torchvision downloads it)
-	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ ! -d /usr/share/fashion-mnist ] \
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null && [ ! -d /usr/share/datasets/fashion-mnist ] \
 	   && ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then \
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \

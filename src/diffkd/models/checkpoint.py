@@ -1,0 +1,192 @@
+"""Load weights from the checkpoint formats a distillation user meets, with errors that say what went wrong.
+
+:func:`load_weights` accepts
+
+- RepDistiller / mdistiller files: ``{"model": state_dict, "epoch": ..., "accuracy": ...}`` (the CIFAR teachers),
+- a bare ``state_dict``,
+- Lightning checkpoints ``{"state_dict": ...}``; a distillation module's keys are ``student.*`` / ``teacher.*``:
+  all-``student.`` keys are unwrapped automatically, otherwise pass ``key="student"`` or ``key="teacher"``,
+- ``module.``-prefixed keys (``nn.DataParallel``/DDP) and ``_orig_mod.`` (``torch.compile``),
+- ``.safetensors`` files.
+
+Files are read with ``torch.load(path, map_location="cpu", weights_only=True)``: a checkpoint never runs code.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from diffkd.models.cifar._common import CIFAR_TEACHERS_HINT
+
+__all__ = ["extract_state_dict", "load_weights", "read_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+# Top-level entries that hold the weights, in the order they are tried (Lightning, RepDistiller/mdistiller, others).
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
+# Whole-model wrappers whose prefix is always stripped when every key carries it.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_SHOW = 10
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read ``path`` on the CPU: ``.safetensors`` via safetensors, anything else via ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: the file does not exist (the message says where the CIFAR teachers come from).
+        RuntimeError: the file cannot be unpickled with ``weights_only=True``.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint file not found: '{path}'"
+            + (" (it is a directory)" if path.is_dir() else "")
+            + f". CIFAR weights are loaded from a file, not downloaded by name: {CIFAR_TEACHERS_HINT}"
+        )
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f"could not read '{path}' with torch.load(weights_only=True): it contains objects other than tensors "
+            "and plain containers. If you trust the file, allow those classes with "
+            f"torch.serialization.add_safe_globals([...]) and retry.\n{e}"
+        ) from e
+    if not isinstance(obj, Mapping):
+        raise RuntimeError(f"'{path}' holds a {type(obj).__name__}, not a dict of weights")
+    return dict(obj)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _strip_common(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in sd.items()} if all(k.startswith(prefix) for k in sd) else sd
+
+
+def _top_level_names(sd: Mapping[str, Any]) -> list[str]:
+    return sorted({k.split(".", 1)[0] for k in sd})
+
+
+def extract_state_dict(obj: Mapping[str, Any], key: str | None = None, *, origin: str = "<dict>") -> dict[str, Tensor]:
+    """The bare ``state_dict`` inside a loaded checkpoint ``obj``.
+
+    Args:
+        obj: a state dict, or a dict holding one under ``state_dict`` / ``model`` / ``model_state_dict`` / ...
+        key: either a top-level entry of ``obj`` that holds the state dict (``"model"``, ``"state_dict"``,
+            ``"model_ema"`` …), or a submodule prefix to select and strip (``"student"``, ``"teacher"``,
+            ``"model.backbone"`` …); keys outside that prefix are dropped.
+        origin: names the source in error messages.
+    """
+    prefix: str | None = None
+    if key is not None and key in obj and isinstance(obj[key], Mapping):
+        sd: Any = obj[key]
+    else:
+        prefix = key
+        sd = obj
+        if not _is_state_dict(sd):
+            found = next((c for c in _CONTAINER_KEYS if isinstance(obj.get(c), Mapping)), None)
+            if found is None:
+                raise RuntimeError(
+                    f"no state dict found in {origin}: top-level keys are {sorted(map(str, obj))[:20]}; "
+                    f"expected a dict of tensors or one of {list(_CONTAINER_KEYS)} (or pass key=...)"
+                )
+            sd = obj[found]
+    if not _is_state_dict(sd):
+        bad = sorted(k for k, v in sd.items() if not isinstance(v, Tensor))[:_SHOW]
+        raise RuntimeError(f"the weights in {origin} are not a dict of tensors (non-tensor entries: {bad})")
+    state: dict[str, Tensor] = dict(sd)
+    for wrapper in _WRAPPER_PREFIXES:
+        state = _strip_common(state, wrapper)
+    if prefix is not None:
+        p = prefix.rstrip(".") + "."
+        selected = {k[len(p) :]: v for k, v in state.items() if k.startswith(p)}
+        if not selected:
+            raise RuntimeError(
+                f"no weights under key/prefix {prefix!r} in {origin}; its top-level names are "
+                f"{_top_level_names(state)[:20]}"
+            )
+        state = selected
+    return state
+
+
+def _fmt(names: list[str], what: str) -> str:
+    more = f", … (+{len(names) - _SHOW} more)" if len(names) > _SHOW else ""
+    return f"  {what} ({len(names)}): {', '.join(names[:_SHOW])}{more}\n"
+
+
+def load_weights(
+    model: nn.Module, source: str | Path | Mapping[str, Any], *, strict: bool = True, key: str | None = None
+) -> None:
+    """Load ``source`` into ``model`` in place, on the parameters' device and dtype.
+
+    Args:
+        model: the module to fill.
+        source: a checkpoint path (``.pth``/``.pt``/``.ckpt``/``.safetensors``) or an already-loaded dict.
+        strict: every model key must be filled and every checkpoint key used (BatchNorm's
+            ``num_batches_tracked``, absent from very old files, may be missing). Shape mismatches always raise.
+        key: a top-level entry holding the weights, or a submodule prefix to select (see
+            :func:`extract_state_dict`), e.g. ``key="teacher"`` for a Lightning distillation checkpoint.
+
+    Raises:
+        FileNotFoundError: ``source`` is a path that does not exist.
+        RuntimeError: the weights do not fit: the message names the source and lists missing and unexpected keys
+            (the first few of each, with counts) and shape mismatches. The model is left untouched.
+    """
+    if isinstance(source, Mapping):
+        origin, obj = "<dict>", source
+    else:
+        origin = f"'{Path(source).expanduser()}'"
+        obj = read_checkpoint(source)
+    state = extract_state_dict(obj, key, origin=origin)
+
+    own = model.state_dict()
+    if key is None and not (own.keys() & state.keys()):
+        # a distillation checkpoint whose only submodule is the student, or any single common prefix
+        heads = _top_level_names(state)
+        if len(heads) == 1 and not all(k.startswith(heads[0] + ".") for k in own):
+            state = {k.split(".", 1)[1]: v for k, v in state.items()}
+
+    # BatchNorm fills a missing `num_batches_tracked` itself (files from PyTorch < 0.4.1 have none)
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        msg = f"cannot load the weights from {origin} into {type(model).__name__} (strict={strict}):\n"
+        if missing:
+            msg += _fmt(missing, "missing keys")
+        if unexpected:
+            msg += _fmt(unexpected, "unexpected keys")
+        if shapes:
+            msg += _fmt(shapes, "shape mismatches")
+        heads = _top_level_names(state)
+        if key is None and {"student", "teacher"} & set(heads):
+            msg += "hint: this looks like a distillation checkpoint; pass key='student' or key='teacher'.\n"
+        elif missing and unexpected:
+            msg += "hint: is this the checkpoint of another architecture (or another depth/width)?\n"
+        raise RuntimeError(msg.rstrip("\n"))
+    result = model.load_state_dict(state, strict=strict)
+    if not strict and (result.missing_keys or result.unexpected_keys):
+        log.warning(
+            "loaded %s non-strictly: %d missing keys (e.g. %s), %d unexpected keys (e.g. %s)",
+            origin,
+            len(result.missing_keys),
+            result.missing_keys[:3],
+            len(result.unexpected_keys),
+            result.unexpected_keys[:3],
+        )

@@ -1,0 +1,51 @@
+"""Helpers shared by the CIFAR zoo: the ``pretrained`` guard and the reference weight initialisations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["CIFAR_TEACHERS_HINT", "check_pretrained", "init_msra_fan_out"]
+
+CIFAR_TEACHERS_HINT = (
+    "mdistiller's CIFAR-100 teachers (RepDistiller's files) are the asset `cifar_teachers.tar` of the GitHub "
+    "release `checkpoints` of megvii-research/mdistiller "
+    "(https://github.com/megvii-research/mdistiller/releases/tag/checkpoints); it unpacks to "
+    "`cifar_teachers/<name>_vanilla/ckpt_epoch_240.pth` (e.g. `resnet32x4_vanilla/ckpt_epoch_240.pth`)."
+)
+
+
+def check_pretrained(name: str, pretrained: bool) -> None:
+    """Raise a ``ValueError`` when ``pretrained=True``: CIFAR weights are files, never downloaded by name."""
+    if pretrained:
+        raise ValueError(
+            f"{name}: CIFAR models have no weights to download by name (pretrained=True). Build the model with "
+            "pretrained=False and load a checkpoint path, e.g. "
+            f"`diffkd.models.checkpoint.load_weights(model, 'cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth')`. "
+            + CIFAR_TEACHERS_HINT
+        )
+
+
+@torch.no_grad()
+def init_msra_fan_out(model: nn.Module, *, linear_zero_bias: bool = False, linear_std: float | None = None) -> None:
+    """RepDistiller's init: conv ~ N(0, sqrt(2 / (k·k·C_out))), conv bias 0; BN weight 1, bias 0.
+
+    This is the same draw as ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``. ``Linear`` layers keep
+    PyTorch's default unless ``linear_zero_bias`` (bias 0) or ``linear_std`` (weight ~ N(0, std), bias 0) is set.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.normal_(0.0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                m.weight.normal_(0.0, linear_std)
+            if (linear_zero_bias or linear_std is not None) and m.bias is not None:
+                m.bias.zero_()

@@ -1,0 +1,104 @@
+"""Image classification: cross-entropy (hard, label-smoothed or soft Mixup targets), top-1/top-5 accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from diffkd.tasks.base import DistillationModule
+
+__all__ = ["ClassificationModule"]
+
+
+class ClassificationModule(DistillationModule):
+    """Distillation for classification. Batches are ``(images (B, C, H, W), targets (B,) or (B, K))``.
+
+    Args:
+        num_classes: K; ``None`` reads it from the student's output in the dry run.
+        label_smoothing: ε of label-smoothed cross-entropy for hard targets.
+        **kwargs: see :class:`~diffkd.tasks.base.DistillationModule`.
+
+    Logs ``train/loss`` and its terms, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``,
+    ``val/acc_best`` (the best ``val/acc`` so far) and the ``test/*`` equivalents.
+    """
+
+    def __init__(self, *args: Any, num_classes: int | None = None, label_smoothing: float = 0.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self._batch_transform: Any = None
+
+    def build(self, example: Tensor) -> None:
+        if self.num_classes is None:
+            with torch.no_grad():
+                was = self.student.training
+                out = self.student.eval()(example)
+                self.student.train(was)
+            self.num_classes = int(out.shape[-1])
+        k = self.num_classes
+        self.train_acc = MulticlassAccuracy(k, average="micro").to(self.device)
+        self.val_acc = MulticlassAccuracy(k, average="micro").to(self.device)
+        self.val_acc5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(self.device)
+        self.test_acc = MulticlassAccuracy(k, average="micro").to(self.device)
+        self.test_acc5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(self.device)
+        self.val_loss, self.test_loss = MeanMetric().to(self.device), MeanMetric().to(self.device)
+        self.val_acc_best = MaxMetric().to(self.device)
+        super().build(example)
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "batch_transform"):
+            self._batch_transform = dm.batch_transform()
+
+    # ------------------------------------------------------------------ task pieces
+    def model_input(self, batch: Any) -> Tensor:
+        return batch[0]
+
+    def distill_target(self, batch: Any) -> Tensor:
+        return batch[1]
+
+    def prepare_batch(self, batch: Any) -> Any:
+        if self._batch_transform is None:
+            return batch
+        x, y = batch
+        return self._batch_transform(x, y)
+
+    def task_loss(self, student_output: Tensor, batch: Any) -> Tensor:
+        target = batch[1]
+        logits = student_output.float()
+        if target.dim() == 2:  # soft targets (Mixup/CutMix, smoothing already folded in)
+            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def training_step_extra(self, student_output: Tensor, batch: Any) -> None:
+        target = batch[1]
+        hard = target.argmax(dim=1) if target.dim() == 2 else target
+        self.train_acc(student_output.detach(), hard)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: Any, acc, acc5, loss_metric, prefix: str) -> None:
+        x, y = batch
+        assert self.student_taps is not None
+        logits, _ = self.student_taps(self._to_memory_format(x))
+        loss_metric(F.cross_entropy(logits.float(), y))
+        acc(logits, y)
+        acc5(logits, y)
+        self.log(f"{prefix}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=False)
+        self.log(f"{prefix}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log(f"{prefix}/acc_top5", acc5, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_acc, self.val_acc5, self.val_loss, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_acc, self.test_acc5, self.test_loss, "test")

@@ -1,0 +1,115 @@
+"""``python -m diffkd.train [experiment=<name>] [overrides]`` — compose the Hydra config and train.
+
+With no arguments it runs the embedded demo (``experiment=demo``): Fashion-MNIST, offline, on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger("diffkd.train")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def _instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def build_module(cfg: DictConfig, num_classes: int | None) -> L.LightningModule:
+    """The task LightningModule from ``cfg.model``, ``cfg.distill`` and ``cfg.optim``."""
+    distiller = hydra.utils.instantiate(cfg.distill, _convert_="all")
+    student_cfg = cfg.model.student
+    nc = {"num_classes": num_classes} if student_cfg.get("num_classes") is None and num_classes else {}
+    student = hydra.utils.instantiate(student_cfg, **nc)
+    teacher = None
+    if distiller.needs_teacher:  # plain training builds no teacher at all: no wasted teacher work
+        if cfg.model.get("teacher") is None:
+            raise ValueError(f"distill={cfg.distill.get('_target_')} needs a teacher: set model.teacher")
+        t_cfg = cfg.model.teacher
+        nc_t = {"num_classes": num_classes} if t_cfg.get("num_classes") is None and num_classes else {}
+        teacher = hydra.utils.instantiate(t_cfg, **nc_t)
+        if t_cfg.get("weights") is None and not t_cfg.get("pretrained"):
+            log.warning("the teacher %s has no weights (model.teacher.weights is null): it is untrained", t_cfg.name)
+    module_cls = hydra.utils.get_class(cfg.model._target_)
+    options = {k: v for k, v in cfg.model.items() if k not in ("_target_", "student", "teacher")}
+    options = OmegaConf.to_container(OmegaConf.create(options), resolve=True)
+    optim = cfg.optim
+    return module_cls(
+        student=student,
+        teacher=teacher,
+        distiller=distiller,
+        optimizer=hydra.utils.instantiate(optim.optimizer),
+        scheduler=hydra.utils.instantiate(optim.scheduler) if optim.get("scheduler") else None,
+        scheduler_interval=optim.get("scheduler_interval", "epoch"),
+        no_decay_bias_norm=optim.get("no_decay_bias_norm", False),
+        lr_base_batch_size=optim.get("lr_base_batch_size"),
+        **options,
+    )
+
+
+def _pin_ddp_children_to_this_job() -> None:
+    """In a Hydra multirun, Lightning's DDP launcher re-runs ``sys.argv`` (a whole sweep) for ranks > 0 with
+    ``hydra.run.dir`` = the *run* dir pattern, scattering folders. Make the children run exactly this job, in
+    this job's folder."""
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    with open_dict(hc):
+        hc.run.dir = hc.runtime.output_dir
+    sys.argv = [sys.argv[0], *hc.overrides.task]
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """One training run. Returns (metrics, {"trainer", "module", "datamodule"})."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    num_classes = getattr(datamodule, "num_classes", None)
+    module = build_module(cfg, num_classes)
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = _instantiate_list(cfg.get("callbacks"))
+    loggers = _instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(module.run_config)
+    if trainer.strategy.launcher is not None and not trainer.strategy.launcher.is_interactive_compatible:
+        _pin_ddp_children_to_this_job()
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if cfg.get("test", False):
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.get("train", True) else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    if cfg.get("print_config"):
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    if cfg.get("pipeline") == "demo":
+        from diffkd.demo import run_demo
+
+        return run_demo(cfg)
+    metrics, _ = train(cfg)
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics:
+        log.warning("optimized_metric %r was not logged; available: %s", name, sorted(metrics))
+    return metrics.get(name) if name else None
+
+
+if __name__ == "__main__":
+    main()

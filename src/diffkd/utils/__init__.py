@@ -1,0 +1,1 @@
+"""Small helpers for the entry points (loggers, config handling)."""
