@@ -63,7 +63,13 @@ def test_gradient_flow_matches_official(feats):
         "noise_adapter": False,
         "proj": False,
     }
-    assert _grads(head, out.ae_loss) == {"ae": True, "trans": False, "model": False, "noise_adapter": False, "proj": False}
+    assert _grads(head, out.ae_loss) == {
+        "ae": True,
+        "trans": False,
+        "model": False,
+        "noise_adapter": False,
+        "proj": False,
+    }
 
 
 def test_kd_grad_through_diffusion_off(feats):
@@ -120,7 +126,11 @@ def test_finite_under_bf16_autocast(schedule, kernel_size):
     for _ in range(2):  # the official code's NaN appeared from the second iteration on
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = head(s, t)
-            kd = KLDivergence(1.0)(out.student, out.teacher) if kernel_size == 1 else F.mse_loss(out.student, out.teacher)
+            kd = (
+                KLDivergence(1.0)(out.student, out.teacher)
+                if kernel_size == 1
+                else F.mse_loss(out.student, out.teacher)
+            )
             loss = kd + out.diffusion_loss
         loss.backward()
         assert torch.isfinite(loss)
@@ -151,9 +161,17 @@ def test_bad_inputs_give_clear_errors():
 OFFICIAL_LOGITS_KEYS = (
     ["trans.weight", "trans.bias", "model.time_embedding.weight"]
     + [f"model.pred.{i}.{p}" for i in (0, 3, 5, 8) for p in ("weight", "bias")]
-    + [f"model.pred.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    + [
+        f"model.pred.{i}.{p}"
+        for i in (1, 4, 6)
+        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]
     + [f"noise_adapter.feat.{i}.{p}" for i in (0, 3) for p in ("weight", "bias")]
-    + [f"noise_adapter.feat.{i}.{p}" for i in (1, 4) for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    + [
+        f"noise_adapter.feat.{i}.{p}"
+        for i in (1, 4)
+        for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    ]
     + ["noise_adapter.pred.weight", "noise_adapter.pred.bias", "proj.0.weight", "proj.0.bias"]
     + [f"proj.1.{p}" for p in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
 )
@@ -163,14 +181,20 @@ def test_state_dict_keys_are_the_official_ones():
     assert set(DiffKD(10, 10, kernel_size=1).state_dict()) == set(OFFICIAL_LOGITS_KEYS)
     feat_keys = set(DiffKD(8, 16, use_ae=True, ae_channels=32).state_dict())
     assert {"ae.encoder.0.weight", "ae.encoder.1.running_var", "ae.decoder.0.weight"} <= feat_keys
-    assert {"model.pred.0.block.0.weight", "model.pred.1.block.7.bias", "noise_adapter.feat.0.block.3.weight"} <= feat_keys
+    assert {
+        "model.pred.0.block.0.weight",
+        "model.pred.1.block.7.bias",
+        "noise_adapter.feat.0.block.3.weight",
+    } <= feat_keys
 
 
 def test_official_checkpoint_loads_strict():
     src = DiffKD(16, 32, use_ae=True, ae_channels=24)
     full = {"state_dict": {"module.conv1.weight": torch.zeros(1)}}
     full["state_dict"].update({f"module._diff.layer4.{k}": v for k, v in src.state_dict().items()})
-    full["state_dict"].update({f"module._diff.fc.{k}": v for k, v in DiffKD(10, 10, kernel_size=1).state_dict().items()})
+    full["state_dict"].update(
+        {f"module._diff.fc.{k}": v for k, v in DiffKD(10, 10, kernel_size=1).state_dict().items()}
+    )
     heads = split_official_checkpoint(full)
     assert sorted(heads) == ["fc", "layer4"]
     dst = DiffKD(16, 32, use_ae=True, ae_channels=24)

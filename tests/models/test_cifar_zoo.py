@@ -71,15 +71,15 @@ SPEC: dict[str, tuple[int, str, tuple[int, int, int], tuple[str, ...]]] = {
         ("layer1.0.shortcut.0.weight", "layer4.2.conv3.weight", "linear.weight"),
     ),
     "smallcnn_teacher": (
-        241_898,
+        167_402,
         "features",
-        (128, 7, 7),
+        (64, 7, 7),
         ("features.conv1.conv.weight", "features.conv4.bn.weight", "fc.weight"),
     ),
     "smallcnn_student": (
-        24_058,
+        19_258,
         "features",
-        (64, 7, 7),
+        (48, 7, 7),
         ("features.conv1.conv.weight", "features.conv3.bn.weight", "fc.weight"),
     ),
 }

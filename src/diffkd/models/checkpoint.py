@@ -155,7 +155,8 @@ def load_weights(
     if key is None and not (own.keys() & state.keys()):
         # a distillation checkpoint whose only submodule is the student, or any single common prefix
         heads = _top_level_names(state)
-        if len(heads) == 1 and not all(k.startswith(heads[0] + ".") for k in own):
+        head = heads[0] + "." if len(heads) == 1 else ""
+        if head and all(k.startswith(head) for k in state) and not all(k.startswith(head) for k in own):
             state = {k.split(".", 1)[1]: v for k, v in state.items()}
 
     # BatchNorm fills a missing `num_batches_tracked` itself (files from PyTorch < 0.4.1 have none)

@@ -2,7 +2,7 @@
 
 Both are plain stacks of 3×3 conv → BN → ReLU blocks in ``features`` (stride 2 twice: 28 → 14 → 7), then global
 average pooling and one ``Linear`` classifier. The last feature map is the output of the module ``features``:
-(B, 128, 7, 7) for the teacher and (B, 64, 7, 7) for the student, so a distiller has to bridge a width gap.
+(B, 64, 7, 7) for the teacher and (B, 48, 7, 7) for the student, so a distiller has to bridge a width gap.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def smallcnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: 
     if pretrained:
         raise ValueError("smallcnn_teacher has no published weights (train it, e.g. with the Fashion-MNIST demo)")
     kwargs.setdefault("in_chans", 1)
-    return SmallCNN((32, 64, 128, 128), (2, 2, 1, 1), num_classes=num_classes, **kwargs)
+    return SmallCNN((32, 64, 128, 64), (2, 2, 1, 1), num_classes=num_classes, **kwargs)
 
 
 @register_model(tags=("small",))
@@ -92,4 +92,4 @@ def smallcnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: 
     if pretrained:
         raise ValueError("smallcnn_student has no published weights (train it, e.g. with the Fashion-MNIST demo)")
     kwargs.setdefault("in_chans", 1)
-    return SmallCNN((16, 32, 64), (2, 2, 1), num_classes=num_classes, **kwargs)
+    return SmallCNN((16, 32, 48), (2, 2, 1), num_classes=num_classes, **kwargs)

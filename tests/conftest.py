@@ -1,0 +1,74 @@
+"""Shared fixtures: composed Hydra configs for tiny runs on data written in the real on-disk formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from tests.helpers.fake_data import write_cifar100, write_fashion_mnist
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A data dir holding a small CIFAR-100 in the real python-pickle format (64 train, 32 test images)."""
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar100(root, n_train=64, n_test=32)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_root(tmp_path_factory) -> Path:
+    """A data dir holding a small Fashion-MNIST in torchvision's IDX layout."""
+    root = tmp_path_factory.mktemp("fmnist")
+    write_fashion_mnist(root, n_train=256, n_test=64, layout="torchvision")
+    return root
+
+
+def tiny_overrides(tmp_path: Path, data_dir: Path) -> list[str]:
+    """Overrides that make any experiment a few-batch CPU run writing under ``tmp_path``."""
+    return [
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'out'}",
+        f"paths.data_dir={data_dir}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.log_every_n_steps=1",
+        "+trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "logger=none",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "print_config=false",
+    ]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """``train.yaml`` composed with ``overrides`` (no Hydra app running)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture
+def cifar_cfg(tmp_path, cifar_root):
+    """Factory: a tiny CIFAR run config for an experiment, plus extra overrides."""
+
+    def make(experiment: str = "cifar_wrn40_wrn16", *extra: str) -> DictConfig:
+        base = [f"experiment={experiment}", *tiny_overrides(tmp_path, cifar_root), "data.download=false"]
+        if not experiment.startswith("teacher_"):
+            base.append("model.teacher.weights=null")
+        return compose_config([*base, *extra])
+
+    return make

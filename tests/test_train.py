@@ -1,0 +1,120 @@
+"""Short training runs through the real entry point on generated CIFAR-100 files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffkd.tasks import NonFiniteLossError
+from diffkd.train import train
+
+DISTILLERS = ["none", "kd", "dist", "fitnet", "dkd", "diffkd", "diffkd_dist"]
+
+
+@pytest.mark.parametrize("distill", DISTILLERS)
+def test_each_distiller_trains_and_logs_its_terms(cifar_cfg, distill):
+    cfg = cifar_cfg("cifar_wrn40_wrn16", f"distill={distill}", "test=true")
+    metrics, objs = train(cfg)
+    module = objs["module"]
+    assert 0.0 <= metrics["val/acc"] <= 1.0 and 0.0 <= metrics["test/acc"] <= 1.0
+    assert "val/acc_best" in metrics and "val/acc_top5" in metrics
+    assert math.isfinite(metrics["train/loss"])
+    terms = {k for k in metrics if k.startswith("train/loss/")}
+    expected = {"train/loss/task"} | {f"train/loss/{t}" for t in _terms(module)}
+    assert terms == expected
+    if distill == "none":
+        assert module.teacher is None  # no teacher built, no teacher work
+    else:
+        assert not any(p.requires_grad for p in module.teacher.parameters())
+        assert not module.teacher.training  # stayed in eval through Lightning's train() calls
+    if distill.startswith("diffkd"):
+        assert {"train/gamma/feature", "train/gamma/logits"} <= set(metrics)
+        assert 0 < metrics["train/gamma/feature"] < 1
+        assert module.distiller.student_paths == {"feature": "relu", "logits": ""}
+
+
+def _terms(module) -> list[str]:
+    names = []
+    for name, spec in module.distiller.specs.items():
+        names.append(f"{name}/kd")
+        if spec.head == "diffkd":
+            names.append(f"{name}/diff")
+            if spec.head_kwargs.get("use_ae"):
+                names.append(f"{name}/ae")
+    return names
+
+
+def test_heads_are_children_in_optimizer_and_checkpoint(cifar_cfg, tmp_path):
+    _, objs = train(cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd"))
+    module, trainer = objs["module"], objs["trainer"]
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    head_params = list(module.distiller.heads.parameters())
+    assert head_params and all(id(p) in optimized for p in head_params)
+    assert not any(id(p) in optimized for p in module.teacher.parameters())
+    ckpt = torch.load(trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
+    keys = ckpt["state_dict"].keys()
+    assert any(k.startswith("distiller.heads.feature.model.pred") for k in keys)
+    assert ckpt["diffkd"]["config"]["model"]["student"]["name"] == "wrn_16_2"
+
+
+def test_resume_from_last_checkpoint(cifar_cfg, tmp_path):
+    _, objs = train(cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd"))
+    last = objs["trainer"].checkpoint_callback.last_model_path
+    assert last.endswith("last.ckpt")
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd", "trainer.max_epochs=2", f"ckpt_path={last}")
+    _, objs2 = train(cfg)
+    assert objs2["trainer"].current_epoch == 2
+    assert objs2["trainer"].global_step == 4  # 2 steps restored + 2 new
+
+
+def test_teacher_checkpoint_loads_strict_and_mismatch_lists_keys(cifar_cfg, tmp_path):
+    from diffkd.models import create_model
+
+    good = tmp_path / "wrn_40_2_vanilla" / "ckpt_epoch_240.pth"
+    good.parent.mkdir()
+    teacher = create_model("wrn_40_2", num_classes=100)
+    torch.save({"model": teacher.state_dict(), "epoch": 240, "accuracy": torch.tensor(75.61)}, good)
+    _, objs = train(cifar_cfg("cifar_wrn40_wrn16", f"model.teacher.weights={good}"))
+    torch.testing.assert_close(objs["module"].teacher.fc.weight, teacher.fc.weight)
+    bad = tmp_path / "resnet56.pth"
+    torch.save({"model": create_model("resnet56").state_dict()}, bad)
+    with pytest.raises(RuntimeError, match="missing keys"):
+        train(cifar_cfg("cifar_wrn40_wrn16", f"model.teacher.weights={bad}"))
+
+
+def test_wrong_layer_name_lists_nearest_names(cifar_cfg):
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=fitnet", "distill.points.feature.teacher=block3.layer.5.relu")
+    with pytest.raises(KeyError, match=r"Nearest module names: .*block3\.layer\.5\.relu2"):
+        train(cfg)
+
+
+def test_spatial_mismatch_fails_unless_aligned(cifar_cfg):
+    # ShuffleV2's last map is 4×4, resnet32x4's 8×8: the experiment opts into interpolation...
+    metrics, _ = train(cifar_cfg("cifar_res32x4_shuv2"))
+    assert math.isfinite(metrics["train/loss"])
+    # ...and without it the error names the sizes and the option
+    with pytest.raises(ValueError, match=r"\(4, 4\) but teacher 'layer3' is \(8, 8\).*align=interpolate"):
+        train(cifar_cfg("cifar_res32x4_shuv2", "distill.points.feature.align=null"))
+
+
+def test_missing_dataset_says_layout_and_where_to_download(tmp_path):
+    from tests.conftest import compose_config, tiny_overrides
+
+    cfg = compose_config(
+        ["experiment=cifar_wrn40_wrn16", *tiny_overrides(tmp_path, tmp_path / "empty"), "data.download=false",
+         "model.teacher.weights=null"]
+    )  # fmt: skip
+    with pytest.raises(FileNotFoundError, match=r"cifar-100-python.*cifar-100-python\.tar\.gz"):
+        train(cfg)
+
+
+def test_nonfinite_loss_stops_and_names_the_term(cifar_cfg, tmp_path):
+    cfg = cifar_cfg(
+        "cifar_wrn40_wrn16", "distill=kd", "model.nonfinite_check_every=1", "distill.points.logits.weight=inf"
+    )
+    with pytest.raises(NonFiniteLossError, match=r"logits/kd") as err:
+        train(cfg)
+    assert "no checkpoint of these weights was written" in str(err.value)
+    assert not list((tmp_path / "out" / "checkpoints").glob("*.ckpt"))
