@@ -9,7 +9,7 @@ from diffkd.train import train
 
 def test_export_round_trip(cifar_cfg, tmp_path, capsys):
     _, objs = train(cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd"))
-    ckpt = objs["trainer"].checkpoint_callback.last_model_path
+    ckpt = objs["last_ckpt"]
     main([ckpt, str(tmp_path / "export" / "wrn_16_2")])
     assert "wrote" in capsys.readouterr().out
     pth, st = tmp_path / "export" / "wrn_16_2.pth", tmp_path / "export" / "wrn_16_2.safetensors"

@@ -53,7 +53,7 @@ def test_heads_are_children_in_optimizer_and_checkpoint(cifar_cfg, tmp_path):
     head_params = list(module.distiller.heads.parameters())
     assert head_params and all(id(p) in optimized for p in head_params)
     assert not any(id(p) in optimized for p in module.teacher.parameters())
-    ckpt = torch.load(trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
+    ckpt = torch.load(objs["last_ckpt"], map_location="cpu", weights_only=True)
     keys = ckpt["state_dict"].keys()
     assert any(k.startswith("distiller.heads.feature.model.pred") for k in keys)
     assert ckpt["diffkd"]["config"]["model"]["student"]["name"] == "wrn_16_2"
@@ -61,7 +61,7 @@ def test_heads_are_children_in_optimizer_and_checkpoint(cifar_cfg, tmp_path):
 
 def test_resume_from_last_checkpoint(cifar_cfg, tmp_path):
     _, objs = train(cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd"))
-    last = objs["trainer"].checkpoint_callback.last_model_path
+    last = objs["last_ckpt"]
     assert last.endswith("last.ckpt")
     cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd", "trainer.max_epochs=2", f"ckpt_path={last}")
     _, objs2 = train(cfg)

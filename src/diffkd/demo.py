@@ -57,7 +57,7 @@ def _run(cfg: DictConfig, label: str, distill: str, epochs: int, student: str) -
     start = time.perf_counter()
     metrics, objs = train(run_cfg)
     seconds = time.perf_counter() - start
-    best = getattr(objs["trainer"].checkpoint_callback, "best_model_path", "")
+    best = objs["best_ckpt"]
     return metrics.get("test/acc", float("nan")), seconds, best
 
 

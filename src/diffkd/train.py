@@ -6,6 +6,7 @@ With no arguments it runs the embedded demo (``experiment=demo``): Fashion-MNIST
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,8 +14,9 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger("diffkd.train")
 
@@ -29,17 +31,17 @@ def _instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 def build_module(cfg: DictConfig, num_classes: int | None) -> L.LightningModule:
     """The task LightningModule from ``cfg.model``, ``cfg.distill`` and ``cfg.optim``."""
-    distiller = hydra.utils.instantiate(cfg.distill, _convert_="all")
+    distiller = _instantiate(cfg.distill, _convert_="all")
     student_cfg = cfg.model.student
     nc = {"num_classes": num_classes} if student_cfg.get("num_classes") is None and num_classes else {}
-    student = hydra.utils.instantiate(student_cfg, **nc)
+    student = _instantiate(student_cfg, **nc)
     teacher = None
     if distiller.needs_teacher:  # plain training builds no teacher at all: no wasted teacher work
         if cfg.model.get("teacher") is None:
             raise ValueError(f"distill={cfg.distill.get('_target_')} needs a teacher: set model.teacher")
         t_cfg = cfg.model.teacher
         nc_t = {"num_classes": num_classes} if t_cfg.get("num_classes") is None and num_classes else {}
-        teacher = hydra.utils.instantiate(t_cfg, **nc_t)
+        teacher = _instantiate(t_cfg, **nc_t)
         if t_cfg.get("weights") is None and not t_cfg.get("pretrained"):
             log.warning("the teacher %s has no weights (model.teacher.weights is null): it is untrained", t_cfg.name)
     module_cls = hydra.utils.get_class(cfg.model._target_)
@@ -63,37 +65,79 @@ def _pin_ddp_children_to_this_job() -> None:
     """In a Hydra multirun, Lightning's DDP launcher re-runs ``sys.argv`` (a whole sweep) for ranks > 0 with
     ``hydra.run.dir`` = the *run* dir pattern, scattering folders. Make the children run exactly this job, in
     this job's folder."""
+    if not HydraConfig.initialized():
+        return
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return
-    with open_dict(hc):
+    with read_write(hc), open_dict(hc):
         hc.run.dir = hc.runtime.output_dir
     sys.argv = [sys.argv[0], *hc.overrides.task]
 
 
+def _instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that raises the target's own error (e.g. a checkpoint mismatch) rather than
+    Hydra's wrapper, so messages and exception types reach the user unchanged."""
+    try:
+        return hydra.utils.instantiate(cfg, **kwargs)
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
+
+
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _release_process_group() -> None:
+    """Tear down the DDP process group, so that the next job of a multirun can start its own."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """One training run. Returns (metrics, {"trainer", "module", "datamodule"})."""
+    """One training run. Returns (metrics, {"trainer", "module", "datamodule", "best_ckpt", "last_ckpt"})."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule = _instantiate(cfg.data)
     num_classes = getattr(datamodule, "num_classes", None)
     module = build_module(cfg, num_classes)
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = _instantiate_list(cfg.get("callbacks"))
     loggers = _instantiate_list(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
-    if trainer.strategy.launcher is not None and not trainer.strategy.launcher.is_interactive_compatible:
+    launches_children = type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+    if launches_children:  # strategy=ddp re-runs the script for ranks > 0
         _pin_ddp_children_to_this_job()
-    if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    ddp_env = {k: os.environ.get(k) for k in _DDP_ENV} if launches_children and "LOCAL_RANK" not in os.environ else {}
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        # the launcher leaves LOCAL_RANK & co. in this process's environment; the next job of a multirun would
+        # then believe an external launcher started it and never start its children
+        for key, value in ddp_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    ckpt_cb = trainer.checkpoint_callback
+    # read before testing: trainer.test(ckpt_path=best) restores the callback's state as of that checkpoint
+    best = getattr(ckpt_cb, "best_model_path", "") if cfg.get("train", True) else ""
+    last = getattr(ckpt_cb, "last_model_path", "") if cfg.get("train", True) else ""
     if cfg.get("test", False):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.get("train", True) else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+    _release_process_group()
+    objects = {"trainer": trainer, "module": module, "datamodule": datamodule, "best_ckpt": best, "last_ckpt": last}
+    return metrics, objects
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -14,6 +14,7 @@ device and are read every ``nonfinite_check_every`` steps and before any checkpo
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,6 +28,9 @@ from diffkd.distill import Distiller, FeatureTaps
 __all__ = ["DistillationModule", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
+
+# The frozen teacher is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class NonFiniteLossError(RuntimeError):
