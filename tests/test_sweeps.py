@@ -82,6 +82,6 @@ def test_ddp_spawn_two_processes_on_cpu(cifar_cfg):
     from diffkd.train import train
 
     cfg = cifar_cfg("cifar_wrn40_wrn16", "trainer=ddp_spawn", "trainer.devices=2", "distill=diffkd", "test=false")
-    metrics, objs = train(cfg)
+    _metrics, objs = train(cfg)
     assert objs["trainer"].world_size == 2
     assert Path(objs["last_ckpt"]).is_file()

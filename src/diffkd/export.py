@@ -8,6 +8,7 @@ stored in the checkpoint, so ``diffkd.models.create_model(name)`` + ``load_weigh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -66,10 +67,8 @@ def export_student(checkpoint_path: str | Path, out: str | Path, formats: tuple[
     base = out.with_suffix("") if out.suffix in (".pth", ".safetensors") else out
     written = []
     meta = {"source": str(checkpoint_path), "epoch": str(checkpoint.get("epoch"))}
-    try:
+    with contextlib.suppress(KeyError):
         meta["student"] = json.dumps(student_spec(checkpoint))
-    except KeyError:
-        pass
     if "pth" in formats:
         path = base.with_suffix(".pth")
         torch.save({"model": state, "epoch": checkpoint.get("epoch"), "meta": meta}, path)

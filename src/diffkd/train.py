@@ -132,6 +132,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # read before testing: trainer.test(ckpt_path=best) restores the callback's state as of that checkpoint
     best = getattr(ckpt_cb, "best_model_path", "") if cfg.get("train", True) else ""
     last = getattr(ckpt_cb, "last_model_path", "") if cfg.get("train", True) else ""
+    if not last and ckpt_cb is not None and ckpt_cb.dirpath and (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
+        last = str(Path(ckpt_cb.dirpath) / "last.ckpt")  # ddp_spawn hands back only the best path
     if cfg.get("test", False):
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
