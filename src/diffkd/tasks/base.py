@@ -179,13 +179,20 @@ class DistillationModule(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def forward_teacher(self, x: Tensor) -> dict[str, Tensor]:
+        """Teacher forward keeping only the tapped tensors: no autograd graph, eval mode.
+
+        With ``teacher_dtype`` (the fast path) it runs under ``torch.inference_mode`` in that dtype and the taps
+        are cast back to fp32 outside it — the cast is needed anyway and yields ordinary tensors the losses may
+        save for backward. In fp32 it runs under ``no_grad``: inference tensors could not be saved by the
+        distances, and copying them out would cost more than inference mode saves.
+        """
         assert self.teacher_taps is not None
-        with torch.no_grad():
-            xt = x.to(self.teacher_dtype) if self.teacher_dtype is not None else x
-            _, feats = self.teacher_taps(xt)
-        if self.teacher_dtype is not None:
-            feats = {k: v.float() for k, v in feats.items()}
-        return feats
+        if self.teacher_dtype is None:
+            with torch.no_grad():
+                return self.teacher_taps(x)[1]
+        with torch.inference_mode():
+            feats = self.teacher_taps(x.to(self.teacher_dtype))[1]
+        return {k: v.float() for k, v in feats.items()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = self.prepare_batch(batch)
@@ -198,7 +205,9 @@ class DistillationModule(L.LightningModule):
             t_feats = self.forward_teacher(x)
             terms, stats = self.distiller(s_feats, t_feats, self.distill_target(batch), epoch=self.current_epoch + 1)
         task = self.task_loss(s_out, batch)
-        loss = self.distiller.task_weight * task + sum(terms.values(), torch.zeros((), device=task.device))
+        loss = self.distiller.task_weight * task
+        for term in terms.values():
+            loss = loss + term
         all_terms = {"task": task, **terms}
         self._track_nonfinite(all_terms)
         self.log("train/loss", loss, prog_bar=True)

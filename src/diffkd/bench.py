@@ -1,0 +1,343 @@
+"""``python -m diffkd.bench`` — training-step throughput of student alone, KD and DiffKD.
+
+For each pair (CIFAR-100 WRN-40-2 → WRN-16-2 at batch 64, 32²; ImageNet ResNet-34 → ResNet-18 at batch 32, 224²)
+and each combination of precision (fp32 / bf16-mixed), channels_last (off / on) and ``torch.compile`` (off / on),
+it runs real Lightning training steps of :class:`~diffkd.tasks.ClassificationModule` on synthetic batches already
+on the device, and reports img/s, ms/step and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of an
+isolated subprocess with ``--isolate``, otherwise not measured), plus the DiffKD/KD step-time ratio and the bf16
+speed-up. A table goes to the screen and everything to JSON (``--out``).
+
+It also times the DiffKD head alone (forward + backward) at the CIFAR feature point (128 channels, 8×8,
+batch 64, no AE) and the ImageNet feature point (512 → 1024 latent with AE, 7×7, batch 32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["PAIRS", "BenchResult", "bench_head", "bench_step", "main"]
+
+PAIRS: dict[str, dict[str, Any]] = {
+    "cifar": {"teacher": "wrn_40_2", "student": "wrn_16_2", "classes": 100, "size": 32, "batch": 64},
+    "imagenet": {"teacher": "tv_resnet34", "student": "tv_resnet18", "classes": 1000, "size": 224, "batch": 32},
+}
+METHODS = {
+    "none": {},
+    "kd": {"logits": {"student": "", "teacher": "", "distance": {"name": "kl", "tau": 4.0}, "weight": 0.9}},
+    "diffkd": {
+        "feature": {"head": "diffkd", "distance": {"name": "mse"}},
+        "logits": {"student": "", "teacher": "", "head": "diffkd", "distance": {"name": "kl", "tau": 1.0}},
+    },
+}
+
+
+@dataclass
+class BenchResult:
+    pair: str
+    method: str
+    precision: str
+    channels_last: bool
+    compile: bool
+    batch: int
+    ms_per_step: float
+    img_per_s: float
+    peak_mem_mb: float | None
+    device: str
+    error: str | None = None
+
+
+class _Repeat:
+    """The same device-resident batch ``n`` times (an iterable Lightning takes as a train loader)."""
+
+    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        return iter([self.batch] * self.n)
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _build_module(pair: dict[str, Any], method: str, channels_last: bool, compile: bool, ae: bool):
+    from functools import partial
+
+    from diffkd.distill import Distiller
+    from diffkd.models import create_model
+    from diffkd.tasks import ClassificationModule
+
+    points = json.loads(json.dumps(METHODS[method]))
+    if ae and "feature" in points:  # the ImageNet recipe's AE (latent 1024)
+        points["feature"]["head_kwargs"] = {"use_ae": True, "ae_channels": 1024}
+    student = create_model(pair["student"], num_classes=pair["classes"])
+    teacher = create_model(pair["teacher"], num_classes=pair["classes"]) if points else None
+    return ClassificationModule(
+        student=student,
+        teacher=teacher,
+        distiller=Distiller(points, task_weight=0.1 if method == "kd" else 1.0),
+        optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
+        input_size=(3, pair["size"], pair["size"]),
+        channels_last=channels_last,
+        compile=compile,
+        teacher_dtype=None,
+        nonfinite_check_every=10_000,
+    )
+
+
+def bench_step(
+    pair_name: str,
+    method: str,
+    precision: str,
+    channels_last: bool,
+    compile: bool,
+    device: str,
+    steps: int,
+    warmup: int,
+    batch: int | None = None,
+) -> BenchResult:
+    """Time ``steps`` Lightning training steps after ``warmup`` steps; synchronises only at the two ends."""
+    import lightning as L
+
+    pair = PAIRS[pair_name]
+    bs = batch or pair["batch"]
+    torch.manual_seed(0)
+    module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet")
+    dev = torch.device(device)
+    x = torch.randn(bs, 3, pair["size"], pair["size"], device=dev)
+    y = torch.randint(0, pair["classes"], (bs,), device=dev)
+    batches = _Repeat((x, y), warmup + steps)
+    marks: dict[str, float] = {}
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warmup:
+                sync()
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                marks["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == warmup + steps - 1:
+                sync()
+                marks["end"] = time.perf_counter()
+
+    trainer = L.Trainer(
+        accelerator="gpu" if dev.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        max_steps=warmup + steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Timer()],
+    )
+    trainer.fit(module, train_dataloaders=batches)
+    seconds = (marks["end"] - marks["start"]) / steps
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+    return BenchResult(
+        pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, peak, device
+    )
+
+
+def bench_head(point: str, precision: str, device: str, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
+    """Forward + backward of one DiffKD head (MSE + L_diff [+ L_ae]); ms per call and parameter count."""
+    import torch.nn.functional as F
+
+    from diffkd import DiffKD
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    if point == "cifar":
+        head, bs, cs, ct, hw = DiffKD(128, 128), 64, 128, 128, 8
+    else:
+        head, bs, cs, ct, hw = DiffKD(512, 512, use_ae=True, ae_channels=1024), 32, 512, 512, 7
+    head.to(dev)
+    s = torch.randn(bs, cs, hw, hw, device=dev, requires_grad=True)
+    t = torch.randn(bs, ct, hw, hw, device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = head(s, t)
+            loss = F.mse_loss(out.student, out.teacher) + out.diffusion_loss
+            if out.ae_loss is not None:
+                loss = loss + out.ae_loss
+        loss.backward()
+
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    ms = 1000 * (time.perf_counter() - start) / steps
+    params = sum(p.numel() for p in head.parameters())
+    return {"point": point, "precision": precision, "batch": bs, "ms_fwd_bwd": ms, "params": params, "device": device}
+
+
+def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
+    """One configuration in a fresh process, so that its peak RSS is its own."""
+    pair, method, prec, cl, comp = combo
+    cmd = [sys.executable, "-m", "diffkd.bench", "--one", json.dumps(combo), "--device", args.device,
+           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return BenchResult(pair, method, prec, cl, comp, 0, float("nan"), float("nan"), None, args.device,
+                           error=out.stderr.strip().splitlines()[-1] if out.stderr else "failed")  # fmt: skip
+    return BenchResult(**json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def _table(results: list[BenchResult]) -> str:
+    lines = [f"{'pair':<9}{'method':<8}{'prec':<6}{'cl':<5}{'compile':<9}{'ms/step':>10}{'img/s':>10}{'peak MB':>10}"]
+    for r in results:
+        peak = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "—"
+        row = f"{r.pair:<9}{r.method:<8}{r.precision:<6}{'on' if r.channels_last else 'off':<5}"
+        row += f"{'on' if r.compile else 'off':<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}"
+        lines.append(row + (f"   error: {r.error}" if r.error else ""))
+    return "\n".join(lines)
+
+
+def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
+    index = {(r.pair, r.method, r.precision, r.channels_last, r.compile): r for r in results if not r.error}
+    out = []
+    for (pair, method, prec, cl, comp), r in index.items():
+        if method != "diffkd":
+            continue
+        kd = index.get((pair, "kd", prec, cl, comp))
+        fp32 = index.get((pair, "diffkd", "fp32", cl, comp))
+        out.append(
+            {
+                "pair": pair,
+                "precision": prec,
+                "channels_last": cl,
+                "compile": comp,
+                "diffkd_over_kd": r.ms_per_step / kd.ms_per_step if kd else None,
+                "bf16_speedup": fp32.ms_per_step / r.ms_per_step if fp32 and prec == "bf16" else None,
+            }
+        )
+    return out
+
+
+def _choices(value: str, allowed: dict[str, Any]) -> list[Any]:
+    keys = [v.strip() for v in value.split(",")]
+    bad = [k for k in keys if k not in allowed]
+    if bad:
+        raise SystemExit(f"unknown value(s) {bad}; choose from {', '.join(allowed)}")
+    return [allowed[k] for k in keys]
+
+
+def main(argv: list[str] | None = None) -> list[BenchResult]:
+    parser = argparse.ArgumentParser(prog="python -m diffkd.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--pairs", default="cifar,imagenet")
+    parser.add_argument("--methods", default="none,kd,diffkd")
+    parser.add_argument("--precision", default="fp32,bf16")
+    parser.add_argument("--channels-last", default="off,on")
+    parser.add_argument("--compile", default="off", help="off | on | off,on")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
+    parser.add_argument("--isolate", action="store_true", help="one process per configuration (CPU peak RSS)")
+    parser.add_argument("--no-heads", action="store_true", help="skip the DiffKD-head micro-benchmark")
+    parser.add_argument("--out", default=None, help="JSON path (default: bench_results/<time>.json)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    args.steps = args.steps or (10 if gpu else 5)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("diffkd").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    if args.one:  # child of --isolate
+        pair, method, prec, cl, comp = json.loads(args.one)
+        r = bench_step(pair, method, prec, cl, comp, args.device, args.steps, args.warmup)
+        r.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not gpu else r.peak_mem_mb
+        print(json.dumps(asdict(r)))
+        return [r]
+
+    onoff = {"off": False, "on": True}
+    combos = list(
+        itertools.product(
+            _choices(args.pairs, {k: k for k in PAIRS}),
+            _choices(args.methods, {k: k for k in METHODS}),
+            _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"}),
+            _choices(args.channels_last, onoff),
+            _choices(args.compile, onoff),
+        )
+    )
+    print(f"device: {_device_name(args.device)} | torch {torch.__version__} | {len(combos)} configurations", flush=True)
+    heads = []
+    if not args.no_heads:
+        for point, prec in itertools.product(
+            ("cifar", "imagenet"), _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"})
+        ):
+            h = bench_head(point, prec, args.device)
+            heads.append(h)
+            print(f"DiffKD head {point:<8} {prec:<5} batch {h['batch']:>3}: {h['ms_fwd_bwd']:8.1f} ms fwd+bwd, "
+                  f"{h['params']:,} params", flush=True)  # fmt: skip
+    results = []
+    for combo in combos:
+        if args.isolate:
+            r = _run_isolated(args, combo)
+        else:
+            try:
+                r = bench_step(*combo, args.device, args.steps, args.warmup)
+            except Exception as err:  # one failing configuration must not lose the others
+                r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
+        results.append(r)
+        print(_table([r]).splitlines()[1], flush=True)
+    print("\n" + _table(results))
+    ratios = _ratios(results)
+    for q in ratios:
+        extra = f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q["bf16_speedup"] else ""
+        if q["diffkd_over_kd"]:
+            cl, comp = "on" if q["channels_last"] else "off", "on" if q["compile"] else "off"
+            print(f"{q['pair']:<9}{q['precision']:<6}cl={cl:<4}compile={comp:<4} "
+                  f"DiffKD/KD step time ×{q['diffkd_over_kd']:.2f}{extra}")  # fmt: skip
+    out = Path(args.out or f"bench_results/{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "device": _device_name(args.device),
+        "torch": torch.__version__,
+        "argv": sys.argv[1:],
+        "cpu_count": os.cpu_count(),
+    }
+    out.write_text(
+        json.dumps({"meta": meta, "heads": heads, "steps": [asdict(r) for r in results], "ratios": ratios}, indent=2)
+    )
+    print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
