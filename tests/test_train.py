@@ -118,3 +118,41 @@ def test_nonfinite_loss_stops_and_names_the_term(cifar_cfg, tmp_path):
         train(cfg)
     assert "no checkpoint of these weights was written" in str(err.value)
     assert not list((tmp_path / "out" / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last_fast_path(cifar_cfg):
+    cfg = cifar_cfg(
+        "cifar_wrn40_wrn16", "model.compile=true", "model.channels_last=true", "model.teacher_dtype=bfloat16"
+    )
+    metrics, objs = train(cfg)
+    assert math.isfinite(metrics["train/loss"])
+    assert objs["module"].teacher.fc.weight.dtype == torch.bfloat16
+
+
+def test_distill_on_my_own_image_folder(tmp_path):
+    from tests.conftest import compose_config, tiny_overrides
+    from tests.helpers.fake_data import write_image_folder
+
+    root = tmp_path / "images"
+    write_image_folder(root, classes=("cat", "dog", "owl"), per_class=6, size=40)
+    overrides = [o for o in tiny_overrides(tmp_path, tmp_path) if not o.startswith("paths.data_dir")]
+    cfg = compose_config(
+        ["~experiment", "data=image_folder", f"data.root={root}", "data.image_size=32",
+         "model.student.name=resnet8", "model.teacher.name=resnet14", "distill=diffkd", *overrides]
+    )  # fmt: skip
+    metrics, objs = train(cfg)
+    assert objs["module"].student.fc.out_features == 3  # read from the class folders
+    assert math.isfinite(metrics["train/loss"])
+
+
+def test_sweep_config_lists_schedules_and_steps():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=cifar_wrn40_wrn16", "sweep=schedules"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert params["distill.diffkd.beta_schedule"] == "linear,scaled_linear,squaredcos_cap_v2"
+    assert params["distill.diffkd.inference_steps"] == "1,3,5,10"

@@ -10,12 +10,14 @@ import os
 import pickle
 from pathlib import Path
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
-from diffkd.data.base import ClassificationDataModule, DataNotFoundError
+from diffkd.data.base import DataNotFoundError, PreloadableDataModule
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR100DataModule"]
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 CIFAR100_FILES = ("train", "test", "meta")
+CIFAR100_PADDING = 4  # RandomCrop(32, padding=4)
 
 
 class _CIFAR100Files(CIFAR100):
@@ -47,7 +50,7 @@ class _CIFAR100Files(CIFAR100):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
-class CIFAR100DataModule(ClassificationDataModule):
+class CIFAR100DataModule(PreloadableDataModule):
     """CIFAR-100 for classification and distillation.
 
     CIFAR-100 has no separate validation split: like mdistiller and RepDistiller, the official test split
@@ -60,10 +63,14 @@ class CIFAR100DataModule(ClassificationDataModule):
     ``prepare_data`` (run on global rank 0 only) downloads them when missing and ``download=True``;
     ``setup`` builds the data sets on every rank.
 
+    With ``gpu_preload=True`` the uint8 pixels (``CIFAR100.data``, (N, 32, 32, 3) → (N, 3, 32, 32)) go to the
+    device once and the same crop/flip/normalise runs there per batch (``PreloadableDataModule``); no workers.
+
     Args:
         data_dir: folder holding ``cifar-100-python/``.
         batch_size, val_batch_size, num_workers, pin_memory, drop_last: see ``ClassificationDataModule``.
         download: fetch the archive from the CIFAR web page when the files are missing.
+        gpu_preload: keep the data set on the training device and augment there (see ``PreloadableDataModule``).
     """
 
     num_classes = 100
@@ -82,8 +89,9 @@ class CIFAR100DataModule(ClassificationDataModule):
         pin_memory: bool = False,
         drop_last: bool = True,
         download: bool = True,
+        gpu_preload: bool = False,
     ) -> None:
-        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last, gpu_preload)
         self.download = download
 
     @property
@@ -121,9 +129,18 @@ class CIFAR100DataModule(ClassificationDataModule):
         if not self.files_present():
             raise self._not_found()
         normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *normalize])
+        train_tf = T.Compose([T.RandomCrop(32, padding=CIFAR100_PADDING), T.RandomHorizontalFlip(), *normalize])
         val_tf = T.Compose(normalize)
         train = _CIFAR100Files(self.data_dir, train=True, transform=train_tf, download=False)
         val = _CIFAR100Files(self.data_dir, train=False, transform=val_tf, download=False)
         log.info("CIFAR-100: %d train / %d test images from %s", len(train), len(val), self.folder)
         return train, val
+
+    def preload_tensors(self, split: str) -> tuple[Tensor, Tensor]:
+        """uint8 (N, 3, 32, 32) images and int64 (N,) fine labels of ``"train"`` or ``"val"`` (the test split)."""
+        ds = {"train": self.train_set, "val": self.val_set}[split]
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 32, 32, 3) HWC -> NCHW
+        return images, torch.as_tensor(ds.targets, dtype=torch.long)
+
+    def train_augmentation(self) -> tuple[int, bool]:
+        return CIFAR100_PADDING, True

@@ -9,7 +9,8 @@ Where the files come from, in this order (the first complete set wins; a log lin
 
 The whole data set is decoded once into uint8 tensors; augmentation (random crop with zero padding, horizontal
 flip) and normalisation run on tensors, a whole batch at a time (``InMemoryImageDataset.__getitems__``), so
-loading costs well under a millisecond per batch and no worker processes are needed.
+loading costs well under a millisecond per batch and no worker processes are needed. With ``gpu_preload=True``
+the uint8 tensors live on the training device and the same augmentation runs there.
 Batches: images (B, 1, S, S) float32 with S = ``image_size``, targets (B,) int64 in [0, 10).
 """
 
@@ -19,6 +20,7 @@ import gzip
 import logging
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -26,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from diffkd.data.base import ClassificationDataModule, DataNotFoundError
+from diffkd.data.base import DataNotFoundError, PreloadableDataModule
+from diffkd.data.device_loader import CropFlipNormalize
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
@@ -106,7 +109,9 @@ class InMemoryImageDataset(Dataset):
     """Images held as one uint8 tensor; crop/flip augmentation and normalisation done on tensors.
 
     ``__getitems__`` (used by ``DataLoader`` for a whole batch of indices) augments a batch in a few vectorised
-    tensor ops; ``__getitem__`` goes through the same code for one index.
+    tensor ops (:class:`~diffkd.data.device_loader.CropFlipNormalize`, the same code as the ``gpu_preload`` path,
+    drawing its crop offsets and flips from the global torch RNG); ``__getitem__`` goes through the same code for
+    one index. Normalisation: ``(x - 255·mean) · (1 / (255·std))`` (``fused_normalize``).
 
     Args:
         images: uint8 (N, C, H, W) or (N, H, W) (a channel axis is added).
@@ -136,34 +141,19 @@ class InMemoryImageDataset(Dataset):
         self.height, self.width = images.shape[-2:]
         self.padding = int(padding)
         self.flip = bool(flip)
-        # pad once (zeros, like RandomCrop's default fill) so that a crop is a gather
-        self.images = F.pad(images, [self.padding] * 4) if self.padding else images.contiguous()
+        self.images = images.contiguous()  # uint8 (N, C, H, W), unpadded
         self.targets = targets.long()
         self.channels = images.shape[1]
-        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
-        self._inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.transform = CropFlipNormalize(mean, std, padding=self.padding, flip=self.flip, fused_normalize=True)
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def batch(self, indices: Tensor | list[int]) -> tuple[Tensor, Tensor]:
+    def batch(self, indices: Tensor | Sequence[int]) -> tuple[Tensor, Tensor]:
         """Augmented, normalised ``(images (B, C, H, W) float32, targets (B,) int64)`` for ``indices``."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        if self.padding or self.flip:
-            b, h, w = len(idx), self.height, self.width
-            oy = torch.randint(0, 2 * self.padding + 1, (b, 1)) if self.padding else torch.zeros(b, 1, dtype=torch.long)
-            ox = torch.randint(0, 2 * self.padding + 1, (b, 1)) if self.padding else torch.zeros(b, 1, dtype=torch.long)
-            rows = oy + torch.arange(h)  # (B, H)
-            cols = ox + torch.arange(w)  # (B, W)
-            if self.flip:
-                flipped = torch.rand(b, 1) < 0.5
-                cols = torch.where(flipped, cols.flip(-1), cols)
-            chans = torch.arange(self.channels).view(1, -1, 1, 1)
-            x = self.images[idx.view(-1, 1, 1, 1), chans, rows[:, None, :, None], cols[:, None, None, :]]
-        else:
-            x = self.images[idx]
-        x = (x.float() - self._mean) * self._inv_std
-        return x, self.targets[idx]
+        offsets, flips = self.transform.sample(len(idx))
+        return self.transform(self.images, idx, offsets, flips), self.targets[idx]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         x, y = self.batch([int(index)])
@@ -174,7 +164,7 @@ class InMemoryImageDataset(Dataset):
         return list(zip(x.unbind(0), y.unbind(0)))
 
 
-class FashionMNISTDataModule(ClassificationDataModule):
+class FashionMNISTDataModule(PreloadableDataModule):
     """Fashion-MNIST in memory (see the module docstring for where the files are looked for).
 
     The official test split is used for validation. Train: random crop with zero padding (2 px at 28 × 28,
@@ -190,10 +180,13 @@ class FashionMNISTDataModule(ClassificationDataModule):
         image_size: side S of the images; other than 28, the data set is resized once (bilinear) at load time.
         subset: keep only the first ``subset`` training images (quick runs); None keeps all 60 000.
         debian_dir: where Debian's ``dataset-fashion-mnist`` puts its files (searched first; None skips it).
+        gpu_preload: keep the uint8 data set on the training device and augment there (the same crop, flip and
+            normalisation; see ``PreloadableDataModule``).
     """
 
     num_classes = 10
     in_chans = 1
+    fused_normalize = True  # InMemoryImageDataset's normalisation: the gpu_preload path gives the same numbers
     mean = FASHION_MNIST_MEAN
     std = FASHION_MNIST_STD
     classes = FASHION_MNIST_CLASSES
@@ -210,8 +203,9 @@ class FashionMNISTDataModule(ClassificationDataModule):
         image_size: int = 28,
         subset: int | None = None,
         debian_dir: str | Path | None = DEBIAN_FASHION_MNIST_DIR,
+        gpu_preload: bool = False,
     ) -> None:
-        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last, gpu_preload)
         self.download = download
         self.image_size = int(image_size)
         if subset is not None and subset <= 0:
@@ -319,3 +313,11 @@ class FashionMNISTDataModule(ClassificationDataModule):
         train = InMemoryImageDataset(self._resize(train_x), train_y, self.mean, self.std, padding=padding, flip=True)
         val = InMemoryImageDataset(self._resize(val_x), val_y, self.mean, self.std)
         return train, val
+
+    def preload_tensors(self, split: str) -> tuple[Tensor, Tensor]:
+        """uint8 (N, 1, S, S) images and int64 (N,) labels of ``"train"`` or ``"val"`` (the test split)."""
+        ds = {"train": self.train_set, "val": self.val_set}[split]
+        return ds.images, ds.targets
+
+    def train_augmentation(self) -> tuple[int, bool]:
+        return self.train_set.padding, self.train_set.flip

@@ -13,7 +13,9 @@ device and are read every ``nonfinite_check_every`` steps and before any checkpo
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from diffkd.distill import Distiller, FeatureTaps
+from diffkd.method.profile import format_count, point_profiles, record_output_shapes
 
 __all__ = ["DistillationModule", "NonFiniteLossError"]
 
@@ -140,16 +143,20 @@ class DistillationModule(L.LightningModule):
 
     def build(self, example: Tensor) -> None:
         """Infer shapes, create the heads and the taps (called once, from ``setup`` or by hand)."""
-        points = self.distiller.build(self.student, self.teacher, example)
+        with record_output_shapes() as shapes:  # the tap shapes of the build's dry runs, for the heads' MACs
+            points = self.distiller.build(self.student, self.teacher, example)
+        profiles = point_profiles(self.distiller, self.student, self.teacher, example, shapes) if points else {}
         for name, info in points.items():
+            cost = profiles.get(name)
             log.info(
-                "distill point %-8s student %-14r teacher %-14r head %-8s distance %s  head params %s",
+                "distill point %-8s student %-14r teacher %-14r head %-8s distance %s  head params %s  MACs/sample %s",
                 name,
                 info["student"],
                 info["teacher"],
                 info["head"],
                 info["distance"]["name"],
                 f"{info['params']:,}",
+                format_count(cost.macs) if cost is not None else 0,
             )
         s_paths, t_paths = self.distiller.tap_paths()
         self.student_taps = FeatureTaps(self.student, ["", *s_paths])
@@ -165,6 +172,11 @@ class DistillationModule(L.LightningModule):
             self._compile()
 
     def _compile(self) -> None:
+        import torch._dynamo
+
+        # a graph that fails to compile later, at its first call, runs eagerly instead of stopping the run
+        torch._dynamo.config.suppress_errors = True
+        log.info("torch.compile: student, teacher and DiffKD heads (failures fall back to eager with a warning)")
         try:
             self.student.compile()
             if self.teacher is not None:
@@ -289,5 +301,27 @@ class DistillationModule(L.LightningModule):
             log.info("learning rate scaled ×%.4g for a global batch of %d", factor, self.global_batch_size())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer)
+        scheduler = self.scheduler_factory(optimizer, **self.scheduler_step_counts())
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
+
+    def scheduler_step_counts(self) -> dict[str, float]:
+        """``steps_per_epoch`` / ``total_steps`` for a scheduler whose signature names them and whose config leaves
+        them unset (``diffkd.optim.WarmupStepLR``/``WarmupCosineLR``: lengths in epochs, stepped every iteration);
+        ``{}`` for any other scheduler. Counts are optimizer steps of this process, from the trainer."""
+        try:
+            params = inspect.signature(self.scheduler_factory).parameters
+        except (TypeError, ValueError):
+            return {}
+        wanted = [
+            k
+            for k in ("steps_per_epoch", "total_steps")
+            if k in params and params[k].default in (None, params[k].empty)
+        ]
+        if not wanted:
+            return {}
+        total = self.trainer.estimated_stepping_batches  # sets up the train loader when needed
+        batches = self.trainer.num_training_batches
+        if math.isinf(batches):
+            raise ValueError(f"{wanted} need a train loader with a length (per-iteration schedules count epochs)")
+        counts = {"steps_per_epoch": math.ceil(batches / self.trainer.accumulate_grad_batches), "total_steps": total}
+        return {k: counts[k] for k in wanted}
