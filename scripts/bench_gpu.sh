@@ -21,6 +21,8 @@ fi
 
 # 1. benchmark matrix
 if [ "${QUICK:-0}" = 1 ]; then MATRIX=(--pairs cifar --channels-last on --compile off,on); else MATRIX=(--compile off,on); fi
+$PY -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+status "GPU tests (no host sync, bf16 finite)" "$([ $? = 0 ] && echo ok || echo "FAILED, see $OUT/gpu_tests.txt")"
 $PY -m diffkd.bench --device cuda "${MATRIX[@]}" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
 status "benchmark" "$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED) ($OUT/bench.json)"
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["export_student", "load_student", "main", "student_state_dict"]
+__all__ = ["build_student", "export_student", "load_student", "main", "student_state_dict"]
 
 
 def student_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -42,18 +42,33 @@ def student_spec(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return dict(spec)
 
 
-def load_student(path: str | Path) -> nn.Module:
-    """Rebuild the student of a diffkd checkpoint and load its weights (eval mode)."""
+def build_student(checkpoint: dict[str, Any]) -> nn.Module:
+    """The student of a loaded diffkd checkpoint, rebuilt from its stored config, weights loaded (eval mode).
+
+    When the config left ``num_classes`` to the data (``null``), the width is read from the checkpoint: the one
+    2-D weight whose shape differs from a default-width build (``fc``, ``classifier``, ``head.fc``, ...).
+    """
     import hydra
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = student_state_dict(checkpoint)
     spec = student_spec(checkpoint)
-    if spec.get("num_classes") is None and "fc.weight" in state:
-        spec["num_classes"] = state["fc.weight"].shape[0]
+    if spec.get("num_classes") is None:
+        own = hydra.utils.instantiate(spec).state_dict()
+        widths = {
+            state[k].shape[0]
+            for k, v in own.items()
+            if k.endswith(".weight") and v.ndim == 2 and k in state and state[k].shape != v.shape
+        }
+        if len(widths) == 1:
+            spec["num_classes"] = widths.pop()
     model = hydra.utils.instantiate(spec)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """Rebuild the student of a diffkd checkpoint file and load its weights (eval mode)."""
+    return build_student(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def export_student(checkpoint_path: str | Path, out: str | Path, formats: tuple[str, ...] = ("pth", "safetensors")):

@@ -1,9 +1,9 @@
 """Data sets that live on the device: uint8 images in device memory, batches augmented there.
 
 For small data sets (CIFAR-100: 150 MB, Fashion-MNIST: 47 MB as uint8) the whole data set fits in GPU memory many
-times over. :class:`DeviceTensorLoader` then replaces ``DataLoader`` + worker processes + PIL: each batch is one
-gather of uint8 pixels, a random crop with zero padding and a random horizontal flip done with index arithmetic,
-and a normalisation, all on the device, with no worker process and no host synchronisation per batch.
+times over. :class:`DeviceTensorLoader` then replaces ``DataLoader`` + worker processes + PIL: each batch is a
+gather of uint8 pixels, a random crop with zero padding and a random horizontal flip done with per-sample index
+arithmetic, and a normalisation, all on the device, with no worker process and no host synchronisation per batch.
 
 Pieces (all dataset-agnostic):
 
@@ -60,14 +60,15 @@ class CropFlipNormalize:
     std))`` (one pass fewer; what ``InMemoryImageDataset`` has always computed). The two differ by about 1e-7.
 
     The whole batch is done in a few vectorised ops: one ``index_select`` of the batch, one zero ``pad``, one
-    gather whose (B, H) row and (B, W) column indices carry the per-sample offsets and flips, then the cast and
-    normalisation. No Python loop over samples, no host synchronisation.
+    window selection with the (B,) offsets, one column ``gather`` for the flips, then the cast and normalisation.
+    No Python loop over samples, no host synchronisation.
 
     Args:
         mean, std: per-channel statistics on the [0, 1] scale (C values each).
         padding: zero padding of the random crop in pixels (0: no crop).
         flip: random horizontal flip with probability 1/2.
-        channels_last: return batches in ``torch.channels_last`` memory format (at no extra cost).
+        channels_last: return batches in ``torch.channels_last`` memory format (written in that layout directly, no
+            extra copy; on the CPU the NHWC gather is slower than the NCHW one).
         fused_normalize: normalise as ``(x - 255·mean) · (1 / (255·std))`` instead of torchvision's order.
     """
 
@@ -135,25 +136,35 @@ class CropFlipNormalize:
 
         ``offsets`` int64 (B, 2) into the zero-padded image (None: the centre, i.e. no crop); ``flips`` bool (B,)
         (None: no flip).
+
+        The crop selects, per sample, one of the ``(2p + 1)²`` windows of the zero-padded batch (an ``unfold`` view,
+        no copy) with three (B,) indices; the flip is one ``gather`` of the columns with a per-sample mirrored
+        column order. For channels_last the same runs on the (B, H, W, C) view, so the result needs no extra copy.
         """
-        b, c, h, w = images.shape
-        device, p = images.device, self.padding
+        b, _, h, w = images.shape
+        cl = self.channels_last
         if offsets is None and flips is None:
-            return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-        padded = F.pad(images, [p, p, p, p]) if p else images  # zeros, like RandomCrop's default fill
-        rows, cols = self._arange(h, device), self._arange(w, device)
-        if offsets is None:
-            rows, cols = (rows + p).expand(b, h), (cols + p).expand(b, w)
-        else:
-            rows = offsets[:, :1] + rows  # (B, H) rows of the padded image
-            cols = offsets[:, 1:] + cols  # (B, W)
+            return images.contiguous(memory_format=torch.channels_last) if cl else images
+        hd, wd = (1, 2) if cl else (2, 3)  # the H and W dims of the working layout, NHWC or NCHW
+
+        def work(t: Tensor) -> Tensor:
+            return t.permute(0, 2, 3, 1) if cl else t
+
+        x = work(images)
+        if offsets is not None and self.padding:
+            p = self.padding
+            # zero padding (RandomCrop's fill), written in the working layout so the windows' gather keeps it
+            padded = F.pad(x, [0, 0, p, p, p, p] if cl else [p, p, p, p])
+            windows = padded.unfold(hd, h, 1).unfold(wd, w, 1)
+            # NCHW: (B, C, 2p+1, 2p+1, H, W) → (B, 2p+1, 2p+1, C, H, W); NHWC: (B, 2p+1, 2p+1, C, H, W) → (…, H, W, C)
+            windows = windows.permute(0, 1, 2, 4, 5, 3) if cl else windows.permute(0, 2, 3, 1, 4, 5)
+            x = windows[self._arange(b, images.device), offsets[:, 0], offsets[:, 1]]
         if flips is not None:
-            cols = torch.where(flips[:, None], cols.flip(1), cols)  # mirror the window's columns
-        bi, ci = self._arange(b, device)[:, None, None, None], self._arange(c, device)
-        if self.channels_last:  # gather as (B, H, W, C): the permuted view is channels_last without a copy
-            out = padded[bi, ci[None, None, None, :], rows[:, :, None, None], cols[:, None, :, None]]
-            return out.permute(0, 3, 1, 2)
-        return padded[bi, ci[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+            cols = self._arange(w, images.device)
+            cols = torch.where(flips[:, None], cols.flip(0), cols)  # (B, W): mirrored column order where flipped
+            cols = cols[:, None, :, None] if cl else cols[:, None, None, :]
+            x = x.gather(wd, cols.expand(x.shape))
+        return x.contiguous().permute(0, 3, 1, 2) if cl else x  # contiguous(): a no-op, as a guarantee
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 (B, C, H, W) → float32 (B, C, H, W): ``(x / 255 - mean) / std`` in torchvision's order of operations,

@@ -172,6 +172,8 @@ def diffkd_head_profile(
     student_channels: int,
     teacher_channels: int,
     spatial: tuple[int, int] = (7, 7),
+    *,
+    fake: bool = True,
     **head_kwargs: Any,
 ) -> HeadProfile:
     """Profile of a freshly built :class:`~diffkd.method.DiffKD` head (on the CPU) for the given point.
@@ -179,6 +181,7 @@ def diffkd_head_profile(
     Args:
         student_channels, teacher_channels: C_s and C_t.
         spatial: (H, W) of the point; (1, 1) for logits (``kernel_size=1`` is then the default).
+        fake: count on fake tensors (default here: the 4 G-MAC heads of §B.7 take seconds for real on a CPU).
         **head_kwargs: passed to ``DiffKD`` (``use_ae``, ``ae_channels``, ``inference_steps``, ...).
 
     Example — spec §B.7, ResNet-34 → ResNet-18 logits: ``diffkd_head_profile(1000, 1000, (1, 1))`` gives
@@ -187,7 +190,7 @@ def diffkd_head_profile(
     h, w = spatial
     head_kwargs.setdefault("kernel_size", 1 if (h, w) == (1, 1) else 3)
     head = DiffKD(student_channels, teacher_channels, **head_kwargs)
-    return profile_head(head, (student_channels, h, w), (teacher_channels, h, w))
+    return profile_head(head, (student_channels, h, w), (teacher_channels, h, w), fake=fake)
 
 
 # ------------------------------------------------------------------------------------------ distillation points

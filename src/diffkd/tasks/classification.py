@@ -20,7 +20,8 @@ class ClassificationModule(DistillationModule):
 
     Args:
         num_classes: K; ``None`` reads it from the student's output in the dry run.
-        label_smoothing: ε of label-smoothed cross-entropy for hard targets.
+        label_smoothing: ε of label-smoothed cross-entropy for hard targets; 0 takes the datamodule's
+            ``loss_label_smoothing`` when it has one (ImageNet ``data.label_smoothing``, recipes B2/B3).
         **kwargs: see :class:`~diffkd.tasks.base.DistillationModule`.
 
     Logs ``train/loss`` and its terms, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``,
@@ -53,6 +54,9 @@ class ClassificationModule(DistillationModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "batch_transform"):
             self._batch_transform = dm.batch_transform()
+        data_smoothing = float(getattr(dm, "loss_label_smoothing", 0.0) or 0.0)
+        if not self.label_smoothing and data_smoothing:  # the data recipe's ε (0 with Mixup: it is in the targets)
+            self.label_smoothing = data_smoothing
 
     # ------------------------------------------------------------------ task pieces
     def model_input(self, batch: Any) -> Tensor:
