@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.helpers.fake_data import write_cifar100  # noqa: E402
+from tests.helpers.fake_data import write_cifar100
 
 parser = argparse.ArgumentParser()
 parser.add_argument("data_dir")
