@@ -214,6 +214,8 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
     pair, method, prec, cl, comp = combo
     cmd = [sys.executable, "-m", "diffkd.bench", "--one", json.dumps(combo), "--device", args.device,
            "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+    if args.batch:
+        cmd += ["--batch", str(args.batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return BenchResult(pair, method, prec, cl, comp, 0, float("nan"), float("nan"), None, args.device,
@@ -270,6 +272,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser.add_argument("--compile", default="off", help="off | on | off,on")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every pair (default: the pair's)")
     parser.add_argument("--isolate", action="store_true", help="one process per configuration (CPU peak RSS)")
     parser.add_argument("--no-heads", action="store_true", help="skip the DiffKD-head micro-benchmark")
     parser.add_argument("--out", default=None, help="JSON path (default: bench_results/<time>.json)")
@@ -284,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
 
     if args.one:  # child of --isolate
         pair, method, prec, cl, comp = json.loads(args.one)
-        r = bench_step(pair, method, prec, cl, comp, args.device, args.steps, args.warmup)
+        r = bench_step(pair, method, prec, cl, comp, args.device, args.steps, args.warmup, batch=args.batch)
         r.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not gpu else r.peak_mem_mb
         print(json.dumps(asdict(r)))
         return [r]
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             r = _run_isolated(args, combo)
         else:
             try:
-                r = bench_step(*combo, args.device, args.steps, args.warmup)
+                r = bench_step(*combo, args.device, args.steps, args.warmup, batch=args.batch)
             except Exception as err:  # one failing configuration must not lose the others
                 r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
         results.append(r)
