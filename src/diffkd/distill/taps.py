@@ -146,7 +146,12 @@ class FeatureTaps:
             feats[OUTPUT] = _first_tensor(output)
         missing = [p for p in self.paths if p not in feats]
         if missing:
-            raise RuntimeError(f"modules {missing} did not run in this forward; they can't be distilled")
+            hint = (
+                " The model is compiled: torch.compile did not keep these forward hooks — use model.compile=heads"
+                if getattr(self.model, "_compiled_call_impl", None) is not None
+                else ""
+            )
+            raise RuntimeError(f"modules {missing} did not run in this forward; they can't be distilled.{hint}")
         return output, feats
 
     def remove(self) -> None:

@@ -55,7 +55,9 @@ class DistillationModule(L.LightningModule):
             ``lr × (batch_size × devices × nodes × accumulate) / lr_base_batch_size``.
         input_size: (C, H, W) of the dry-run input; default: the datamodule's ``in_chans``/``image_size``.
         channels_last: run student and teacher in channels_last memory format.
-        compile: ``torch.compile`` the student, teacher and DiffKD heads (falls back with a message on failure).
+        compile: ``True``: ``torch.compile`` the student, teacher and DiffKD heads (a graph that fails falls back
+            to eager with a message); ``"heads"``: only the DiffKD heads (the tapped models stay eager, for graphs
+            whose forward hooks do not survive compilation).
         teacher_dtype: ``bfloat16``/``float16`` to run the teacher in that dtype (its outputs are cast back).
         nonfinite_check_every: read the device-side non-finite flags every N steps (1 = every step).
     """
@@ -72,7 +74,7 @@ class DistillationModule(L.LightningModule):
         lr_base_batch_size: int | None = None,
         input_size: Iterable[int] | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         teacher_dtype: str | None = None,
         nonfinite_check_every: int = 50,
     ) -> None:
@@ -176,11 +178,14 @@ class DistillationModule(L.LightningModule):
 
         # a graph that fails to compile later, at its first call, runs eagerly instead of stopping the run
         torch._dynamo.config.suppress_errors = True
-        log.info("torch.compile: student, teacher and DiffKD heads (failures fall back to eager with a warning)")
+        heads_only = self.compile_models == "heads"
+        what = "DiffKD heads" if heads_only else "student, teacher and DiffKD heads"
+        log.info("torch.compile: %s (failures fall back to eager with a warning)", what)
         try:
-            self.student.compile()
-            if self.teacher is not None:
-                self.teacher.compile()
+            if not heads_only:
+                self.student.compile()
+                if self.teacher is not None:
+                    self.teacher.compile()
             for head in self.distiller.heads.values():
                 head.compile()
         except Exception as err:
