@@ -178,6 +178,9 @@ class DistillationModule(L.LightningModule):
 
         # a graph that fails to compile later, at its first call, runs eagerly instead of stopping the run
         torch._dynamo.config.suppress_errors = True
+        # graphs cached for another instance of the same class (an earlier run in this process, e.g. the demo's
+        # or the benchmark's) can be reused with that instance's hooks: start from an empty cache
+        torch._dynamo.reset()
         heads_only = self.compile_models == "heads"
         what = "DiffKD heads" if heads_only else "student, teacher and DiffKD heads"
         log.info("torch.compile: %s (failures fall back to eager with a warning)", what)
