@@ -9,7 +9,7 @@ from tests.conftest import compose_config, tiny_overrides
 def _cfg(tmp_path, fmnist_root):
     overrides = [o for o in tiny_overrides(tmp_path, fmnist_root) if o != "logger=none"]
     return compose_config(
-        [*overrides, "+data.debian_dir=null", "data.download=false", "demo.teacher_epochs=1", "demo.student_epochs=1",
+        [*overrides, "data.debian_dir=null", "data.download=false", "demo.teacher_epochs=1", "demo.student_epochs=1",
          "demo.precision=32-true", f"demo.teacher_weights={tmp_path}/demo/teacher.pth"]
     )  # fmt: skip
 
