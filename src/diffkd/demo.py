@@ -14,8 +14,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffkd.models.checkpoint import load_weights  # noqa: F401  (documents the teacher file format)
-
 log = logging.getLogger("diffkd.demo")
 
 __all__ = ["cpu_supports_bf16", "run_demo"]

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["CIFAR_TEACHERS_HINT", "check_pretrained", "init_msra_fan_out"]
+__all__ = ["CIFAR_TEACHERS_HINT", "ShuffleBlock", "check_pretrained", "init_msra_fan_out"]
 
 CIFAR_TEACHERS_HINT = (
     "mdistiller's CIFAR-100 teachers (RepDistiller's files) are the asset `cifar_teachers.tar` of the GitHub "
@@ -49,3 +49,16 @@ def init_msra_fan_out(model: nn.Module, *, linear_zero_bias: bool = False, linea
                 m.weight.normal_(0.0, linear_std)
             if (linear_zero_bias or linear_std is not None) and m.bias is not None:
                 m.bias.zero_()
+
+
+class ShuffleBlock(nn.Module):
+    """Channel shuffle (ShuffleNet V1 and V2): (B, C, H, W) → (B, g, C/g, H, W) → transpose → (B, C, H, W)."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.groups
+        return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)

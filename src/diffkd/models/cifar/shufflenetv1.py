@@ -12,23 +12,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained
+from diffkd.models.cifar._common import ShuffleBlock, check_pretrained
 from diffkd.models.registry import register_model
 
 __all__ = ["Bottleneck", "ShuffleBlock", "ShuffleNet", "ShuffleV1"]
-
-
-class ShuffleBlock(nn.Module):
-    """Channel shuffle: (B, C, H, W) → (B, g, C/g, H, W) → transpose → (B, C, H, W)."""
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class Bottleneck(nn.Module):

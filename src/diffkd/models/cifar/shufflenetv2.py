@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained
+from diffkd.models.cifar._common import ShuffleBlock, check_pretrained
 from diffkd.models.registry import register_model
 
 __all__ = ["CONFIGS", "BasicBlock", "DownBlock", "ShuffleNetV2", "ShuffleV2"]
@@ -24,19 +24,6 @@ CONFIGS: dict[float, dict[str, tuple[int, ...]]] = {
     1.5: {"out_channels": (176, 352, 704, 1024), "num_blocks": (3, 7, 3)},
     2: {"out_channels": (224, 488, 976, 2048), "num_blocks": (3, 7, 3)},
 }
-
-
-class ShuffleBlock(nn.Module):
-    """Channel shuffle with ``groups`` groups; shape-preserving."""
-
-    def __init__(self, groups: int = 2) -> None:
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c, h, w = x.shape
-        g = self.groups
-        return x.reshape(n, g, c // g, h, w).permute(0, 2, 1, 3, 4).reshape(n, c, h, w)
 
 
 class SplitBlock(nn.Module):
@@ -64,7 +51,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c)
         self.conv3 = nn.Conv2d(c, c, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c)
-        self.shuffle = ShuffleBlock()
+        self.shuffle = ShuffleBlock(groups=2)
         self.relu1 = nn.ReLU()
         self.relu3 = nn.ReLU()
 
@@ -96,7 +83,7 @@ class DownBlock(nn.Module):
         self.bn4 = nn.BatchNorm2d(mid)
         self.conv5 = nn.Conv2d(mid, mid, kernel_size=1, bias=False)
         self.bn5 = nn.BatchNorm2d(mid)
-        self.shuffle = ShuffleBlock()
+        self.shuffle = ShuffleBlock(groups=2)
         self.relu2 = nn.ReLU()
         self.relu3 = nn.ReLU()
         self.relu5 = nn.ReLU()
