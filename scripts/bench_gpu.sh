@@ -2,7 +2,9 @@
 # GPU checks in one go (make bench-gpu): benchmark matrix on the GPU (bf16, compile, channels_last),
 # a 1-GPU DDP smoke run, and a timed short CIFAR-shaped run on the GPU-resident data path.
 # Uses the real CIFAR-100 under $DATA_DIR when present, else writes a CIFAR-shaped random data set.
-# Env: PY (python), DATA_DIR, OUT (results folder), EPOCHS (timed run, default 3), QUICK=1 (smaller matrix).
+# Env: PY (python), DATA_DIR, OUT (results folder), EPOCHS (timed run, default 3), QUICK=1 (smaller matrix),
+#      OFFICIAL_DIR (a clone of https://github.com/hunto/DiffKD, default .official/DiffKD when present): adds the
+#      official implementation's KD and DiffKD steps to the matrix.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,7 +22,12 @@ else
 fi
 
 # 1. benchmark matrix
-if [ "${QUICK:-0}" = 1 ]; then MATRIX=(--pairs cifar --channels-last on --compile off,on); else MATRIX=(--compile off,on); fi
+if [ "${QUICK:-0}" = 1 ]; then MATRIX=(--pairs cifar --channels-last off,on --compile off,teacher,on)
+else MATRIX=(--compile off,teacher,on); fi
+OFFICIAL_DIR=${OFFICIAL_DIR:-.official/DiffKD}
+if [ -f "$OFFICIAL_DIR/diffkd.py" ]; then
+  MATRIX+=(--methods none,kd,diffkd,official_kd,official_diffkd --official-dir "$OFFICIAL_DIR")
+fi
 $PY -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 status "GPU tests (no host sync, bf16 finite)" "$([ $? = 0 ] && echo ok || echo "FAILED, see $OUT/gpu_tests.txt")"
 $PY -m diffkd.bench --device cuda "${MATRIX[@]}" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"

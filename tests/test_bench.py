@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from diffkd.bench import bench_head, bench_step, main
 
 
@@ -27,3 +29,47 @@ def test_cli_writes_json_with_ratios(tmp_path, capsys):
     assert [s["method"] for s in data["steps"]] == ["kd", "diffkd"]
     assert data["ratios"][0]["diffkd_over_kd"] > 0
     assert "DiffKD/KD step time" in capsys.readouterr().out
+
+
+def _stand_in_official(root):
+    """A directory with the official file names whose ``DiffKD`` has the official API (built on our head)."""
+    root.mkdir()
+    (root / "diffkd_modules.py").write_text("")
+    (root / "scheduling_ddim.py").write_text("")
+    (root / "diffkd.py").write_text(
+        "import diffkd_modules, scheduling_ddim  # resolved from this directory\n"
+        "from torch import nn\n"
+        "from diffkd.method import DiffKD as Ours\n\n"
+        "class DiffKD(nn.Module):\n"
+        "    def __init__(self, student_channels, teacher_channels, kernel_size=3, inference_steps=5,\n"
+        "                 num_train_timesteps=1000, use_ae=False, ae_channels=None):\n"
+        "        super().__init__()\n"
+        "        self.head = Ours(student_channels, teacher_channels, kernel_size=kernel_size,\n"
+        "                         use_ae=use_ae, ae_channels=ae_channels)\n\n"
+        "    def forward(self, s, t):\n"
+        "        out = self.head(s, t)\n"
+        "        return out.student, out.diffusion_loss, out.teacher, out.ae_loss\n"
+    )
+    return root
+
+
+def test_official_step_runs_a_clone_of_the_official_api(tmp_path):
+    official = _stand_in_official(tmp_path / "DiffKD")
+    for method in ("official_kd", "official_diffkd"):
+        r = bench_step("cifar", method, "fp32", False, False, "cpu", steps=1, warmup=1, batch=4,
+                       official_dir=str(official))  # fmt: skip
+        assert r.error is None and r.finite is True and r.ms_per_step > 0
+    import diffkd
+
+    assert diffkd.__file__.endswith("diffkd/__init__.py")  # the official diffkd.py did not shadow this package
+
+
+def test_official_methods_explain_where_the_code_comes_from(tmp_path):
+    from diffkd.bench_official import load_official_diffkd
+
+    with pytest.raises(SystemExit, match=r"git clone https://github\.com/hunto/DiffKD"):
+        main(["--methods", "official_diffkd", "--no-heads", "--out", str(tmp_path / "b.json")])
+    with pytest.raises(FileNotFoundError, match=r"lacks diffkd\.py, diffkd_modules\.py, scheduling_ddim\.py"):
+        load_official_diffkd(tmp_path)
+    with pytest.raises(ValueError, match=r"neither channels_last nor torch\.compile"):
+        bench_step("cifar", "official_kd", "fp32", True, False, "cpu", 1, 0, official_dir=str(tmp_path))

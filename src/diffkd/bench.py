@@ -30,12 +30,17 @@ from typing import Any
 
 import torch
 
+from diffkd.bench_official import OFFICIAL_METHODS, bench_official_step
+
 __all__ = ["PAIRS", "BenchResult", "bench_head", "bench_step", "main"]
 
 PAIRS: dict[str, dict[str, Any]] = {
-    "cifar": {"teacher": "wrn_40_2", "student": "wrn_16_2", "classes": 100, "size": 32, "batch": 64},
-    "imagenet": {"teacher": "tv_resnet34", "student": "tv_resnet18", "classes": 1000, "size": 224, "batch": 32},
-}
+    # official_points / official_channels: the official KD_MODULES entries (spec §C.1) for --official-dir
+    "cifar": {"teacher": "wrn_40_2", "student": "wrn_16_2", "classes": 100, "size": 32, "batch": 64,
+              "official_points": ("relu", "fc"), "official_channels": (128, 128)},
+    "imagenet": {"teacher": "tv_resnet34", "student": "tv_resnet18", "classes": 1000, "size": 224, "batch": 32,
+                 "official_points": ("layer4", "fc"), "official_channels": (512, 512)},
+}  # fmt: skip
 METHODS = {
     "none": {},
     "kd": {"logits": {"student": "", "teacher": "", "distance": {"name": "kl", "tau": 4.0}, "weight": 0.9}},
@@ -52,13 +57,14 @@ class BenchResult:
     method: str
     precision: str
     channels_last: bool
-    compile: bool
+    compile: bool | str
     batch: int
     ms_per_step: float
     img_per_s: float
     peak_mem_mb: float | None
     device: str
     error: str | None = None
+    finite: bool | None = None  # was the last timed step's loss finite
 
 
 class _Repeat:
@@ -84,7 +90,7 @@ def _device_name(device: str) -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def _build_module(pair: dict[str, Any], method: str, channels_last: bool, compile: bool, ae: bool):
+def _build_module(pair: dict[str, Any], method: str, channels_last: bool, compile: bool | str, ae: bool):
     from functools import partial
 
     from diffkd.distill import Distiller
@@ -114,17 +120,33 @@ def bench_step(
     method: str,
     precision: str,
     channels_last: bool,
-    compile: bool,
+    compile: bool | str,
     device: str,
     steps: int,
     warmup: int,
     batch: int | None = None,
+    official_dir: str | None = None,
 ) -> BenchResult:
-    """Time ``steps`` Lightning training steps after ``warmup`` steps; synchronises only at the two ends."""
+    """Time ``steps`` Lightning training steps after ``warmup`` steps; synchronises only at the two ends.
+
+    ``official_kd`` / ``official_diffkd`` time the official implementation's step instead
+    (:mod:`diffkd.bench_official`, imported from ``official_dir``); it has neither channels_last nor compile.
+    """
     import lightning as L
 
     pair = PAIRS[pair_name]
     bs = batch or pair["batch"]
+    if method in OFFICIAL_METHODS:
+        if official_dir is None:
+            raise ValueError(f"{method} needs --official-dir <clone of https://github.com/hunto/DiffKD>")
+        if channels_last or compile:
+            raise ValueError(f"{method}: the official code has neither channels_last nor torch.compile")
+        seconds, peak, finite = bench_official_step(
+            official_dir, pair, method, precision, device, steps, warmup, bs,
+            pair["official_points"], pair["official_channels"], use_ae=pair_name == "imagenet",
+        )  # fmt: skip
+        return BenchResult(pair_name, method, precision, False, False, bs, 1000 * seconds, bs / seconds, peak,
+                           device, finite=finite)  # fmt: skip
     torch.manual_seed(0)
     module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet")
     dev = torch.device(device)
@@ -132,6 +154,7 @@ def bench_step(
     y = torch.randint(0, pair["classes"], (bs,), device=dev)
     batches = _Repeat((x, y), warmup + steps)
     marks: dict[str, float] = {}
+    last_loss: list[torch.Tensor] = []
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -149,6 +172,7 @@ def bench_step(
             if batch_idx == warmup + steps - 1:
                 sync()
                 marks["end"] = time.perf_counter()
+                last_loss.append(outputs["loss"].detach())
 
     trainer = L.Trainer(
         accelerator="gpu" if dev.type == "cuda" else "cpu",
@@ -166,9 +190,11 @@ def bench_step(
     trainer.fit(module, train_dataloaders=batches)
     seconds = (marks["end"] - marks["start"]) / steps
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
+    finite = bool(torch.isfinite(last_loss[0]).item()) if last_loss else None
     return BenchResult(
-        pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, peak, device
-    )
+        pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, peak, device,
+        finite=finite,
+    )  # fmt: skip
 
 
 def bench_head(point: str, precision: str, device: str, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
@@ -216,6 +242,8 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
            "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
     if args.batch:
         cmd += ["--batch", str(args.batch)]
+    if args.official_dir:
+        cmd += ["--official-dir", args.official_dir]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return BenchResult(pair, method, prec, cl, comp, 0, float("nan"), float("nan"), None, args.device,
@@ -223,12 +251,17 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
     return BenchResult(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _onoff(value: bool | str) -> str:
+    return value if isinstance(value, str) else ("on" if value else "off")
+
+
 def _table(results: list[BenchResult]) -> str:
-    lines = [f"{'pair':<9}{'method':<8}{'prec':<6}{'cl':<5}{'compile':<9}{'ms/step':>10}{'img/s':>10}{'peak MB':>10}"]
+    lines = [f"{'pair':<9}{'method':<16}{'prec':<6}{'cl':<5}{'compile':<9}{'ms/step':>10}{'img/s':>10}{'peak MB':>10}"]
     for r in results:
         peak = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "—"
-        row = f"{r.pair:<9}{r.method:<8}{r.precision:<6}{'on' if r.channels_last else 'off':<5}"
-        row += f"{'on' if r.compile else 'off':<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}"
+        row = f"{r.pair:<9}{r.method:<16}{r.precision:<6}{'on' if r.channels_last else 'off':<5}"
+        row += f"{_onoff(r.compile):<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}"
+        row += "   loss NaN/inf" if r.finite is False else ""
         lines.append(row + (f"   error: {r.error}" if r.error else ""))
     return "\n".join(lines)
 
@@ -241,6 +274,8 @@ def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
             continue
         kd = index.get((pair, "kd", prec, cl, comp))
         fp32 = index.get((pair, "diffkd", "fp32", cl, comp))
+        official = index.get((pair, "official_diffkd", prec, False, False))
+        official_fp32 = index.get((pair, "official_diffkd", "fp32", False, False))
         out.append(
             {
                 "pair": pair,
@@ -249,8 +284,17 @@ def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
                 "compile": comp,
                 "diffkd_over_kd": r.ms_per_step / kd.ms_per_step if kd else None,
                 "bf16_speedup": fp32.ms_per_step / r.ms_per_step if fp32 and prec == "bf16" else None,
+                # official DiffKD step time / ours: at the same precision, and against the official fp32 step
+                # (its only setting that stays finite)
+                "speedup_vs_official": official.ms_per_step / r.ms_per_step if official else None,
+                "speedup_vs_official_fp32": official_fp32.ms_per_step / r.ms_per_step if official_fp32 else None,
             }
         )
+    for (pair, method, prec, _, _), r in index.items():
+        kd = index.get((pair, "official_kd", prec, False, False))
+        if method == "official_diffkd" and kd:
+            out.append({"pair": pair, "precision": prec, "method": "official", "channels_last": False,
+                        "compile": False, "diffkd_over_kd": r.ms_per_step / kd.ms_per_step})  # fmt: skip
     return out
 
 
@@ -269,7 +313,12 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser.add_argument("--methods", default="none,kd,diffkd")
     parser.add_argument("--precision", default="fp32,bf16")
     parser.add_argument("--channels-last", default="off,on")
-    parser.add_argument("--compile", default="off", help="off | on | off,on")
+    parser.add_argument("--compile", default="off", help="off | on | teacher | heads, comma-separated")
+    parser.add_argument(
+        "--official-dir",
+        default=None,
+        help="clone of https://github.com/hunto/DiffKD, for --methods official_kd,official_diffkd",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every pair (default: the pair's)")
@@ -287,21 +336,31 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
 
     if args.one:  # child of --isolate
         pair, method, prec, cl, comp = json.loads(args.one)
-        r = bench_step(pair, method, prec, cl, comp, args.device, args.steps, args.warmup, batch=args.batch)
+        r = bench_step(pair, method, prec, cl, comp, args.device, args.steps, args.warmup, batch=args.batch,
+                       official_dir=args.official_dir)  # fmt: skip
         r.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not gpu else r.peak_mem_mb
         print(json.dumps(asdict(r)))
         return [r]
 
     onoff = {"off": False, "on": True}
-    combos = list(
-        itertools.product(
+    methods = _choices(args.methods, {k: k for k in (*METHODS, *OFFICIAL_METHODS)})
+    if any(m in OFFICIAL_METHODS for m in methods) and not args.official_dir:
+        raise SystemExit(
+            "official_* methods time the official code: git clone https://github.com/hunto/DiffKD <dir> and pass "
+            "--official-dir <dir>"
+        )
+    combos = [
+        c
+        for c in itertools.product(
             _choices(args.pairs, {k: k for k in PAIRS}),
-            _choices(args.methods, {k: k for k in METHODS}),
+            methods,
             _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"}),
             _choices(args.channels_last, onoff),
-            _choices(args.compile, onoff),
+            _choices(args.compile, {**onoff, "teacher": "teacher", "heads": "heads"}),
         )
-    )
+        # the official code has neither channels_last nor compile: one configuration per precision
+        if c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4])
+    ]
     print(f"device: {_device_name(args.device)} | torch {torch.__version__} | {len(combos)} configurations", flush=True)
     heads = []
     if not args.no_heads:
@@ -318,7 +377,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             r = _run_isolated(args, combo)
         else:
             try:
-                r = bench_step(*combo, args.device, args.steps, args.warmup, batch=args.batch)
+                r = bench_step(*combo, args.device, args.steps, args.warmup, batch=args.batch,
+                               official_dir=args.official_dir)  # fmt: skip
             except Exception as err:  # one failing configuration must not lose the others
                 r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
         results.append(r)
@@ -326,11 +386,16 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     print("\n" + _table(results))
     ratios = _ratios(results)
     for q in ratios:
-        extra = f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q["bf16_speedup"] else ""
+        extra = f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q.get("bf16_speedup") else ""
+        if q.get("speedup_vs_official"):
+            extra += f", ×{q['speedup_vs_official']:.2f} the official step's speed"
+        if q.get("speedup_vs_official_fp32") and q["precision"] != "fp32":
+            extra += f" (×{q['speedup_vs_official_fp32']:.2f} its fp32 step's)"
         if q["diffkd_over_kd"]:
-            cl, comp = "on" if q["channels_last"] else "off", "on" if q["compile"] else "off"
-            print(f"{q['pair']:<9}{q['precision']:<6}cl={cl:<4}compile={comp:<4} "
-                  f"DiffKD/KD step time ×{q['diffkd_over_kd']:.2f}{extra}")  # fmt: skip
+            who = "official " if q.get("method") == "official" else ""
+            cl, comp = _onoff(q["channels_last"]), _onoff(q["compile"])
+            print(f"{q['pair']:<9}{q['precision']:<6}cl={cl:<4}compile={comp:<8} "
+                  f"{who}DiffKD/KD step time ×{q['diffkd_over_kd']:.2f}{extra}")  # fmt: skip
     out = Path(args.out or f"bench_results/{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {

@@ -13,6 +13,7 @@ device and are read every ``nonfinite_check_every`` steps and before any checkpo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -35,6 +36,23 @@ log = logging.getLogger(__name__)
 # The frozen teacher is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
+COMPILE_PARTS = ("student", "teacher", "heads")
+
+
+def _compile_parts(value: bool | str | Iterable[str] | None) -> tuple[str, ...]:
+    """``model.compile`` as a tuple of parts: True → all three, False/None → none, a name or a list of names."""
+    if value is None or value is False:
+        return ()
+    if value is True:
+        return COMPILE_PARTS
+    names = [value] if isinstance(value, str) else list(value)
+    bad = [n for n in names if n not in COMPILE_PARTS]
+    if bad:
+        raise ValueError(
+            f"model.compile: unknown part(s) {bad}; use true, false, one of {list(COMPILE_PARTS)} or a list of them"
+        )
+    return tuple(n for n in COMPILE_PARTS if n in names)
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite; training stops without writing a checkpoint of the bad weights."""
@@ -55,9 +73,11 @@ class DistillationModule(L.LightningModule):
             ``lr × (batch_size × devices × nodes × accumulate) / lr_base_batch_size``.
         input_size: (C, H, W) of the dry-run input; default: the datamodule's ``in_chans``/``image_size``.
         channels_last: run student and teacher in channels_last memory format.
-        compile: ``True``: ``torch.compile`` the student, teacher and DiffKD heads (a graph that fails falls back
-            to eager with a message); ``"heads"``: only the DiffKD heads (the tapped models stay eager, for graphs
-            whose forward hooks do not survive compilation).
+        compile: which parts to ``torch.compile`` — ``True`` (student, teacher and DiffKD heads), ``False``, one of
+            ``"student"``, ``"teacher"``, ``"heads"`` or a list of them. A graph that fails falls back to eager with
+            a message. The frozen teacher is compiled with inductor's *freezing* (its weights become constants:
+            BatchNorm folded into the convolutions, weights pre-packed), scoped to the teacher's calls; on the CPU
+            ``"teacher"`` alone is the fastest choice (BENCHMARKS.md).
         teacher_dtype: ``bfloat16``/``float16`` to run the teacher in that dtype (its outputs are cast back).
         nonfinite_check_every: read the device-side non-finite flags every N steps (1 = every step).
     """
@@ -74,7 +94,7 @@ class DistillationModule(L.LightningModule):
         lr_base_batch_size: int | None = None,
         input_size: Iterable[int] | None = None,
         channels_last: bool = False,
-        compile: bool | str = False,
+        compile: bool | str | Iterable[str] = False,
         teacher_dtype: str | None = None,
         nonfinite_check_every: int = 50,
     ) -> None:
@@ -95,7 +115,7 @@ class DistillationModule(L.LightningModule):
         self.lr_base_batch_size = lr_base_batch_size
         self.input_size = tuple(input_size) if input_size is not None else None
         self.channels_last = channels_last
-        self.compile_models = compile
+        self.compile_parts = _compile_parts(compile)
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         self.nonfinite_check_every = max(1, int(nonfinite_check_every))
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, stored in checkpoints
@@ -170,7 +190,7 @@ class DistillationModule(L.LightningModule):
                     m.to(memory_format=torch.channels_last)
         if self.teacher_dtype is not None and self.teacher is not None:
             self.teacher.to(self.teacher_dtype)
-        if self.compile_models:
+        if self.compile_parts:
             self._compile()
 
     def _compile(self) -> None:
@@ -181,18 +201,28 @@ class DistillationModule(L.LightningModule):
         # graphs cached for another instance of the same class (an earlier run in this process, e.g. the demo's
         # or the benchmark's) can be reused with that instance's hooks: start from an empty cache
         torch._dynamo.reset()
-        heads_only = self.compile_models == "heads"
-        what = "DiffKD heads" if heads_only else "student, teacher and DiffKD heads"
-        log.info("torch.compile: %s (failures fall back to eager with a warning)", what)
+        log.info("torch.compile: %s (failures fall back to eager with a warning)", ", ".join(self.compile_parts))
         try:
-            if not heads_only:
+            if "student" in self.compile_parts:
                 self.student.compile()
-                if self.teacher is not None:
-                    self.teacher.compile()
-            for head in self.distiller.heads.values():
-                head.compile()
+            if "teacher" in self.compile_parts and self.teacher is not None:
+                self.teacher.compile()
+            if "heads" in self.compile_parts:
+                for head in self.distiller.heads.values():
+                    head.compile()
         except Exception as err:
             log.warning("torch.compile failed (%s: %s); training continues in eager mode", type(err).__name__, err)
+
+    def _teacher_compile_context(self) -> contextlib.AbstractContextManager:
+        """Inductor freezing while the compiled teacher runs (its graphs compile lazily, at their first call).
+
+        Scoped to the teacher: a frozen student graph (e.g. validation's) would keep stale weights as constants.
+        """
+        if "teacher" not in self.compile_parts:
+            return contextlib.nullcontext()
+        import torch._inductor.config
+
+        return torch._inductor.config.patch(freezing=True)
 
     # ------------------------------------------------------------------ training
     def _to_memory_format(self, x: Tensor) -> Tensor:
@@ -208,9 +238,9 @@ class DistillationModule(L.LightningModule):
         """
         assert self.teacher_taps is not None
         if self.teacher_dtype is None:
-            with torch.no_grad():
+            with torch.no_grad(), self._teacher_compile_context():
                 return self.teacher_taps(x)[1]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._teacher_compile_context():
             feats = self.teacher_taps(x.to(self.teacher_dtype))[1]
         return {k: v.float() for k, v in feats.items()}
 

@@ -1,0 +1,71 @@
+"""``model.compile``: which parts are compiled, and the frozen teacher's compiled graph (inductor freezing)."""
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+
+from diffkd.distill import Distiller
+from diffkd.models import create_model
+from diffkd.tasks import ClassificationModule
+from diffkd.tasks.base import _compile_parts
+
+POINTS = {
+    "feature": {"head": "diffkd", "distance": {"name": "mse"}},
+    "logits": {"student": "", "teacher": "", "head": "diffkd", "distance": {"name": "kl", "tau": 1.0}},
+}
+
+
+@pytest.mark.parametrize(
+    ("value", "parts"),
+    [
+        (True, ("student", "teacher", "heads")),
+        (False, ()),
+        (None, ()),
+        ("teacher", ("teacher",)),
+        (["heads", "teacher"], ("teacher", "heads")),
+    ],
+)
+def test_compile_parts(value, parts):
+    assert _compile_parts(value) == parts
+
+
+def test_unknown_compile_part_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['techer'\].*'student', 'teacher', 'heads'"):
+        _compile_parts(["techer"])
+
+
+def _module(compile):
+    torch.manual_seed(0)
+    module = ClassificationModule(
+        student=create_model("resnet8", num_classes=10),
+        teacher=create_model("resnet14", num_classes=10),
+        distiller=Distiller(POINTS),
+        optimizer=partial(torch.optim.SGD, lr=0.05),
+        input_size=(3, 32, 32),
+        compile=compile,
+    )
+    return module
+
+
+def test_compiled_frozen_teacher_matches_eager_and_freezing_stays_scoped():
+    import torch._inductor.config as inductor_config
+
+    module = _module(compile="teacher")
+    eager_teacher = copy.deepcopy(module.teacher)
+    module.build(torch.randn(2, 3, 32, 32))
+    assert module.teacher._compiled_call_impl is not None
+    assert module.student._compiled_call_impl is None
+    assert all(h._compiled_call_impl is None for h in module.distiller.heads.values())
+
+    with module._teacher_compile_context():
+        assert inductor_config.freezing is True
+    x = torch.randn(8, 3, 32, 32)
+    feats = module.forward_teacher(x)
+    assert inductor_config.freezing is False  # only the teacher's calls compile with freezing
+    with torch.no_grad():
+        eager_logits = eager_teacher(x)
+    assert set(feats) == {"", *module.distiller.tap_paths()[1]}
+    torch.testing.assert_close(feats[""], eager_logits, rtol=1e-4, atol=1e-4)
+    assert not feats[""].requires_grad
