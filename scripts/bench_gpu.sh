@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# GPU checks in one go (make bench-gpu): benchmark matrix on the GPU (bf16, compile, channels_last),
-# a 1-GPU DDP smoke run, and a timed short CIFAR-shaped run on the GPU-resident data path.
+# GPU checks in one go (make bench-gpu), sized for a short lease: at most 595 s in all (each part has its own
+# time limit, so one hang cannot eat the rest; run it with a 600 s limit):
+#   1. GPU tests (no host sync in the training step, bf16 finite)
+#   2. eager matrix, CIFAR pair: student alone / KD / DiffKD (+ the official code's KD and DiffKD steps when a
+#      clone is present) × fp32, bf16 × channels_last off, on
+#   3. compiled, CIFAR pair, bf16 + channels_last: DiffKD with compile=teacher and compile=on, then compile=on
+#      with CUDA graphs (compile_mode=reduce-overhead)
+#   4. ResNet-34 → ResNet-18 at 224², bf16 + channels_last: KD, DiffKD (+ official DiffKD)
+#   5. a 1-GPU DDP smoke run (bf16, channels_last)
+#   6. a timed CIFAR-shaped run on the GPU-resident data path (bf16 teacher, channels_last, compile), projected
+#      to 240 epochs
 # Uses the real CIFAR-100 under $DATA_DIR when present, else writes a CIFAR-shaped random data set.
-# Env: PY (python), DATA_DIR, OUT (results folder), EPOCHS (timed run, default 3), QUICK=1 (smaller matrix),
-#      OFFICIAL_DIR (a clone of https://github.com/hunto/DiffKD, default .official/DiffKD when present): adds the
-#      official implementation's KD and DiffKD steps to the matrix.
+# Env: PY (python), DATA_DIR, OUT (results folder), EPOCHS (timed run, default 3), COMPILE_MODE (timed run's
+#      model.compile_mode, default null), OFFICIAL_DIR (a clone of https://github.com/hunto/DiffKD; default
+#      .official/DiffKD when present).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench_results/gpu-$(date +%Y%m%d-%H%M%S)}
 DATA_DIR=${DATA_DIR:-$OUT/data}
 EPOCHS=${EPOCHS:-3}
+OFFICIAL_DIR=${OFFICIAL_DIR:-.official/DiffKD}
 mkdir -p "$OUT"
-status() { printf '%-44s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
+status() { printf '%-52s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
+verdict() { case $1 in 0) echo ok ;; 124) echo "TIMED OUT" ;; *) echo "FAILED (rc $1)" ;; esac; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt" || true
 
 if [ ! -f "$DATA_DIR/cifar-100-python/train" ]; then
@@ -20,32 +31,48 @@ if [ ! -f "$DATA_DIR/cifar-100-python/train" ]; then
 else
   DATA_NOTE="real CIFAR-100"
 fi
+OFFICIAL=()
+METHODS=none,kd,diffkd
+if [ -f "$OFFICIAL_DIR/diffkd.py" ]; then OFFICIAL=(--official-dir "$OFFICIAL_DIR"); METHODS=$METHODS,official_kd,official_diffkd; fi
+BENCH=($PY -m diffkd.bench --device cuda --no-heads)
 
-# 1. benchmark matrix
-if [ "${QUICK:-0}" = 1 ]; then MATRIX=(--pairs cifar --channels-last off,on --compile off,teacher,on)
-else MATRIX=(--compile off,teacher,on); fi
-OFFICIAL_DIR=${OFFICIAL_DIR:-.official/DiffKD}
-if [ -f "$OFFICIAL_DIR/diffkd.py" ]; then
-  MATRIX+=(--methods none,kd,diffkd,official_kd,official_diffkd --official-dir "$OFFICIAL_DIR")
-fi
-$PY -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
-status "GPU tests (no host sync, bf16 finite)" "$([ $? = 0 ] && echo ok || echo "FAILED, see $OUT/gpu_tests.txt")"
-$PY -m diffkd.bench --device cuda "${MATRIX[@]}" --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt"
-status "benchmark" "$([ "${PIPESTATUS[0]}" = 0 ] && echo ok || echo FAILED) ($OUT/bench.json)"
+# 1. GPU tests
+timeout 75 $PY -m pytest -q tests/test_gpu.py > "$OUT/gpu_tests.txt" 2>&1
+status "1. GPU tests (no host sync, bf16 finite)" "$(verdict $?) ($OUT/gpu_tests.txt)"
+
+# 2. eager matrix
+timeout 80 "${BENCH[@]}" --pairs cifar --methods "$METHODS" --precision fp32,bf16 --channels-last off,on \
+  "${OFFICIAL[@]}" --out "$OUT/bench_eager.json" 2>&1 | tee "$OUT/bench_eager.txt"
+status "2. eager matrix, CIFAR pair" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_eager.txt)"
+
+# 3. compiled
+timeout 110 "${BENCH[@]}" --pairs cifar --methods diffkd --precision bf16 --channels-last on \
+  --compile teacher,on --out "$OUT/bench_compile.json" 2>&1 | tee "$OUT/bench_compile.txt"
+status "3a. compile teacher / all, CIFAR pair, bf16 + cl" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_compile.txt)"
+timeout 90 "${BENCH[@]}" --pairs cifar --methods diffkd --precision bf16 --channels-last on --compile on \
+  --compile-mode reduce-overhead --out "$OUT/bench_cudagraphs.json" 2>&1 | tee "$OUT/bench_cudagraphs.txt"
+status "3b. compile all + CUDA graphs, CIFAR pair" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_cudagraphs.txt)"
+
+# 4. ImageNet-sized pair
+IMETHODS=kd,diffkd
+if [ ${#OFFICIAL[@]} -gt 0 ]; then IMETHODS=$IMETHODS,official_diffkd; fi
+timeout 45 "${BENCH[@]}" --pairs imagenet --methods "$IMETHODS" --precision bf16 --channels-last on \
+  "${OFFICIAL[@]}" --out "$OUT/bench_imagenet.json" 2>&1 | tee "$OUT/bench_imagenet.txt"
+status "4. ResNet-34 -> ResNet-18, bf16 + cl" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_imagenet.txt)"
 
 COMMON=(experiment=cifar_wrn40_wrn16 paths.data_dir="$DATA_DIR" data.download=false model.teacher.weights=null
         logger=csv callbacks.progress_bar.refresh_rate=50)
 
-# 2. 1-GPU DDP smoke (bf16, channels_last, compile)
-$PY -m diffkd.train "${COMMON[@]}" trainer=ddp trainer.devices=1 debug=fast model.channels_last=true \
-    model.compile=true hydra.run.dir="$OUT/ddp_smoke" > "$OUT/ddp_smoke.txt" 2>&1
-status "1-GPU DDP smoke (bf16, channels_last, compile)" "$([ $? = 0 ] && echo ok || echo "FAILED, see $OUT/ddp_smoke.txt")"
+# 5. 1-GPU DDP smoke (bf16, channels_last)
+timeout 55 $PY -m diffkd.train "${COMMON[@]}" trainer=ddp trainer.devices=1 debug=fast model.channels_last=true \
+    hydra.run.dir="$OUT/ddp_smoke" > "$OUT/ddp_smoke.txt" 2>&1
+status "5. 1-GPU DDP smoke (bf16, channels_last)" "$(verdict $?) ($OUT/ddp_smoke.txt)"
 
-# 3. timed CIFAR-shaped run, GPU-resident data, bf16 teacher, channels_last, compile
+# 6. timed CIFAR-shaped run, GPU-resident data, bf16 teacher, channels_last, compile
 start=$(date +%s)
-$PY -m diffkd.train "${COMMON[@]}" trainer=gpu trainer.max_epochs="$EPOCHS" data.gpu_preload=true \
-    data.num_workers=0 model.channels_last=true model.compile=true model.teacher_dtype=bfloat16 test=false \
-    hydra.run.dir="$OUT/timed_run" > "$OUT/timed_run.txt" 2>&1
+timeout 140 $PY -m diffkd.train "${COMMON[@]}" trainer=gpu trainer.max_epochs="$EPOCHS" data.gpu_preload=true \
+    data.num_workers=0 model.channels_last=true model.compile=true model.compile_mode="${COMPILE_MODE:-null}" \
+    model.teacher_dtype=bfloat16 test=false hydra.run.dir="$OUT/timed_run" > "$OUT/timed_run.txt" 2>&1
 rc=$?
 wall=$(( $(date +%s) - start ))
 epoch_times=$($PY - "$OUT/timed_run/csv/version_0/metrics.csv" <<'PYEOF' 2>/dev/null
@@ -56,5 +83,5 @@ steady = t[1:] or t
 print(" ".join(f"{x:.1f}" for x in t), f"| steady {sum(steady)/len(steady):.2f} s/epoch -> 240 epochs ≈ {240*sum(steady)/len(steady)/60:.1f} min")
 PYEOF
 )
-status "timed run ($EPOCHS epochs, $DATA_NOTE)" "$([ $rc = 0 ] && echo ok || echo FAILED) wall ${wall}s; epoch times: ${epoch_times:-n/a}"
+status "6. timed run ($EPOCHS epochs, $DATA_NOTE)" "$(verdict $rc) wall ${wall}s; epoch times: ${epoch_times:-n/a}"
 echo; echo "== summary ($OUT/summary.txt) =="; cat "$OUT/summary.txt"

@@ -69,3 +69,20 @@ def test_compiled_frozen_teacher_matches_eager_and_freezing_stays_scoped():
     assert set(feats) == {"", *module.distiller.tap_paths()[1]}
     torch.testing.assert_close(feats[""], eager_logits, rtol=1e-4, atol=1e-4)
     assert not feats[""].requires_grad
+
+
+def test_compile_mode_reaches_every_compiled_part(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: calls.append((type(self).__name__, kw)))
+    module = _module(compile=["student", "heads"])
+    module.compile_mode = "reduce-overhead"
+    module.build(torch.randn(2, 3, 32, 32))
+    mode = {"mode": "reduce-overhead"}
+    assert calls == [("ResNet", mode), ("DiffKD", mode), ("DiffKD", mode)]  # student, then the two heads
+
+
+def test_unknown_compile_mode_names_the_choices():
+    with pytest.raises(ValueError, match=r"compile_mode='fast'.*'reduce-overhead'"):
+        ClassificationModule(
+            student=create_model("resnet8", num_classes=10), distiller=Distiller({}), compile_mode="fast"
+        )

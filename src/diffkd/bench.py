@@ -90,7 +90,14 @@ def _device_name(device: str) -> str:
     return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
-def _build_module(pair: dict[str, Any], method: str, channels_last: bool, compile: bool | str, ae: bool):
+def _build_module(
+    pair: dict[str, Any],
+    method: str,
+    channels_last: bool,
+    compile: bool | str,
+    ae: bool,
+    compile_mode: str | None = None,
+):
     from functools import partial
 
     from diffkd.distill import Distiller
@@ -110,6 +117,7 @@ def _build_module(pair: dict[str, Any], method: str, channels_last: bool, compil
         input_size=(3, pair["size"], pair["size"]),
         channels_last=channels_last,
         compile=compile,
+        compile_mode=compile_mode,
         teacher_dtype=None,
         nonfinite_check_every=10_000,
     )
@@ -126,6 +134,7 @@ def bench_step(
     warmup: int,
     batch: int | None = None,
     official_dir: str | None = None,
+    compile_mode: str | None = None,
 ) -> BenchResult:
     """Time ``steps`` Lightning training steps after ``warmup`` steps; synchronises only at the two ends.
 
@@ -148,7 +157,7 @@ def bench_step(
         return BenchResult(pair_name, method, precision, False, False, bs, 1000 * seconds, bs / seconds, peak,
                            device, finite=finite)  # fmt: skip
     torch.manual_seed(0)
-    module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet")
+    module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet", compile_mode=compile_mode)
     dev = torch.device(device)
     x = torch.randn(bs, 3, pair["size"], pair["size"], device=dev)
     y = torch.randint(0, pair["classes"], (bs,), device=dev)
@@ -244,6 +253,8 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
         cmd += ["--batch", str(args.batch)]
     if args.official_dir:
         cmd += ["--official-dir", args.official_dir]
+    if args.compile_mode:
+        cmd += ["--compile-mode", args.compile_mode]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         return BenchResult(pair, method, prec, cl, comp, 0, float("nan"), float("nan"), None, args.device,
@@ -337,7 +348,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     if args.one:  # child of --isolate
         pair, method, prec, cl, comp = json.loads(args.one)
         r = bench_step(pair, method, prec, cl, comp, args.device, args.steps, args.warmup, batch=args.batch,
-                       official_dir=args.official_dir)  # fmt: skip
+                       official_dir=args.official_dir, compile_mode=args.compile_mode)  # fmt: skip
         r.peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if not gpu else r.peak_mem_mb
         print(json.dumps(asdict(r)))
         return [r]
@@ -378,7 +389,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         else:
             try:
                 r = bench_step(*combo, args.device, args.steps, args.warmup, batch=args.batch,
-                               official_dir=args.official_dir)  # fmt: skip
+                               official_dir=args.official_dir, compile_mode=args.compile_mode)  # fmt: skip
             except Exception as err:  # one failing configuration must not lose the others
                 r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
         results.append(r)
@@ -401,7 +412,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     meta = {
         "device": _device_name(args.device),
         "torch": torch.__version__,
-        "argv": sys.argv[1:],
+        "argv": sys.argv[1:] if argv is None else argv,
+        "compile_mode": args.compile_mode,
         "cpu_count": os.cpu_count(),
     }
     out.write_text(

@@ -26,6 +26,19 @@ from diffkd.method.schedule import BetaSchedule, DDIMSchedule
 __all__ = ["DiffKD", "DiffKDOutput"]
 
 
+def _randn_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``torch.randn_like`` in ``x``'s memory format, drawn contiguously.
+
+    For a channels_last (B, C, H, W) tensor it draws (B, H, W, C) and permutes: the same i.i.d. normal noise, but
+    the CPU's vectorised contiguous kernel instead of its strided one (≈3× faster at CIFAR's 64×128×8×8).
+    """
+    dtype = dtype or x.dtype
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = x.shape
+        return torch.randn(b, h, w, c, device=x.device, dtype=dtype).permute(0, 3, 1, 2)
+    return torch.randn(x.shape, device=x.device, dtype=dtype)
+
+
 class DiffKDOutput(NamedTuple):
     """What one DiffKD point returns.
 
@@ -150,15 +163,15 @@ class DiffKD(nn.Module):
         g = self.gamma(s)
         x = s.float()  # the DDIM state and its arithmetic stay fp32, also under autocast
         if g is not None:
-            eps = torch.randn_like(x) if noise is None else noise.float()
+            eps = _randn_like(x) if noise is None else noise.float()
             g4 = g.view(-1, 1, 1, 1)
             if self.anm_mix == "linear":
-                x = g4 * x + (1 - g4) * eps
+                x = torch.lerp(eps, x, g4)  # γ·s + (1 − γ)·ε in one kernel
             else:
                 x = g4.sqrt() * x + (1 - g4).sqrt() * eps
         for step in self.schedule.steps:
             eps_hat = self._denoiser(x, step.t)
-            x = step.a * x + step.b * eps_hat.float()
+            x = (x * step.a).add_(eps_hat.float(), alpha=step.b)  # a·x + b·ε̂: two kernels, not three
         return self.proj(x), g
 
     def _denoiser(self, x: Tensor, t: int) -> Tensor:
@@ -179,7 +192,7 @@ class DiffKD(nn.Module):
         """
         z = teacher_latent.detach()
         if noise is None:
-            noise = torch.randn(z.shape, device=z.device, dtype=torch.float32)
+            noise = _randn_like(z, dtype=torch.float32)
         if timesteps is None:
             timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z.shape[0],), device=z.device)
         noisy = self.schedule.add_noise(z, noise, timesteps)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 COMPILE_PARTS = ("student", "teacher", "heads")
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _compile_parts(value: bool | str | Iterable[str] | None) -> tuple[str, ...]:
@@ -78,6 +79,8 @@ class DistillationModule(L.LightningModule):
             a message. The frozen teacher is compiled with inductor's *freezing* (its weights become constants:
             BatchNorm folded into the convolutions, weights pre-packed), scoped to the teacher's calls; on the CPU
             ``"teacher"`` alone is the fastest choice (BENCHMARKS.md).
+        compile_mode: ``torch.compile`` mode for every compiled part (``None``: the default;
+            ``"reduce-overhead"``: CUDA graphs, which pay off for CIFAR-sized batches on a GPU; ``"max-autotune"``).
         teacher_dtype: ``bfloat16``/``float16`` to run the teacher in that dtype (its outputs are cast back).
         nonfinite_check_every: read the device-side non-finite flags every N steps (1 = every step).
     """
@@ -95,6 +98,7 @@ class DistillationModule(L.LightningModule):
         input_size: Iterable[int] | None = None,
         channels_last: bool = False,
         compile: bool | str | Iterable[str] = False,
+        compile_mode: str | None = None,
         teacher_dtype: str | None = None,
         nonfinite_check_every: int = 50,
     ) -> None:
@@ -116,6 +120,9 @@ class DistillationModule(L.LightningModule):
         self.input_size = tuple(input_size) if input_size is not None else None
         self.channels_last = channels_last
         self.compile_parts = _compile_parts(compile)
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode={compile_mode!r}; choose from {list(COMPILE_MODES)}")
+        self.compile_mode = compile_mode
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         self.nonfinite_check_every = max(1, int(nonfinite_check_every))
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, stored in checkpoints
@@ -201,15 +208,20 @@ class DistillationModule(L.LightningModule):
         # graphs cached for another instance of the same class (an earlier run in this process, e.g. the demo's
         # or the benchmark's) can be reused with that instance's hooks: start from an empty cache
         torch._dynamo.reset()
-        log.info("torch.compile: %s (failures fall back to eager with a warning)", ", ".join(self.compile_parts))
+        log.info(
+            "torch.compile (mode %s): %s (failures fall back to eager with a warning)",
+            self.compile_mode or "default",
+            ", ".join(self.compile_parts),
+        )
+        kwargs = {"mode": self.compile_mode} if self.compile_mode else {}
         try:
             if "student" in self.compile_parts:
-                self.student.compile()
+                self.student.compile(**kwargs)
             if "teacher" in self.compile_parts and self.teacher is not None:
-                self.teacher.compile()
+                self.teacher.compile(**kwargs)
             if "heads" in self.compile_parts:
                 for head in self.distiller.heads.values():
-                    head.compile()
+                    head.compile(**kwargs)
         except Exception as err:
             log.warning("torch.compile failed (%s: %s); training continues in eager mode", type(err).__name__, err)
 
@@ -245,6 +257,9 @@ class DistillationModule(L.LightningModule):
         return {k: v.float() for k, v in feats.items()}
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        if self.compile_parts and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            # CUDA-graph outputs of the previous step may be overwritten from here on (one replay per step)
+            torch.compiler.cudagraph_mark_step_begin()
         batch = self.prepare_batch(batch)
         x = self._to_memory_format(self.model_input(batch))
         assert self.student_taps is not None, "setup() has not run"
