@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser.add_argument("--precision", default="fp32,bf16")
     parser.add_argument("--channels-last", default="off,on")
     parser.add_argument("--compile", default="off", help="off | on | teacher | heads, comma-separated")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     parser.add_argument(
         "--official-dir",
         default=None,
