@@ -73,3 +73,12 @@ def test_official_methods_explain_where_the_code_comes_from(tmp_path):
         load_official_diffkd(tmp_path)
     with pytest.raises(ValueError, match=r"neither channels_last nor torch\.compile"):
         bench_step("cifar", "official_kd", "fp32", True, False, "cpu", 1, 0, official_dir=str(tmp_path))
+
+
+def test_repeat_keeps_the_median_round_and_every_rounds_time(tmp_path):
+    out = tmp_path / "b.json"
+    main(["--pairs", "cifar", "--methods", "none", "--precision", "fp32", "--channels-last", "off", "--no-heads",
+          "--steps", "1", "--warmup", "0", "--batch", "4", "--repeat", "3", "--out", str(out)])  # fmt: skip
+    (step,) = json.loads(out.read_text())["steps"]
+    assert len(step["ms_runs"]) == 3
+    assert step["ms_per_step"] == pytest.approx(sorted(step["ms_runs"])[1], abs=0.05)

@@ -65,6 +65,7 @@ class BenchResult:
     device: str
     error: str | None = None
     finite: bool | None = None  # was the last timed step's loss finite
+    ms_runs: list[float] | None = None  # every round's ms/step with --repeat
 
 
 class _Repeat:
@@ -262,6 +263,17 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
     return BenchResult(**json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def _median(runs: list[BenchResult]) -> BenchResult:
+    """The run with the median step time (the spread of all rounds kept in ``ms_runs``)."""
+    ok = sorted((r for r in runs if not r.error), key=lambda r: r.ms_per_step)
+    if not ok:
+        return runs[-1]
+    best = ok[(len(ok) - 1) // 2]
+    best.ms_runs = [round(r.ms_per_step, 1) for r in runs if not r.error]
+    best.finite = None if any(r.finite is None for r in ok) else all(r.finite for r in ok)
+    return best
+
+
 def _onoff(value: bool | str) -> str:
     return value if isinstance(value, str) else ("on" if value else "off")
 
@@ -272,6 +284,8 @@ def _table(results: list[BenchResult]) -> str:
         peak = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "—"
         row = f"{r.pair:<9}{r.method:<16}{r.precision:<6}{'on' if r.channels_last else 'off':<5}"
         row += f"{_onoff(r.compile):<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}"
+        if r.ms_runs and len(r.ms_runs) > 1:
+            row += f"   runs {min(r.ms_runs):.0f}–{max(r.ms_runs):.0f}"
         row += "   loss NaN/inf" if r.finite is False else ""
         lines.append(row + (f"   error: {r.error}" if r.error else ""))
     return "\n".join(lines)
@@ -334,6 +348,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
     parser.add_argument("--batch", type=int, default=None, help="batch size for every pair (default: the pair's)")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds over all configurations; the median is kept")
     parser.add_argument("--isolate", action="store_true", help="one process per configuration (CPU peak RSS)")
     parser.add_argument("--no-heads", action="store_true", help="skip the DiffKD-head micro-benchmark")
     parser.add_argument("--out", default=None, help="JSON path (default: bench_results/<time>.json)")
@@ -342,7 +357,10 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (10 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
+    import lightning  # noqa: F401  (its import sets its loggers to INFO: quiet them afterwards)
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("diffkd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 
@@ -383,18 +401,20 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             heads.append(h)
             print(f"DiffKD head {point:<8} {prec:<5} batch {h['batch']:>3}: {h['ms_fwd_bwd']:8.1f} ms fwd+bwd, "
                   f"{h['params']:,} params", flush=True)  # fmt: skip
-    results = []
-    for combo in combos:
-        if args.isolate:
-            r = _run_isolated(args, combo)
-        else:
-            try:
-                r = bench_step(*combo, args.device, args.steps, args.warmup, batch=args.batch,
-                               official_dir=args.official_dir, compile_mode=args.compile_mode)  # fmt: skip
-            except Exception as err:  # one failing configuration must not lose the others
-                r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
-        results.append(r)
-        print(_table([r]).splitlines()[1], flush=True)
+    rounds: list[list[BenchResult]] = [[] for _ in combos]
+    for _ in range(args.repeat):  # round-robin, so that a slow spell of a shared machine hits every configuration
+        for i, combo in enumerate(combos):
+            if args.isolate:
+                r = _run_isolated(args, combo)
+            else:
+                try:
+                    r = bench_step(*combo, args.device, args.steps, args.warmup, batch=args.batch,
+                                   official_dir=args.official_dir, compile_mode=args.compile_mode)  # fmt: skip
+                except Exception as err:  # one failing configuration must not lose the others
+                    r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
+            rounds[i].append(r)
+            print(_table([r]).splitlines()[1], flush=True)
+    results = [_median(rs) for rs in rounds]
     print("\n" + _table(results))
     ratios = _ratios(results)
     for q in ratios:
