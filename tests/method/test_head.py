@@ -214,3 +214,27 @@ def test_june_2023_bare_conv_proj_converts_to_identical_function():
     new.load_state_dict(convert_official_state_dict(old), strict=True)
     x = torch.randn(2, 16, 3, 3)
     torch.testing.assert_close(new.proj(x), torch.nn.functional.conv2d(x, old["proj.weight"], old["proj.bias"]))
+
+
+def test_channels_last_head_matches_the_contiguous_one():
+    torch.manual_seed(0)
+    head = DiffKD(16, 16)
+    s = torch.randn(4, 16, 4, 4)
+    t = torch.randn(4, 16, 4, 4)
+    noise, dnoise = torch.randn(4, 16, 4, 4), torch.randn(4, 16, 4, 4)
+    steps = torch.randint(0, 1000, (4,))
+    grads = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        head.zero_grad()
+        head.to(memory_format=fmt)
+        x = s.contiguous(memory_format=fmt).detach().requires_grad_()
+        out = head(x, t.contiguous(memory_format=fmt), noise=noise.contiguous(memory_format=fmt),
+                   diffusion_noise=dnoise.contiguous(memory_format=fmt), timesteps=steps)  # fmt: skip
+        (F.mse_loss(out.student, out.teacher) + out.diffusion_loss).backward()
+        grads.append((out.student.detach(), x.grad, [p.grad.clone() for p in head.parameters()]))
+    (a, ga, pa), (b, gb, pb) = grads
+    assert gb.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-6)
+    for p, q in zip(pb, pa, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-6)

@@ -45,3 +45,21 @@ def test_bchw_unchanged_and_explicit_override():
 def test_unmappable_shapes_name_the_shape(shape, layout, match):
     with pytest.raises(ValueError, match=match):
         to_bchw(torch.randn(shape), layout)
+
+
+def test_channels_last_grad_is_an_identity_with_a_channels_last_gradient():
+    import torch.nn.functional as F
+
+    from diffkd.method.layout import channels_last_grad
+
+    x = torch.randn(2, 3, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = channels_last_grad(x)
+    torch.testing.assert_close(y, x)
+    seen = []
+    y.register_hook(lambda g: seen.append(g.is_contiguous()))  # what mse_loss hands back: contiguous NCHW
+    F.mse_loss(y, torch.zeros_like(y)).backward()
+    assert seen == [True]
+    assert x.grad.is_contiguous(memory_format=torch.channels_last) and not x.grad.is_contiguous()
+    torch.testing.assert_close(x.grad, 2 * x.detach() / x.numel())
+    plain = torch.randn(2, 3, 4, 4)
+    assert channels_last_grad(plain) is plain

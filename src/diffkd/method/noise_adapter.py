@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from diffkd.method.denoiser import Bottleneck
+from diffkd.method.layout import channels_last_grad
 
 __all__ = ["NoiseAdapter"]
 
@@ -35,7 +36,10 @@ class NoiseAdapter(nn.Module):
         self.pred = nn.Linear(channels, 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.feat(x)
+        if self.kernel_size == 3:  # Bottleneck → pool; the pool's gradient comes back NCHW
+            h = self.feat[1](channels_last_grad(self.feat[0](x)))
+        else:
+            h = self.feat(x)
         if h.shape[-2:] != (1, 1):
             raise ValueError(
                 f"the logits NoiseAdapter (kernel_size={self.kernel_size}) needs 1×1 inputs, got {tuple(x.shape)};"
