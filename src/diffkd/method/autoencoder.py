@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from diffkd.method.pointwise import Conv1x1
+
 __all__ = ["AutoEncoder"]
 
 
@@ -15,8 +17,8 @@ class AutoEncoder(nn.Module):
 
     def __init__(self, channels: int, latent_channels: int) -> None:
         super().__init__()
-        self.encoder = nn.Sequential(nn.Conv2d(channels, latent_channels, 1), nn.BatchNorm2d(latent_channels))
-        self.decoder = nn.Sequential(nn.Conv2d(latent_channels, channels, 1))
+        self.encoder = nn.Sequential(Conv1x1(channels, latent_channels), nn.BatchNorm2d(latent_channels))
+        self.decoder = nn.Sequential(Conv1x1(latent_channels, channels))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.encoder(x)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from diffkd.method.pointwise import Conv1x1
+
 __all__ = ["Bottleneck", "DiffusionModel"]
 
 
@@ -32,13 +34,13 @@ class Bottleneck(nn.Module):
         if hidden < 1:
             raise ValueError(f"in_channels={in_channels} is smaller than reduction={reduction}")
         self.block = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1),
+            Conv1x1(in_channels, hidden),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, hidden, 3, padding=1),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, out_channels, 1),
+            Conv1x1(hidden, out_channels),
             nn.BatchNorm2d(out_channels),
         )
 
@@ -50,18 +52,18 @@ def _logits_mlp(channels: int, layers: int) -> nn.Sequential:
     c, h = channels, 4 * channels
     if layers == 4:  # official code: two 1×1 "MLP" blocks, four linear layers, no residual
         return nn.Sequential(
-            nn.Conv2d(c, h, 1),
+            Conv1x1(c, h),
             nn.BatchNorm2d(h),
             nn.ReLU(inplace=True),
-            nn.Conv2d(h, c, 1),
+            Conv1x1(h, c),
             nn.BatchNorm2d(c),
-            nn.Conv2d(c, h, 1),
+            Conv1x1(c, h),
             nn.BatchNorm2d(h),
             nn.ReLU(inplace=True),
-            nn.Conv2d(h, c, 1),
+            Conv1x1(h, c),
         )
     if layers == 2:  # paper App. B.2: "two linear layers associated with an activation function"
-        return nn.Sequential(nn.Conv2d(c, h, 1), nn.BatchNorm2d(h), nn.ReLU(inplace=True), nn.Conv2d(h, c, 1))
+        return nn.Sequential(Conv1x1(c, h), nn.BatchNorm2d(h), nn.ReLU(inplace=True), Conv1x1(h, c))
     raise ValueError(f"logits_denoiser_layers must be 4 (official) or 2 (paper), got {layers}")
 
 
@@ -89,7 +91,7 @@ class DiffusionModel(nn.Module):
             self.pred = nn.Sequential(
                 Bottleneck(channels),
                 Bottleneck(channels),
-                nn.Conv2d(channels, channels, 1),
+                Conv1x1(channels, channels),
                 nn.BatchNorm2d(channels),
             )
         else:

@@ -21,6 +21,7 @@ from diffkd.method.autoencoder import AutoEncoder
 from diffkd.method.denoiser import DiffusionModel
 from diffkd.method.layout import Layout, channels_last_grad, to_bchw
 from diffkd.method.noise_adapter import NoiseAdapter
+from diffkd.method.pointwise import Conv1x1
 from diffkd.method.schedule import BetaSchedule, DDIMSchedule
 
 __all__ = ["DiffKD", "DiffKDOutput"]
@@ -124,16 +125,16 @@ class DiffKD(nn.Module):
             latent = int(ae_channels) if ae_channels is not None else self.teacher_channels // 2
             self.ae = AutoEncoder(self.teacher_channels, latent)
         self.latent_channels = latent
-        self.trans = nn.Conv2d(self.student_channels, latent, 1)
+        self.trans = Conv1x1(self.student_channels, latent)
         self.model = DiffusionModel(latent, kernel_size, logits_denoiser_layers)
         self.schedule = DDIMSchedule(
             num_train_timesteps, beta_schedule, inference_steps=inference_steps, start_timestep=start_timestep
         )
         self.noise_adapter = NoiseAdapter(latent, kernel_size) if anm else None
         self.proj = (
-            nn.Sequential(nn.Conv2d(latent, latent, 1), nn.BatchNorm2d(latent))
+            nn.Sequential(Conv1x1(latent, latent), nn.BatchNorm2d(latent))
             if proj_bn
-            else nn.Sequential(nn.Conv2d(latent, latent, 1))
+            else nn.Sequential(Conv1x1(latent, latent))
         )
 
     # ------------------------------------------------------------------ pieces

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from diffkd.method.denoiser import Bottleneck
 from diffkd.method.layout import channels_last_grad
+from diffkd.method.pointwise import Conv1x1
 
 __all__ = ["NoiseAdapter"]
 
@@ -27,10 +28,10 @@ class NoiseAdapter(nn.Module):
             self.feat = nn.Sequential(Bottleneck(channels, reduction=8), nn.AdaptiveAvgPool2d(1))
         else:
             self.feat = nn.Sequential(
-                nn.Conv2d(channels, channels * 2, 1),
+                Conv1x1(channels, channels * 2),
                 nn.BatchNorm2d(channels * 2),
                 nn.ReLU(inplace=True),
-                nn.Conv2d(channels * 2, channels, 1),
+                Conv1x1(channels * 2, channels),
                 nn.BatchNorm2d(channels),
             )
         self.pred = nn.Linear(channels, 2)
