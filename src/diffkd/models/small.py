@@ -73,9 +73,9 @@ class SmallCNN(nn.Module):
 
 @register_model(tags=("small",))
 def smallcnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
-    """Demo teacher: widths 32/64/128/128, strides 2/2/1/1 (242k params at 10 classes).
+    """Demo teacher: widths 32/64/128/64, strides 2/2/1/1 (167k params at 10 classes).
 
-    Last feature map: ``features``, (B, 128, 7, 7) for a 28×28 input.
+    Last feature map: ``features``, (B, 64, 7, 7) for a 28×28 input.
     """
     if pretrained:
         raise ValueError("smallcnn_teacher has no published weights (train it, e.g. with the Fashion-MNIST demo)")
@@ -85,9 +85,9 @@ def smallcnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: 
 
 @register_model(tags=("small",))
 def smallcnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
-    """Demo student: widths 16/32/64, strides 2/2/1 (24k params at 10 classes).
+    """Demo student: widths 16/32/48, strides 2/2/1 (19k params at 10 classes).
 
-    Last feature map: ``features``, (B, 64, 7, 7) for a 28×28 input.
+    Last feature map: ``features``, (B, 48, 7, 7) for a 28×28 input.
     """
     if pretrained:
         raise ValueError("smallcnn_student has no published weights (train it, e.g. with the Fashion-MNIST demo)")
