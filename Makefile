@@ -49,8 +49,12 @@ format: install ## ruff autofix and format
 	$(VENV)/bin/ruff check --fix src tests
 	$(VENV)/bin/ruff format src tests
 
-bench: install ## CPU benchmark of a training step (student / KD / DiffKD; fp32 / bf16)
-	$(PY) -m diffkd.bench
+OFFICIAL_DIR ?= .official/DiffKD
+comma := ,
+BENCH_OFFICIAL = $(if $(wildcard $(OFFICIAL_DIR)/diffkd.py),--methods none$(comma)kd$(comma)diffkd$(comma)official_kd$(comma)official_diffkd --official-dir $(OFFICIAL_DIR))
+
+bench: install ## CPU benchmark of a training step (student / KD / DiffKD [/ the official code, if cloned]; fp32 / bf16)
+	$(PY) -m diffkd.bench --compile off,teacher $(BENCH_OFFICIAL)
 
 bench-gpu: install ## GPU benchmark + 1-GPU DDP smoke + timed CIFAR-shaped run
 	bash scripts/bench_gpu.sh

@@ -388,8 +388,9 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             _choices(args.channels_last, onoff),
             _choices(args.compile, {**onoff, "teacher": "teacher", "heads": "heads"}),
         )
-        # the official code has neither channels_last nor compile: one configuration per precision
-        if c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4])
+        # the official code has neither channels_last nor compile: one configuration per precision;
+        # compile=teacher without a teacher would repeat compile=off
+        if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4])) and not (c[1] == "none" and c[4] == "teacher")
     ]
     print(f"device: {_device_name(args.device)} | torch {torch.__version__} | {len(combos)} configurations", flush=True)
     heads = []
