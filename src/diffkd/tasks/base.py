@@ -220,8 +220,10 @@ class DistillationModule(L.LightningModule):
             if "teacher" in self.compile_parts and self.teacher is not None:
                 self.teacher.compile(**kwargs)
             if "heads" in self.compile_parts:
+                # the heads share one forward: without dynamic=False the second head's other channel count would
+                # turn the graph dynamic ("automatic dynamic shapes"), slower and worse for CUDA graphs
                 for head in self.distiller.heads.values():
-                    head.compile(**kwargs)
+                    head.compile(dynamic=False, **kwargs)
         except Exception as err:
             log.warning("torch.compile failed (%s: %s); training continues in eager mode", type(err).__name__, err)
 
