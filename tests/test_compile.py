@@ -87,3 +87,20 @@ def test_unknown_compile_mode_names_the_choices():
         ClassificationModule(
             student=create_model("resnet8", num_classes=10), distiller=Distiller({}), compile_mode="fast"
         )
+
+
+@pytest.mark.slow
+def test_reduce_overhead_mode_trains_end_to_end():
+    """The CUDA-graph mode's Python path (step marks, static heads) on the CPU, where inductor skips the graphs."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    module = _module(compile=True)
+    module.compile_mode = "reduce-overhead"
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=8))
+    assert trainer.global_step == 3
+    assert module.student._compiled_call_impl is not None
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
