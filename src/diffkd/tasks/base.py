@@ -292,7 +292,11 @@ class DistillationModule(L.LightningModule):
         if list(terms) != self._term_names:
             self._check_nonfinite()  # new term set: settle the old flags first
             self._term_names, self._bad_flags = list(terms), None
-        bad = torch.stack([~torch.isfinite(v.detach()).all() for v in terms.values()])
+        values = [v.detach() for v in terms.values()]
+        if all(v.dim() == 0 for v in values):  # the usual case: one isfinite over all terms, a handful of kernels
+            bad = ~torch.isfinite(torch.stack([v.float() for v in values]))
+        else:
+            bad = torch.stack([~torch.isfinite(v).all() for v in values])
         self._bad_flags = bad if self._bad_flags is None else self._bad_flags | bad
 
     def _check_nonfinite(self) -> None:
