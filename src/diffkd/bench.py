@@ -152,8 +152,7 @@ def bench_step(
         if channels_last or compile:
             raise ValueError(f"{method}: the official code has neither channels_last nor torch.compile")
         seconds, peak, finite = bench_official_step(
-            official_dir, pair, method, precision, device, steps, warmup, bs,
-            pair["official_points"], pair["official_channels"], use_ae=pair_name == "imagenet",
+            official_dir, pair, method, precision, device, steps, warmup, bs, use_ae=pair_name == "imagenet"
         )  # fmt: skip
         return BenchResult(pair_name, method, precision, False, False, bs, 1000 * seconds, bs / seconds, peak,
                            device, finite=finite)  # fmt: skip

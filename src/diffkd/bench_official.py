@@ -95,19 +95,19 @@ def bench_official_step(
     steps: int,
     warmup: int,
     batch: int,
-    points: tuple[str, str],
-    channels: tuple[int, int],
     use_ae: bool,
 ) -> tuple[float, float | None, bool]:
     """Seconds per official-style training step, CUDA peak MB (or None) and whether the last loss was finite.
 
-    ``points`` are the (feature, logits) module names of the official ``KD_MODULES`` table for the pair (the same
-    names on student and teacher for the pairs benchmarked here); ``channels`` are (student, teacher) feature widths.
+    The pair gives ``official_points``, the (feature, logits) module names of the official ``KD_MODULES`` table (the
+    same names on student and teacher for the pairs benchmarked here), and ``official_channels``, the (student,
+    teacher) feature widths.
     """
     from diffkd.models import create_model
 
     if method not in OFFICIAL_METHODS:
         raise ValueError(f"unknown official method {method!r}; choose from {OFFICIAL_METHODS}")
+    points, channels = pair["official_points"], pair["official_channels"]
     dev = torch.device(device)
     torch.manual_seed(0)
     student = create_model(pair["student"], num_classes=pair["classes"]).to(dev)

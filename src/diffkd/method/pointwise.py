@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from diffkd.method.layout import is_channels_last
 
 __all__ = ["Conv1x1"]
 
@@ -31,6 +32,6 @@ class Conv1x1(nn.Conv2d):
         weight = self.weight.view(self.out_channels, self.in_channels)
         if h == 1 and w == 1:
             return F.linear(x.reshape(b, -1), weight, self.bias).view(b, -1, 1, 1)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        if is_channels_last(x):
             return F.linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
         return super().forward(x)
