@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-slow test-all lint format bench bench-gpu fashion-mnist clean
+.PHONY: help install demo test test-slow test-all lint format bench bench-gpu bench-gpu-rehearse fashion-mnist clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench: install ## CPU benchmark of a training step (student / KD / DiffKD [/ the
 
 bench-gpu: install ## GPU benchmark + 1-GPU DDP smoke + timed CIFAR-shaped run
 	bash scripts/bench_gpu.sh
+
+bench-gpu-rehearse: install ## every part of bench-gpu at toy size on the CPU (checks the commands, no timings)
+	REHEARSE=cpu bash scripts/bench_gpu.sh
 
 clean: ## remove caches and run outputs (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache logs outputs multirun

@@ -82,3 +82,61 @@ def test_repeat_keeps_the_median_round_and_every_rounds_time(tmp_path):
     (step,) = json.loads(out.read_text())["steps"]
     assert len(step["ms_runs"]) == 3
     assert step["ms_per_step"] == pytest.approx(sorted(step["ms_runs"])[1], abs=0.05)
+
+
+def test_eager_steps_count_their_flops_and_the_count_is_linear_in_the_batch():
+    def flops(method: str, batch: int, warmup: int = 1) -> float | None:
+        r = bench_step("cifar", method, "fp32", False, False, "cpu", steps=1, warmup=warmup, batch=batch)
+        assert r.error is None
+        return r.gflop_per_step
+
+    kd4, kd8, diffkd4 = flops("kd", 4), flops("kd", 8), flops("diffkd", 4)
+    assert kd8 == pytest.approx(2 * kd4, rel=1e-3)  # every conv and matmul scales with the batch
+    # the DiffKD heads' convolutions (six denoiser passes at the 8×8 feature point) on top of KD's
+    assert 1.05 < diffkd4 / kd4 < 1.2
+    assert flops("kd", 4, warmup=0) is None  # counted only in an untimed warm-up step
+
+
+def test_compiled_rows_take_the_flops_of_the_eager_row_of_their_pair_method_and_batch():
+    from diffkd.bench import BenchResult, _share_flops
+
+    def row(compile, batch, gflop):
+        return BenchResult("cifar", "kd", "bf16", True, compile, batch, 10.0, 1.0, None, "cpu", gflop_per_step=gflop)
+
+    eager, compiled, other_batch = row(False, 4, 1.5), row("teacher", 4, None), row("teacher", 8, None)
+    _share_flops([eager, compiled, other_batch])
+    assert compiled.gflop_per_step == 1.5 and compiled.gflop_per_s == pytest.approx(150.0)
+    assert other_batch.gflop_per_step is None  # no eager row at batch 8: not guessed
+
+
+def test_the_official_loop_does_the_same_flops_as_ours(tmp_path):
+    # the stand-in wraps our head, so equal counts mean the two loops around it do the same work: no extra
+    # teacher or student passes on our side
+    official = _stand_in_official(tmp_path / "DiffKD")
+    for ours, theirs in (("kd", "official_kd"), ("diffkd", "official_diffkd")):
+        a = bench_step("cifar", ours, "fp32", False, False, "cpu", steps=1, warmup=1, batch=4)
+        b = bench_step("cifar", theirs, "fp32", False, False, "cpu", steps=1, warmup=1, batch=4,
+                       official_dir=str(official))  # fmt: skip
+        assert a.gflop_per_step == pytest.approx(b.gflop_per_step, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_gpu_script_rehearses_every_part_on_the_cpu(tmp_path):
+    """`REHEARSE=cpu bash scripts/bench_gpu.sh`: CI has no GPU, so this keeps the lent-GPU script's commands alive."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu"
+    env = {**os.environ, "REHEARSE": "cpu", "PY": sys.executable, "OUT": str(out),
+           "OFFICIAL_DIR": str(_stand_in_official(tmp_path / "DiffKD"))}  # fmt: skip
+    subprocess.run(["bash", str(repo / "scripts" / "bench_gpu.sh")], env=env, cwd=repo, timeout=900, check=True)
+    summary = (out / "summary.txt").read_text().splitlines()
+    assert len(summary) == 7, summary
+    assert all(" ok" in line for line in summary), summary
+    assert "CIFAR-shaped random data" in summary[-1] and "rehearsal: no projection" in summary[-1]
+    steps = json.loads((out / "bench_eager.json").read_text())["steps"]
+    assert {s["method"] for s in steps} == {"none", "kd", "diffkd", "official_kd", "official_diffkd"}
+    assert all(s["error"] is None for s in steps)

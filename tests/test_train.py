@@ -90,6 +90,12 @@ def test_wrong_layer_name_lists_nearest_names(cifar_cfg):
         train(cfg)
 
 
+def test_sync_batchnorm_on_the_cpu_names_the_fix(cifar_cfg):
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1")
+    with pytest.raises(ValueError, match=r"SyncBatchNorm has no CPU kernel.*trainer\.sync_batchnorm=false"):
+        train(cfg)
+
+
 def test_spatial_mismatch_fails_unless_aligned(cifar_cfg):
     # ShuffleV2's last map is 4×4, resnet32x4's 8×8: the experiment opts into interpolation...
     metrics, _ = train(cifar_cfg("cifar_res32x4_shuv2"))

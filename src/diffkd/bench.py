@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffkd.bench_official import OFFICIAL_METHODS, bench_official_step
 
@@ -66,6 +67,14 @@ class BenchResult:
     error: str | None = None
     finite: bool | None = None  # was the last timed step's loss finite
     ms_runs: list[float] | None = None  # every round's ms/step with --repeat
+    gflop_per_step: float | None = None  # matmul/conv FLOPs of one step, forward + backward (FlopCounterMode)
+
+    @property
+    def gflop_per_s(self) -> float | None:
+        """Achieved matmul/conv throughput: GFLOP per step / seconds per step."""
+        if self.gflop_per_step is None or not self.ms_per_step > 0:
+            return None
+        return self.gflop_per_step / (self.ms_per_step / 1000)
 
 
 class _Repeat:
@@ -151,11 +160,11 @@ def bench_step(
             raise ValueError(f"{method} needs --official-dir <clone of https://github.com/hunto/DiffKD>")
         if channels_last or compile:
             raise ValueError(f"{method}: the official code has neither channels_last nor torch.compile")
-        seconds, peak, finite = bench_official_step(
+        seconds, peak, finite, flops = bench_official_step(
             official_dir, pair, method, precision, device, steps, warmup, bs, use_ae=pair_name == "imagenet"
         )  # fmt: skip
         return BenchResult(pair_name, method, precision, False, False, bs, 1000 * seconds, bs / seconds, peak,
-                           device, finite=finite)  # fmt: skip
+                           device, finite=finite, gflop_per_step=_gflop(flops))  # fmt: skip
     torch.manual_seed(0)
     module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet", compile_mode=compile_mode)
     dev = torch.device(device)
@@ -164,6 +173,8 @@ def bench_step(
     batches = _Repeat((x, y), warmup + steps)
     marks: dict[str, float] = {}
     last_loss: list[torch.Tensor] = []
+    # FLOPs are counted in the first warm-up step, eagerly: compiled graphs bypass the counting dispatch mode
+    counter = FlopCounterMode(display=False) if warmup > 0 and not compile else None
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -171,6 +182,8 @@ def bench_step(
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 0 and counter is not None:
+                counter.__enter__()
             if batch_idx == warmup:
                 sync()
                 if dev.type == "cuda":
@@ -178,6 +191,8 @@ def bench_step(
                 marks["start"] = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0 and counter is not None:
+                counter.__exit__(None, None, None)
             if batch_idx == warmup + steps - 1:
                 sync()
                 marks["end"] = time.perf_counter()
@@ -202,8 +217,12 @@ def bench_step(
     finite = bool(torch.isfinite(last_loss[0]).item()) if last_loss else None
     return BenchResult(
         pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, peak, device,
-        finite=finite,
+        finite=finite, gflop_per_step=_gflop(counter.get_total_flops()) if counter is not None else None,
     )  # fmt: skip
+
+
+def _gflop(flops: int | None) -> float | None:
+    return None if flops is None else flops / 1e9
 
 
 def bench_head(point: str, precision: str, device: str, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
@@ -278,16 +297,36 @@ def _onoff(value: bool | str) -> str:
 
 
 def _table(results: list[BenchResult]) -> str:
-    lines = [f"{'pair':<9}{'method':<16}{'prec':<6}{'cl':<5}{'compile':<9}{'ms/step':>10}{'img/s':>10}{'peak MB':>10}"]
+    lines = [
+        f"{'pair':<9}{'method':<16}{'prec':<6}{'cl':<5}{'compile':<9}{'ms/step':>10}{'img/s':>10}{'peak MB':>10}"
+        f"{'GFLOP/step':>12}{'GFLOP/s':>10}"
+    ]
     for r in results:
         peak = f"{r.peak_mem_mb:.0f}" if r.peak_mem_mb is not None else "—"
+        gflop = f"{r.gflop_per_step:.2f}" if r.gflop_per_step is not None else "—"
+        rate = f"{r.gflop_per_s:.0f}" if r.gflop_per_s is not None else "—"
         row = f"{r.pair:<9}{r.method:<16}{r.precision:<6}{'on' if r.channels_last else 'off':<5}"
-        row += f"{_onoff(r.compile):<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}"
+        row += f"{_onoff(r.compile):<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}{gflop:>12}{rate:>10}"
         if r.ms_runs and len(r.ms_runs) > 1:
             row += f"   runs {min(r.ms_runs):.0f}–{max(r.ms_runs):.0f}"
         row += "   loss NaN/inf" if r.finite is False else ""
         lines.append(row + (f"   error: {r.error}" if r.error else ""))
     return "\n".join(lines)
+
+
+def _share_flops(results: list[BenchResult]) -> None:
+    """Give compiled configurations the FLOPs counted in an eager one of the same pair, method and batch.
+
+    The count does not depend on precision, channels_last or compile; only eager steps can be counted.
+    """
+    counted = {(r.pair, r.method, r.batch): r.gflop_per_step for r in results if r.gflop_per_step is not None}
+    for r in results:
+        if r.gflop_per_step is None and not r.error:
+            r.gflop_per_step = counted.get((r.pair, r.method, r.batch))
+
+
+def _flop_ratio(a: BenchResult, b: BenchResult | None) -> float | None:
+    return a.gflop_per_step / b.gflop_per_step if b and a.gflop_per_step and b.gflop_per_step else None
 
 
 def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
@@ -307,6 +346,8 @@ def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
                 "channels_last": cl,
                 "compile": comp,
                 "diffkd_over_kd": r.ms_per_step / kd.ms_per_step if kd else None,
+                # the same ratio in matmul/conv FLOPs: where the time ratio exceeds it, the extra is overhead
+                "diffkd_over_kd_flops": _flop_ratio(r, kd),
                 "bf16_speedup": fp32.ms_per_step / r.ms_per_step if fp32 and prec == "bf16" else None,
                 # official DiffKD step time / ours: at the same precision, and against the official fp32 step
                 # (its only setting that stays finite)
@@ -318,7 +359,8 @@ def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
         kd = index.get((pair, "official_kd", prec, False, False))
         if method == "official_diffkd" and kd:
             out.append({"pair": pair, "precision": prec, "method": "official", "channels_last": False,
-                        "compile": False, "diffkd_over_kd": r.ms_per_step / kd.ms_per_step})  # fmt: skip
+                        "compile": False, "diffkd_over_kd": r.ms_per_step / kd.ms_per_step,
+                        "diffkd_over_kd_flops": _flop_ratio(r, kd)})  # fmt: skip
     return out
 
 
@@ -415,10 +457,12 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             rounds[i].append(r)
             print(_table([r]).splitlines()[1], flush=True)
     results = [_median(rs) for rs in rounds]
+    _share_flops(results)
     print("\n" + _table(results))
     ratios = _ratios(results)
     for q in ratios:
-        extra = f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q.get("bf16_speedup") else ""
+        extra = f" (FLOPs ×{q['diffkd_over_kd_flops']:.2f})" if q.get("diffkd_over_kd_flops") else ""
+        extra += f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q.get("bf16_speedup") else ""
         if q.get("speedup_vs_official"):
             extra += f", ×{q['speedup_vs_official']:.2f} the official step's speed"
         if q.get("speedup_vs_official_fp32") and q["precision"] != "fp32":
@@ -438,7 +482,15 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         "cpu_count": os.cpu_count(),
     }
     out.write_text(
-        json.dumps({"meta": meta, "heads": heads, "steps": [asdict(r) for r in results], "ratios": ratios}, indent=2)
+        json.dumps(
+            {
+                "meta": meta,
+                "heads": heads,
+                "steps": [{**asdict(r), "gflop_per_s": r.gflop_per_s} for r in results],
+                "ratios": ratios,
+            },
+            indent=2,
+        )
     )
     print(f"wrote {out}")
     return results

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = ["OFFICIAL_METHODS", "bench_official_step", "load_official_diffkd"]
 
@@ -96,8 +97,9 @@ def bench_official_step(
     warmup: int,
     batch: int,
     use_ae: bool,
-) -> tuple[float, float | None, bool]:
-    """Seconds per official-style training step, CUDA peak MB (or None) and whether the last loss was finite.
+) -> tuple[float, float | None, bool, int | None]:
+    """Seconds per official-style training step, CUDA peak MB (or None), whether the last loss was finite, and
+    the matmul/conv FLOPs of one step (forward + backward; counted in the first warm-up step, or None without one).
 
     The pair gives ``official_points``, the (feature, logits) module names of the official ``KD_MODULES`` table (the
     same names on student and teacher for the pairs benchmarked here), and ``official_channels``, the (student,
@@ -158,8 +160,14 @@ def bench_official_step(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-    for _ in range(warmup):
-        step()
+    flops = None
+    for i in range(warmup):
+        if i == 0:
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops = counter.get_total_flops()
+        else:
+            step()
     sync()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -169,4 +177,4 @@ def bench_official_step(
     sync()
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    return seconds, peak, bool(torch.isfinite(last).item())
+    return seconds, peak, bool(torch.isfinite(last).item()), flops

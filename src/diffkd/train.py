@@ -97,6 +97,15 @@ def _release_process_group() -> None:
         dist.destroy_process_group()
 
 
+def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Fail before any work where DDP would fail deep inside with "SyncBatchNorm layers only work with GPU modules"."""
+    if cfg.trainer.get("sync_batchnorm") and type(trainer.accelerator).__name__ == "CPUAccelerator":
+        raise ValueError(
+            "trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU kernel. On the CPU add "
+            "trainer.sync_batchnorm=false (e.g. trainer=ddp trainer.accelerator=cpu trainer.sync_batchnorm=false)"
+        )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """One training run. Returns (metrics, {"trainer", "module", "datamodule", "best_ckpt", "last_ckpt"})."""
     if cfg.get("seed") is not None:
@@ -110,6 +119,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _check_sync_batchnorm(cfg, trainer)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
     launches_children = type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
