@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffkd.bench_official import OFFICIAL_METHODS, bench_official_step
+from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES, configure_cpu_malloc
 
 __all__ = ["PAIRS", "BenchResult", "bench_head", "bench_step", "main"]
 
@@ -267,7 +268,7 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
     """One configuration in a fresh process, so that its peak RSS is its own."""
     pair, method, prec, cl, comp = combo
     cmd = [sys.executable, "-m", "diffkd.bench", "--one", json.dumps(combo), "--device", args.device,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]  # fmt: skip
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--cpu-malloc", args.cpu_malloc]  # fmt: skip
     if args.batch:
         cmd += ["--batch", str(args.batch)]
     if args.official_dir:
@@ -393,6 +394,13 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser.add_argument("--isolate", action="store_true", help="one process per configuration (CPU peak RSS)")
     parser.add_argument("--no-heads", action="store_true", help="skip the DiffKD-head micro-benchmark")
     parser.add_argument("--out", default=None, help="JSON path (default: bench_results/<time>.json)")
+    parser.add_argument(
+        "--cpu-malloc",
+        default="keep",
+        choices=CPU_MALLOC_MODES,
+        help="CPU only: keep = glibc keeps freed memory for reuse (as diffkd.train does on the CPU); default = leave"
+        " malloc alone (what a plain training loop gets)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     gpu = args.device.startswith("cuda")
@@ -404,6 +412,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("diffkd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
+    malloc_kept = not gpu and configure_cpu_malloc(args.cpu_malloc)
 
     if args.one:  # child of --isolate
         pair, method, prec, cl, comp = json.loads(args.one)
@@ -433,7 +442,9 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         # compile=teacher without a teacher would repeat compile=off
         if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4])) and not (c[1] == "none" and c[4] == "teacher")
     ]
-    print(f"device: {_device_name(args.device)} | torch {torch.__version__} | {len(combos)} configurations", flush=True)
+    malloc = f" | cpu_malloc={'keep' if malloc_kept else 'default'}" if not gpu else ""
+    print(f"device: {_device_name(args.device)} | torch {torch.__version__}{malloc} | {len(combos)} configurations",
+          flush=True)  # fmt: skip
     heads = []
     if not args.no_heads:
         for point, prec in itertools.product(
@@ -480,6 +491,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         "argv": sys.argv[1:] if argv is None else argv,
         "compile_mode": args.compile_mode,
         "cpu_count": os.cpu_count(),
+        "cpu_malloc": ("keep" if malloc_kept else "default") if not gpu else None,
     }
     out.write_text(
         json.dumps(

@@ -1,5 +1,6 @@
-"""Lightning callbacks: the student's EMA (recipe B2)."""
+"""Lightning callbacks: the student's EMA (recipe B2), epoch wall time, CPU malloc settings."""
 
+from diffkd.callbacks.cpu_malloc import CpuMallocCallback
 from diffkd.callbacks.ema import EMA, ema_state_from_checkpoint
 
-__all__ = ["EMA", "ema_state_from_checkpoint"]
+__all__ = ["EMA", "CpuMallocCallback", "ema_state_from_checkpoint"]
