@@ -49,6 +49,36 @@ def _module(compile):
     return module
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_every_compiled_part_is_one_graph_without_breaks(channels_last):
+    """CUDA graphs (compile_mode=reduce-overhead) replay whole graphs: a graph break would split the step into
+    pieces with eager code between them. The tapped student and teacher (forward hooks) and each DiffKD head trace
+    as one graph each."""
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    module = ClassificationModule(
+        student=create_model("wrn_16_2"),
+        teacher=create_model("wrn_40_2"),
+        distiller=Distiller(POINTS),
+        optimizer=partial(torch.optim.SGD, lr=0.05),
+        input_size=(3, 32, 32),
+        channels_last=channels_last,
+    )
+    x = torch.randn(4, 3, 32, 32)
+    module.build(x)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(memory_format=fmt)
+    parts = {"student": (module.student, (x,)), "teacher": (module.teacher, (x,))}
+    s_feat, t_feat = torch.randn(4, 128, 8, 8).to(memory_format=fmt), torch.randn(4, 128, 8, 8).to(memory_format=fmt)
+    parts["feature head"] = (module.distiller.heads["feature"], (s_feat, t_feat))
+    parts["logits head"] = (module.distiller.heads["logits"], (torch.randn(4, 100), torch.randn(4, 100)))
+    for name, (part, args) in parts.items():
+        explained = dynamo.explain(part)(*args)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+    assert module.student_taps is not None and len(module.student_taps.paths) == 2
+
+
 def test_compiled_frozen_teacher_matches_eager_and_freezing_stays_scoped():
     import torch._inductor.config as inductor_config
 
