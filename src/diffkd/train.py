@@ -16,6 +16,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
+from lightning.pytorch.accelerators import CPUAccelerator
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger("diffkd.train")
@@ -99,7 +100,7 @@ def _release_process_group() -> None:
 
 def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
     """Fail before any work where DDP would fail deep inside with "SyncBatchNorm layers only work with GPU modules"."""
-    if cfg.trainer.get("sync_batchnorm") and type(trainer.accelerator).__name__ == "CPUAccelerator":
+    if cfg.trainer.get("sync_batchnorm") and isinstance(trainer.accelerator, CPUAccelerator):
         raise ValueError(
             "trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm has no CPU kernel. On the CPU add "
             "trainer.sync_batchnorm=false (e.g. trainer=ddp trainer.accelerator=cpu trainer.sync_batchnorm=false)"

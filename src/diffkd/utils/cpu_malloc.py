@@ -6,7 +6,7 @@ activations every step, so the kernel zero-fills and maps those pages again each
 on a virtual machine a ResNet-18 step at 224², batch 32, spends a large share of its time there). With ``mmap``
 off and trimming off, freed blocks stay in the process and are reused: the arithmetic is unchanged, only page
 faults go. The price is memory: the process keeps its peak heap, which fragmentation can make larger (ResNet-34 →
-ResNet-18 KD at batch 32 measured 2.1 GB → 2.8 GB peak RSS on the CPU).
+ResNet-18 KD at batch 32: 2.2 GB → 2.6 GB peak RSS on the CPU; BENCHMARKS.md has the table).
 
 Applies to the calling process and the processes it forks afterwards (data-loader workers). Blocks that cannot
 come from an arena's heap still fall back to ``mmap`` in glibc, so no allocation fails because of it.
