@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,11 +127,6 @@ def test_the_official_loop_does_the_same_flops_as_ours(tmp_path):
 @pytest.mark.slow
 def test_the_gpu_script_rehearses_every_part_on_the_cpu(tmp_path):
     """`REHEARSE=cpu bash scripts/bench_gpu.sh`: CI has no GPU, so this keeps the lent-GPU script's commands alive."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu"
     env = {**os.environ, "REHEARSE": "cpu", "PY": sys.executable, "OUT": str(out),

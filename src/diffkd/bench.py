@@ -412,7 +412,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger("diffkd").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    malloc_kept = not gpu and configure_cpu_malloc(args.cpu_malloc)
+    # what the CPU's malloc does in this run (None on a GPU, where the setting does not apply)
+    malloc_mode = None if gpu else ("keep" if configure_cpu_malloc(args.cpu_malloc) else "default")
 
     if args.one:  # child of --isolate
         pair, method, prec, cl, comp = json.loads(args.one)
@@ -442,7 +443,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         # compile=teacher without a teacher would repeat compile=off
         if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4])) and not (c[1] == "none" and c[4] == "teacher")
     ]
-    malloc = f" | cpu_malloc={'keep' if malloc_kept else 'default'}" if not gpu else ""
+    malloc = f" | cpu_malloc={malloc_mode}" if malloc_mode else ""
     print(f"device: {_device_name(args.device)} | torch {torch.__version__}{malloc} | {len(combos)} configurations",
           flush=True)  # fmt: skip
     heads = []
@@ -491,7 +492,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         "argv": sys.argv[1:] if argv is None else argv,
         "compile_mode": args.compile_mode,
         "cpu_count": os.cpu_count(),
-        "cpu_malloc": ("keep" if malloc_kept else "default") if not gpu else None,
+        "cpu_malloc": malloc_mode,
     }
     out.write_text(
         json.dumps(
