@@ -1,7 +1,10 @@
 """The shared LightningDataModule for image classification: data sets in, data loaders out.
 
 A subclass only says how to build its data sets (``build_datasets``) and what it holds (``num_classes``,
-``in_chans``, ``image_size``, ``mean``, ``std``); batching, workers and shuffling live here once.
+``in_chans``, ``image_size``, ``mean``, ``std``); batching, workers, shuffling, the configured transforms
+(``train_transform``/``val_transform``, see :mod:`diffkd.data.transforms`) and the members of the task protocols
+(:class:`~diffkd.data.protocol.ClassificationData`: ``example_batch``, ``batch_transform``,
+``loss_label_smoothing``) live here once.
 Batches are ``(images, targets)`` with images (B, C, H, W) float and targets (B,) int64.
 """
 
@@ -9,15 +12,18 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from diffkd.data.device_loader import DeviceTensorLoader
+from diffkd.data.protocol import preserved_rng_state
+from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
 
 __all__ = ["ClassificationDataModule", "DataNotFoundError", "PreloadableDataModule"]
 
@@ -58,8 +64,17 @@ class DataNotFoundError(FileNotFoundError):
         return (type(self), (self.dataset, self.searched, self.layout, self.remedies))
 
 
+def _check_split(split: str) -> None:
+    if split not in ("train", "val"):
+        raise ValueError(f"example_batch(split={split!r}): choose 'train' or 'val'")
+
+
 class ClassificationDataModule(L.LightningDataModule):
-    """Base for classification data.
+    """Base for classification data; satisfies :class:`~diffkd.data.protocol.ClassificationData`.
+
+    Defaults of the protocol members: ``loss_label_smoothing = 0.0``, ``batch_transform()`` → ``None`` (no
+    on-device batch transform), ``example_batch(size)`` → the first ``size`` training samples through the train
+    transform and :meth:`collate_fn`, global random states untouched.
 
     Args:
         data_dir: folder holding (or receiving) the data set.
@@ -68,6 +83,9 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: loader worker processes (0 loads in the main process).
         pin_memory: pin host memory for faster host-to-device copies.
         drop_last: drop the last incomplete training batch (keeps BatchNorm batches full).
+        train_transform, val_transform: the transforms from the configuration (None: the data set's default);
+            a mapping of ``timm.data.create_transform`` arguments or a list of torchvision transforms, see
+            :mod:`diffkd.data.transforms`. A subclass builds them with :meth:`make_transform`.
     """
 
     num_classes: int
@@ -75,6 +93,9 @@ class ClassificationDataModule(L.LightningDataModule):
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    loss_label_smoothing: float = 0.0
+    #: The config key that sets ``image_size`` (named in transform errors); None where the size is fixed.
+    image_size_key: str | None = "data.image_size"
 
     def __init__(
         self,
@@ -84,6 +105,9 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool = False,
         drop_last: bool = True,
+        *,
+        train_transform: TransformSpec = None,
+        val_transform: TransformSpec = None,
     ) -> None:
         super().__init__()
         self.data_dir = str(data_dir)
@@ -92,6 +116,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_last = drop_last
+        self.transform_specs: dict[str, TransformSpec] = {"train": train_transform, "val": val_transform}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -102,7 +127,91 @@ class ClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None or self.val_set is None:
             self.train_set, self.val_set = self.build_datasets()
+            self.check_transforms()
 
+    # ------------------------------------------------------------------------------------------ transforms
+    def custom_transform(self, split: Literal["train", "val"]) -> bool:
+        """Whether ``split``'s transform comes from the configuration (not the data set's default)."""
+        return self.transform_specs[split] is not None
+
+    def configured_transform(self, split: Literal["train", "val"]) -> Callable | None:
+        """``split``'s transform built from ``data.<split>_transform``, or None when that is null.
+
+        It maps a PIL image to float32 (C, S, S); timm's ``input_size``, ``is_training``, ``mean``, ``std`` and the
+        appended ``Normalize`` take this data set's values (see :mod:`diffkd.data.transforms`).
+        """
+        spec = self.transform_specs[split]
+        if spec is None:
+            return None
+        key = f"data.{split}_transform"
+        transform = build_transform(
+            spec, key=key, is_training=split == "train", image_size=self.image_size, mean=self.mean, std=self.std
+        )
+        log.info("%s: %s = %s", type(self).__name__, key, describe_spec(spec))
+        return transform
+
+    def make_transform(self, split: Literal["train", "val"], default: Callable[[], Callable]) -> Callable:
+        """``split``'s transform: the configured one (:meth:`configured_transform`), else ``default()``."""
+        configured = self.configured_transform(split)
+        return default() if configured is None else configured
+
+    def check_transforms(self) -> None:
+        """Try each configured transform on the first image of its split (random states preserved); raise with
+        the key and the fix when it does not give float32 (``in_chans``, ``image_size``, ``image_size``)."""
+        for split, dataset in (("train", self.train_set), ("val", self.val_set)):
+            if not self.custom_transform(split) or dataset is None or len(dataset) == 0:
+                continue
+            key = f"data.{split}_transform"
+            try:
+                with preserved_rng_state():
+                    image = dataset[0][0]
+            except Exception as err:  # the transform's own error says what; add which key, and the usual cause
+                what = f"{type(err).__name__}: {str(err).rstrip('.')}"
+                raise ValueError(
+                    f"{key} fails on the first {split} image: {what}. (Normalize needs a float tensor: leave ToImage, "
+                    "ToDtype and Normalize out of the list to have them appended, or put ToImage + ToDtype(float32, "
+                    "scale=True) before your Normalize.)"
+                ) from err
+            check_transform_output(
+                image,
+                key=key,
+                in_chans=self.in_chans,
+                image_size=self.image_size,
+                size_key=self.image_size_key,
+            )
+
+    # --------------------------------------------------------------------------------- protocol members
+    def batch_transform(self) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """The on-device training-batch transform (Mixup/CutMix); ``None``: none (the default)."""
+        return None
+
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        """How the loaders (and :meth:`example_batch`) turn a list of samples into a batch."""
+        return default_collate
+
+    def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
+        """The first ``size`` samples of ``split`` (``train`` through the train transform, ``val`` through the
+        val transform) and :meth:`collate_fn`, on the CPU.
+
+        Sets up the data sets when needed. Every global random state (torch CPU and CUDA, Python, NumPy) is the
+        same afterwards as before: the augmentation draws are undone.
+
+        Returns:
+            images (size, C, S, S) float32, targets (size,) int64.
+        """
+        _check_split(split)
+        with preserved_rng_state():
+            self.setup("fit" if split == "train" else "validate")
+            dataset = self.train_set if split == "train" else self.val_set
+            self._check_example_size(size, len(dataset), split)
+            loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.collate_fn())
+            return next(iter(loader))
+
+    def _check_example_size(self, size: int, available: int, split: str = "train") -> None:
+        if size < 1 or size > available:
+            raise ValueError(f"example_batch(size={size}): the {split} split has {available} samples")
+
+    # ------------------------------------------------------------------------------------------- loaders
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -112,6 +221,7 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -146,6 +256,12 @@ class PreloadableDataModule(ClassificationDataModule):
     ``fused_normalize`` (class attribute): normalise as the CPU path of the subclass does (see
     :class:`~diffkd.data.device_loader.CropFlipNormalize`), so that device and CPU batches are the same numbers.
 
+    ``gpu_preload`` runs the data set's own crop + flip only: a configured ``train_transform`` or
+    ``val_transform`` with it is an error (raised at construction).
+
+    :meth:`example_batch` with ``gpu_preload``: the first samples, augmented as the device loader augments (its
+    crop/flip/normalise, its memory format) on the preload device, crop offsets and flips from a fixed generator.
+
     Args:
         gpu_preload: keep the data set on the device and augment there (see above).
         others: see ``ClassificationDataModule``.
@@ -162,9 +278,29 @@ class PreloadableDataModule(ClassificationDataModule):
         pin_memory: bool = False,
         drop_last: bool = True,
         gpu_preload: bool = False,
+        *,
+        train_transform: TransformSpec = None,
+        val_transform: TransformSpec = None,
     ) -> None:
-        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(
+            data_dir,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            train_transform=train_transform,
+            val_transform=val_transform,
+        )
         self.gpu_preload = bool(gpu_preload)
+        configured = [f"data.{split}_transform" for split in ("train", "val") if self.custom_transform(split)]
+        if self.gpu_preload and configured:
+            keys, verb = " and ".join(configured), "is" if len(configured) == 1 else "are"
+            nulls = " ".join(f"{k}=null" for k in configured)
+            raise ValueError(
+                f"data.gpu_preload=true runs only the built-in crop + flip on the device, but {keys} {verb} set: set "
+                f"data.gpu_preload=false to use the configured transform, or {nulls} to keep gpu_preload"
+            )
         self.device_data: dict[str, tuple[Tensor, Tensor]] = {}
 
     @abstractmethod
@@ -235,6 +371,17 @@ class PreloadableDataModule(ClassificationDataModule):
             channels_last=bool(getattr(module, "channels_last", False)),
             fused_normalize=self.fused_normalize,
         )
+
+    def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
+        """See :meth:`ClassificationDataModule.example_batch`; with ``gpu_preload``, built as the device loader
+        builds batches, on the preload device."""
+        if not self.gpu_preload:
+            return super().example_batch(size, split)
+        _check_split(split)
+        with preserved_rng_state():
+            self.setup("fit" if split == "train" else "validate")
+            self._check_example_size(size, len(self.device_data[split][1]), split)
+            return self.device_loader(split, size, train=split == "train").example(size)
 
     def train_dataloader(self) -> DataLoader | DeviceTensorLoader:
         if not self.gpu_preload:

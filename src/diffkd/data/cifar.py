@@ -1,6 +1,11 @@
 """CIFAR-100 (torchvision's ``CIFAR100``): 50 000 train / 10 000 test RGB images, 32 × 32, 100 classes.
 
 Batches: images (B, 3, 32, 32) float32, normalised with the CIFAR-100 mean/std; targets (B,) int64 in [0, 100).
+
+Transforms: ``train_transform``/``val_transform`` from the configuration (a mapping of timm
+``create_transform`` arguments or a list of torchvision transforms, see :mod:`diffkd.data.transforms`); each
+receives a 32 × 32 RGB PIL image and must give float32 (3, 32, 32). ``null`` keeps the default below, whose
+tensors and random draws are those this module has always produced.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
 from diffkd.data.base import DataNotFoundError, PreloadableDataModule
+from diffkd.data.transforms import TransformSpec
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR100DataModule"]
 
@@ -56,8 +62,11 @@ class CIFAR100DataModule(PreloadableDataModule):
     CIFAR-100 has no separate validation split: like mdistiller and RepDistiller, the official test split
     (10 000 images) is used for validation (``val_dataloader`` and ``test_dataloader`` give the same data).
 
-    Train: ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``;
-    val: ``ToTensor`` + ``Normalize``. Batches are images (B, 3, 32, 32) float32 and targets (B,) int64.
+    Default train transform: ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` +
+    ``Normalize`` (torchvision v1); val: ``ToTensor`` + ``Normalize``. ``train_transform``/``val_transform``
+    replace them (see :mod:`diffkd.data.transforms`; e.g. ``[{_target_: torchvision.transforms.v2.RandomCrop,
+    size: 32, padding: 4}, {_target_: torchvision.transforms.v2.ColorJitter, brightness: 0.2}]``). Batches are
+    images (B, 3, 32, 32) float32 and targets (B,) int64.
 
     Files live in ``<data_dir>/cifar-100-python/{train,test,meta}`` (what the official archive extracts to).
     ``prepare_data`` (run on global rank 0 only) downloads them when missing and ``download=True``;
@@ -70,7 +79,11 @@ class CIFAR100DataModule(PreloadableDataModule):
         data_dir: folder holding ``cifar-100-python/``.
         batch_size, val_batch_size, num_workers, pin_memory, drop_last: see ``ClassificationDataModule``.
         download: fetch the archive from the CIFAR web page when the files are missing.
-        gpu_preload: keep the data set on the training device and augment there (see ``PreloadableDataModule``).
+        gpu_preload: keep the data set on the training device and augment there (see ``PreloadableDataModule``);
+            only with the default transforms.
+        train_transform, val_transform: None (the defaults above), a mapping of timm ``create_transform``
+            arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`); the output must
+            be 32 × 32.
     """
 
     num_classes = 100
@@ -79,6 +92,7 @@ class CIFAR100DataModule(PreloadableDataModule):
     mean = CIFAR100_MEAN
     std = CIFAR100_STD
     url = _CIFAR100Files.url
+    image_size_key = None  # fixed at 32
 
     def __init__(
         self,
@@ -90,8 +104,20 @@ class CIFAR100DataModule(PreloadableDataModule):
         drop_last: bool = True,
         download: bool = True,
         gpu_preload: bool = False,
+        train_transform: TransformSpec = None,
+        val_transform: TransformSpec = None,
     ) -> None:
-        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last, gpu_preload)
+        super().__init__(
+            data_dir,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            gpu_preload,
+            train_transform=train_transform,
+            val_transform=val_transform,
+        )
         self.download = download
 
     @property
@@ -128,13 +154,22 @@ class CIFAR100DataModule(PreloadableDataModule):
             self.prepare_data()  # a standalone `setup()` without the Trainer's `prepare_data` call
         if not self.files_present():
             raise self._not_found()
-        normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        train_tf = T.Compose([T.RandomCrop(32, padding=CIFAR100_PADDING), T.RandomHorizontalFlip(), *normalize])
-        val_tf = T.Compose(normalize)
+        train_tf = self.make_transform("train", self.default_train_transform)
+        val_tf = self.make_transform("val", self.default_val_transform)
         train = _CIFAR100Files(self.data_dir, train=True, transform=train_tf, download=False)
         val = _CIFAR100Files(self.data_dir, train=False, transform=val_tf, download=False)
         log.info("CIFAR-100: %d train / %d test images from %s", len(train), len(val), self.folder)
         return train, val
+
+    def default_train_transform(self) -> T.Compose:
+        """``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``: PIL → float32
+        (3, 32, 32)."""
+        normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
+        return T.Compose([T.RandomCrop(32, padding=CIFAR100_PADDING), T.RandomHorizontalFlip(), *normalize])
+
+    def default_val_transform(self) -> T.Compose:
+        """``ToTensor`` + ``Normalize``: PIL → float32 (3, 32, 32)."""
+        return T.Compose([T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def preload_tensors(self, split: str) -> tuple[Tensor, Tensor]:
         """uint8 (N, 3, 32, 32) images and int64 (N,) fine labels of ``"train"`` or ``"val"`` (the test split)."""

@@ -691,15 +691,18 @@ class COCODataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
-    def example_batch(self, size: int = 2) -> Batch:
-        """A real training batch of the first ``size`` training samples, on the CPU.
+    def example_batch(self, size: int = 2, split: str = "train") -> Batch:
+        """A real batch of the first ``size`` samples of ``split`` (``train`` or ``val``), on the CPU.
 
-        The samples go through the training transform (with a fixed seed, so the batch is the same every call) and
+        The samples go through that split's transform (with a fixed seed, so the batch is the same every call) and
         :func:`collate_detection`; the global random states (Python, NumPy, torch) are left as they were.
         """
-        self.setup("fit")
-        if not 1 <= size <= len(self.train_set):
-            raise ValueError(f"example_batch size must be in 1..{len(self.train_set)}, got {size}")
+        if split not in ("train", "val"):
+            raise ValueError(f"example_batch(split={split!r}): choose 'train' or 'val'")
+        self.setup("fit" if split == "train" else "validate")
+        dataset = self.train_set if split == "train" else self.val_set
+        if not 1 <= size <= len(dataset):
+            raise ValueError(f"example_batch size must be in 1..{len(dataset)} (the {split} split), got {size}")
         with _rng_states_kept():
             torch.default_generator.manual_seed(self._seed())  # CPU only: torch.manual_seed would queue a CUDA seed
-            return collate_detection([self.train_set[i] for i in range(size)])
+            return collate_detection([dataset[i] for i in range(size)])

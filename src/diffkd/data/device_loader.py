@@ -386,6 +386,27 @@ class DeviceTensorLoader:
             self._plan = plan
         return plan
 
+    def example(self, size: int) -> tuple[Tensor, Tensor]:
+        """The first ``size`` samples of the data set as one of this loader's batches (same crop, flip,
+        normalisation and memory format, on its device), whatever the epoch or shard.
+
+        The crop offsets and flips come from a generator seeded with the loader's seed: the global random
+        states are not touched, and the example is the same on every call.
+
+        Returns:
+            ``(images float32 (size, C, H, W), targets int64 (size,))`` on ``self.device``.
+        """
+        if not 1 <= size <= len(self.images):
+            raise ValueError(f"example(size={size}): the data set has {len(self.images)} samples")
+        offsets = flips = None
+        if self.transform.augments:
+            g = torch.Generator().manual_seed(_mix_seed(self.sampler.seed, 2))
+            offsets, flips = self.transform.sample(size, generator=g)
+            offsets = None if offsets is None else self._to_device(offsets)
+            flips = None if flips is None else self._to_device(flips)
+        idx = self._to_device(torch.arange(size))
+        return self.transform(self.images, idx, offsets, flips), self.targets[idx]
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         plan = self.plan(self.sampler.advance())
         stop = len(self) * self.batch_size if self.drop_last else len(plan.indices)

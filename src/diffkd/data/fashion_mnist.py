@@ -12,6 +12,13 @@ flip) and normalisation run on tensors, a whole batch at a time (``InMemoryImage
 loading costs well under a millisecond per batch and no worker processes are needed. With ``gpu_preload=True``
 the uint8 tensors live on the training device and the same augmentation runs there.
 Batches: images (B, 1, S, S) float32 with S = ``image_size``, targets (B,) int64 in [0, 10).
+
+Transforms: ``train_transform``/``val_transform`` from the configuration (a mapping of timm ``create_transform``
+arguments or a list of torchvision transforms, see :mod:`diffkd.data.transforms`) replace the built-in tensor
+augmentation: each image then goes to the transform as a grey (``L``) S × S PIL image, one at a time
+(:class:`TransformedImageDataset`, as ``torchvision.datasets.FashionMNIST`` does), and must come out float32
+(1, S, S). ``null`` keeps the built-in one, whose tensors and random draws are those this module has always
+produced.
 """
 
 from __future__ import annotations
@@ -20,16 +27,19 @@ import gzip
 import logging
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from diffkd.data.base import DataNotFoundError, PreloadableDataModule
 from diffkd.data.device_loader import CropFlipNormalize
+from diffkd.data.transforms import TransformSpec
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
@@ -37,6 +47,7 @@ __all__ = [
     "FASHION_MNIST_STD",
     "FashionMNISTDataModule",
     "InMemoryImageDataset",
+    "TransformedImageDataset",
     "find_fashion_mnist",
     "read_idx",
 ]
@@ -164,12 +175,47 @@ class InMemoryImageDataset(Dataset):
         return list(zip(x.unbind(0), y.unbind(0)))
 
 
+class TransformedImageDataset(Dataset):
+    """Images held as one uint8 tensor, each handed to ``transform`` as a PIL image (``L`` for one channel, RGB
+    for three), one item at a time: for the configured transforms (see :mod:`diffkd.data.transforms`).
+
+    Args:
+        images: uint8 (N, C, H, W) or (N, H, W) (a channel axis is added), C = 1 or 3.
+        targets: int64 (N,).
+        transform: PIL image → float32 (C, S, S).
+
+    Returns per item ``(transform(image), target)``: the transform's output and int64 ().
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor, transform: Callable[[Image.Image], Any]) -> None:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"images must be uint8, got {images.dtype}")
+        if images.ndim == 3:
+            images = images.unsqueeze(1)
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"images must have 1 or 3 channels for PIL, got {images.shape[1]}")
+        if len(images) != len(targets):
+            raise ValueError(f"{len(images)} images but {len(targets)} targets")
+        self.images = images.contiguous()
+        self.targets = targets.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Any, Tensor]:
+        pixels = self.images[index]
+        pixels = pixels[0] if pixels.shape[0] == 1 else pixels.permute(1, 2, 0)
+        return self.transform(Image.fromarray(pixels.numpy())), self.targets[index]
+
+
 class FashionMNISTDataModule(PreloadableDataModule):
     """Fashion-MNIST in memory (see the module docstring for where the files are looked for).
 
-    The official test split is used for validation. Train: random crop with zero padding (2 px at 28 × 28,
-    scaled with ``image_size``) + horizontal flip + normalise; val: normalise. Batches are images
-    (B, 1, S, S) float32 and targets (B,) int64, S = ``image_size``.
+    The official test split is used for validation. Default train transform: random crop with zero padding (2 px
+    at 28 × 28, scaled with ``image_size``) + horizontal flip + normalise, on whole batches of tensors; val:
+    normalise. ``train_transform``/``val_transform`` replace them (grey PIL images in, see the module docstring).
+    Batches are images (B, 1, S, S) float32 and targets (B,) int64, S = ``image_size``.
 
     Args:
         data_dir: folder for torchvision's layout, ``<data_dir>/FashionMNIST/raw/``.
@@ -181,7 +227,10 @@ class FashionMNISTDataModule(PreloadableDataModule):
         subset: keep only the first ``subset`` training images (quick runs); None keeps all 60 000.
         debian_dir: where Debian's ``dataset-fashion-mnist`` puts its files (searched first; None skips it).
         gpu_preload: keep the uint8 data set on the training device and augment there (the same crop, flip and
-            normalisation; see ``PreloadableDataModule``).
+            normalisation; see ``PreloadableDataModule``); only with the default transforms.
+        train_transform, val_transform: None (the built-in ones), a mapping of timm ``create_transform``
+            arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`); the images are
+            resized to ``image_size`` first, and the output must be (1, ``image_size``, ``image_size``).
     """
 
     num_classes = 10
@@ -204,8 +253,20 @@ class FashionMNISTDataModule(PreloadableDataModule):
         subset: int | None = None,
         debian_dir: str | Path | None = DEBIAN_FASHION_MNIST_DIR,
         gpu_preload: bool = False,
+        train_transform: TransformSpec = None,
+        val_transform: TransformSpec = None,
     ) -> None:
-        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last, gpu_preload)
+        super().__init__(
+            data_dir,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            gpu_preload,
+            train_transform=train_transform,
+            val_transform=val_transform,
+        )
         self.download = download
         self.image_size = int(image_size)
         if subset is not None and subset <= 0:
@@ -309,10 +370,17 @@ class FashionMNISTDataModule(PreloadableDataModule):
         val_x, val_y = self._load(self.files, "test")
         if self.subset is not None:
             train_x, train_y = train_x[: self.subset], train_y[: self.subset]
-        padding = max(1, round(2 * self.image_size / 28))
-        train = InMemoryImageDataset(self._resize(train_x), train_y, self.mean, self.std, padding=padding, flip=True)
-        val = InMemoryImageDataset(self._resize(val_x), val_y, self.mean, self.std)
-        return train, val
+        return self._dataset("train", self._resize(train_x), train_y), self._dataset("val", self._resize(val_x), val_y)
+
+    def _dataset(self, split: str, images: Tensor, targets: Tensor) -> Dataset:
+        """The built-in tensor pipeline, or the configured transform over PIL images."""
+        configured = self.configured_transform(split)
+        if configured is not None:
+            return TransformedImageDataset(images, targets, configured)
+        if split == "train":
+            padding = max(1, round(2 * self.image_size / 28))
+            return InMemoryImageDataset(images, targets, self.mean, self.std, padding=padding, flip=True)
+        return InMemoryImageDataset(images, targets, self.mean, self.std)
 
     def preload_tensors(self, split: str) -> tuple[Tensor, Tensor]:
         """uint8 (N, 1, S, S) images and int64 (N,) labels of ``"train"`` or ``"val"`` (the test split)."""

@@ -1,26 +1,37 @@
-"""A user's own images, one folder per class (torchvision's ``ImageFolder``).
+"""A user's own images, one folder per class (torchvision ``ImageFolder`` semantics).
 
 Layout::
 
     <root>/<train_dir>/<class>/*.jpg   (any extension PIL reads: jpg, jpeg, png, bmp, webp, ...)
     <root>/<val_dir>/<class>/*.jpg
 
-Classes are the sorted sub-folder names of ``<root>/<train_dir>``; ``<val_dir>`` must hold the same ones.
+Classes are the sorted sub-folder names of ``<root>/<train_dir>``; ``<val_dir>`` must hold the same ones. The scan
+(and its errors) is :class:`~diffkd.data.folders.ClassFolders`, shared with ImageNet's ``folders`` layout.
 Batches: images (B, 3, S, S) float32 (S = ``image_size``) normalised with ``mean``/``std``, targets (B,) int64.
+
+Transforms: the default is ImageNet-style (``RandomResizedCrop(S)`` with scale (0.08, 1) + horizontal flip),
+which suits photos but not small images, digits or text: set ``train_transform``/``val_transform`` (a mapping of
+timm ``create_transform`` arguments or a list of torchvision transforms, see :mod:`diffkd.data.transforms`).
+Each receives an RGB PIL image of the file's own size and must give float32 (3, S, S). E.g. for 32 × 32 digits::
+
+    train_transform:
+      - {_target_: torchvision.transforms.v2.Resize, size: 32}
+      - {_target_: torchvision.transforms.v2.RandomCrop, size: 32, padding: 2}
+    val_transform: [{_target_: torchvision.transforms.v2.Resize, size: 32}]
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
 from torchvision import transforms as T
-from torchvision.datasets import ImageFolder
 
-from diffkd.data.base import ClassificationDataModule, DataNotFoundError
+from diffkd.data.base import ClassificationDataModule
+from diffkd.data.folders import ClassFolders, ImageListDataset, list_classes
+from diffkd.data.transforms import TransformSpec
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataModule", "list_classes"]
 
@@ -30,26 +41,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def list_classes(folder: str | Path) -> list[str]:
-    """Sorted names of the sub-folders of ``folder`` (hidden ones skipped), as ``ImageFolder`` orders them."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-
-
-class _ImageFolder(ImageFolder):
-    """``ImageFolder`` whose classes come from ``list_classes`` (hidden folders such as ``.ipynb_checkpoints``
-    are not classes), so the module's ``classes`` and the data set's targets always agree."""
-
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        classes = list_classes(directory)
-        return classes, {name: i for i, name in enumerate(classes)}
-
-
 class ImageFolderDataModule(ClassificationDataModule):
     """Classification on ``<root>/{train,val}/<class>/*`` images.
 
-    Train: ``RandomResizedCrop(image_size)`` + ``RandomHorizontalFlip``; val: ``Resize(int(image_size / 0.875))``
-    + ``CenterCrop(image_size)`` (256 → 224 at the default size); both then ``ToTensor`` + ``Normalize``.
+    Default train transform: ``RandomResizedCrop(image_size)`` (scale (0.08, 1)) + ``RandomHorizontalFlip``; val:
+    ``Resize(int(image_size / 0.875))`` + ``CenterCrop(image_size)`` (256 → 224 at the default size); both then
+    ``ToTensor`` + ``Normalize``. ``train_transform``/``val_transform`` replace them (see the module docstring).
     Images are converted to RGB on load (``in_chans = 3``).
 
     ``num_classes`` is read from the train folder's sub-folders, so it is known before ``setup`` (a model can be
@@ -61,6 +58,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         image_size: side S of the crops.
         batch_size, val_batch_size, num_workers, pin_memory, drop_last: see ``ClassificationDataModule``.
         mean, std: per-channel normalisation (ImageNet statistics by default).
+        train_transform, val_transform: None (the defaults above), a mapping of timm ``create_transform``
+            arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`).
     """
 
     in_chans = 3
@@ -78,8 +77,19 @@ class ImageFolderDataModule(ClassificationDataModule):
         drop_last: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        train_transform: TransformSpec = None,
+        val_transform: TransformSpec = None,
     ) -> None:
-        super().__init__(root, batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(
+            root,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            train_transform=train_transform,
+            val_transform=val_transform,
+        )
         self.root = Path(root)
         self.train_dir = self.root / train_dir
         self.val_dir = self.root / val_dir
@@ -88,13 +98,10 @@ class ImageFolderDataModule(ClassificationDataModule):
         self.std = tuple(float(s) for s in std)
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean {self.mean} and std {self.std} differ in length")
-        self._classes: list[str] | None = None
-
-    # --------------------------------------------------------------------------------------------- classes
-    def _layout_error(self, missing: Sequence[Path], why: str) -> DataNotFoundError:
-        return DataNotFoundError(
-            f"Image-folder data ({why})",
-            searched=list(missing),
+        self.folders = ClassFolders(
+            self.train_dir,
+            self.val_dir,
+            dataset="Image-folder data",
             layout=[
                 f"{self.train_dir}/<class>/<image>.jpg   (one sub-folder per class)",
                 f"{self.val_dir}/<class>/<image>.jpg     (the same class sub-folders)",
@@ -102,20 +109,11 @@ class ImageFolderDataModule(ClassificationDataModule):
             remedies=["put your images there, or point data.root / data.train_dir / data.val_dir at them"],
         )
 
-    def _scan(self, folder: Path) -> list[str]:
-        if not folder.is_dir():
-            raise self._layout_error([folder], f"missing folder {folder}")
-        classes = list_classes(folder)
-        if not classes:
-            raise self._layout_error([folder], f"no class sub-folders in {folder}")
-        return classes
-
+    # --------------------------------------------------------------------------------------------- classes
     @property
     def classes(self) -> list[str]:
         """Class names (sorted train sub-folders); index i is target i. Scans the folder the first time."""
-        if self._classes is None:
-            self._classes = self._scan(self.train_dir)
-        return self._classes
+        return self.folders.classes
 
     @property
     def num_classes(self) -> int:  # type: ignore[override]
@@ -123,35 +121,25 @@ class ImageFolderDataModule(ClassificationDataModule):
         return len(self.classes)
 
     # ------------------------------------------------------------------------------------------- data sets
-    def transforms(self) -> tuple[T.Compose, T.Compose]:
-        """``(train_transform, val_transform)``: PIL image -> float32 (3, S, S)."""
+    def default_transforms(self) -> tuple[T.Compose, T.Compose]:
+        """The default ``(train, val)`` transforms: PIL image -> float32 (3, S, S)."""
         s = self.image_size
         normalize = [T.ToTensor(), T.Normalize(self.mean, self.std)]
         train = T.Compose([T.RandomResizedCrop(s), T.RandomHorizontalFlip(), *normalize])
         val = T.Compose([T.Resize(int(s / 0.875)), T.CenterCrop(s), *normalize])
         return train, val
 
+    def transforms(self) -> tuple[Callable, Callable]:
+        """``(train_transform, val_transform)``: the configured ones, else the defaults; PIL -> float32 (3, S, S)."""
+        train, val = self.default_transforms()
+        return self.make_transform("train", lambda: train), self.make_transform("val", lambda: val)
+
     def build_datasets(self) -> tuple[Dataset, Dataset]:
-        missing = [d for d in (self.train_dir, self.val_dir) if not d.is_dir()]
-        if missing:
-            raise self._layout_error(missing, "missing " + " and ".join(str(d) for d in missing))
-        self._classes = None  # rescan: the folder may have changed since `num_classes` was first read
-        train_classes, val_classes = self.classes, self._scan(self.val_dir)
-        if train_classes != val_classes:
-            only_train = sorted(set(train_classes) - set(val_classes))
-            only_val = sorted(set(val_classes) - set(train_classes))
-            raise ValueError(
-                "train and val class folders differ (targets would not line up):\n"
-                f"  {self.train_dir}: {train_classes}\n"
-                f"  {self.val_dir}: {val_classes}\n"
-                f"  only in train: {only_train}; only in val: {only_val}"
-            )
+        self.folders.require(dirs=[self.train_dir, self.val_dir])
+        train_samples, val_samples = self.folders.scan()
         train_tf, val_tf = self.transforms()
-        try:
-            train = _ImageFolder(str(self.train_dir), transform=train_tf)
-            val = _ImageFolder(str(self.val_dir), transform=val_tf)
-        except FileNotFoundError as err:  # a class folder without a single image
-            raise self._layout_error([self.train_dir, self.val_dir], f"empty class folder: {err}") from err
+        train = ImageListDataset(self.train_dir, train_samples, train_tf, classes=self.classes)
+        val = ImageListDataset(self.val_dir, val_samples, val_tf, classes=self.classes)
         log.info(
             "ImageFolder: %d classes, %d train images in %s, %d val images in %s",
             len(train.classes),

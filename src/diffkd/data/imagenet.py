@@ -23,7 +23,14 @@ Batches: images (B, 3, S, S) float32 normalised with the ImageNet mean/std (S = 
 horizontal flip, then optionally RandAugment (``auto_augment="rand-m9-mstd0.5"``, translate 100 px, ImageNet-mean
 fill) or ColorJitter (timm, like the official code, drops ColorJitter when RandAugment is on), then
 ``ToTensor`` + ``Normalize`` + optional ``RandomErasing`` (on the CPU here; the official code erases on the GPU).
-Val: ``Resize(int(S / crop_pct))`` (256) + ``CenterCrop(S)`` (224).
+Val: ``Resize(int(S / crop_pct))`` (256) + ``CenterCrop(S)`` (224). ``train_transform``/``val_transform`` (a
+mapping of timm ``create_transform`` arguments or a list of torchvision transforms, see
+:mod:`diffkd.data.transforms`) replace the whole pipeline of their split: the recipe keys above (``scale``,
+``auto_augment``, ``re_prob``, ``crop_pct``, ...) then no longer apply to it; Mixup/CutMix and label smoothing do.
+
+The ``folders`` layout is scanned by :class:`~diffkd.data.folders.ClassFolders`, as ``ImageFolderDataModule``
+scans its folders (torchvision ``ImageFolder`` semantics: sorted non-hidden class folders, image files anywhere
+under each, a class folder without images is an error).
 
 Mixup/CutMix run on the device, on whole batches: :meth:`ImageNetDataModule.batch_transform` gives a
 ``timm.data.Mixup`` that a LightningModule applies to training batches, turning targets into soft (B, K) rows
@@ -37,17 +44,19 @@ Mixup/CutMix run on the device, on whole batches: :meth:`ImageNetDataModule.batc
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from diffkd.data.base import ClassificationDataModule, DataNotFoundError
+from diffkd.data.folders import ClassFolders, ImageListDataset
+from diffkd.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from diffkd.data.transforms import TransformSpec
 
 if TYPE_CHECKING:
     from timm.data import Mixup
@@ -63,10 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_NUM_CLASSES = 1000
-IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff")
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "random")
 
 
@@ -133,41 +139,6 @@ def read_image_list(path: str | Path) -> list[tuple[str, int]]:
     return samples
 
 
-def _list_class_dirs(folder: Path) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
-
-
-def _list_images(folder: Path) -> list[str]:
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
-
-
-class ImageListDataset(Dataset):
-    """Images ``root/<relative path>`` with integer labels; items are ``(transform(PIL RGB image), label)``.
-
-    Args:
-        root: folder the relative paths start from.
-        samples: ``(relative path, label)`` pairs.
-        transform: applied to the RGB ``PIL.Image`` (timm transforms give float32 (3, S, S)).
-    """
-
-    def __init__(self, root: str | Path, samples: Sequence[tuple[str, int]], transform: Callable | None = None) -> None:
-        self.root = str(root)
-        self.samples = list(samples)
-        self.targets = [label for _, label in self.samples]
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        rel, label = self.samples[index]
-        with Image.open(os.path.join(self.root, rel)) as img:
-            img = img.convert("RGB")
-        return (self.transform(img) if self.transform is not None else img), label
-
-
 @dataclass
 class _Index:
     """What a scan of the data folder found."""
@@ -215,6 +186,9 @@ class ImageNetDataModule(ClassificationDataModule):
             (:attr:`loss_label_smoothing` is then 0); without, the loss applies it.
         num_classes: classifier width; ``None`` infers it from the data (see above).
         mean, std: normalisation (ImageNet statistics).
+        train_transform, val_transform: None (the recipe's timm pipelines), a mapping of timm
+            ``create_transform`` arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`);
+            either replaces the recipe's pipeline for its split.
     """
 
     in_chans = 3
@@ -249,8 +223,19 @@ class ImageNetDataModule(ClassificationDataModule):
         num_classes: int | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        train_transform: TransformSpec = None,
+        val_transform: TransformSpec = None,
     ) -> None:
-        super().__init__(data_dir, batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(
+            data_dir,
+            batch_size,
+            val_batch_size,
+            num_workers,
+            pin_memory,
+            drop_last,
+            train_transform=train_transform,
+            val_transform=val_transform,
+        )
         if layout not in ("auto", "folders", "list"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'list', got {layout!r}")
         if interpolation not in _INTERPOLATIONS:
@@ -283,8 +268,17 @@ class ImageNetDataModule(ClassificationDataModule):
         self.std = tuple(float(s) for s in std)
         self._num_classes = int(num_classes) if num_classes is not None else None
         self._index: _Index | None = None
-        self._folder_classes: list[str] | None = None
         self._list_cache: dict[str, list[tuple[str, int]]] = {}
+        self.folders = ClassFolders(
+            self.root / "train",
+            self.root / "val",
+            dataset="ImageNet",
+            layout=_expected_layout(self.root),
+            remedies=_REMEDIES,
+            val_subset=True,
+            layout_error=functools.partial(ImageNetLayoutError, root=self.root),
+            flat_hint="sort them into wnid folders, or use layout='list'",
+        )
         if self.mixup_active and (self.batch_size % 2 or not self.drop_last):
             raise ValueError(
                 "Mixup/CutMix mix each batch with its reverse and need even batches: use an even batch_size "
@@ -293,9 +287,7 @@ class ImageNetDataModule(ClassificationDataModule):
 
     # ---------------------------------------------------------------------------------------------- layout
     def _not_found(self, problem: str, searched: Sequence[Path]) -> DataNotFoundError:
-        return DataNotFoundError(
-            f"ImageNet ({problem})", searched=searched, layout=_expected_layout(self.root), remedies=_REMEDIES
-        )
+        return self.folders.not_found(problem, searched)
 
     @property
     def _lists(self) -> tuple[Path, Path]:
@@ -313,39 +305,8 @@ class ImageNetDataModule(ClassificationDataModule):
         return "list" if any(p.is_file() for p in self._lists) else "folders"
 
     def _check_dirs(self, layout: str) -> None:
-        needed = [self.root / "train", self.root / "val"]
-        if layout == "list":
-            needed = [*self._lists, *needed]
-        missing = [p for p in needed if not p.exists()]
-        if missing:
-            raise self._not_found(f"layout={layout!r}: missing " + ", ".join(str(p) for p in missing), needed)
-
-    def _scan_folder(self, split: str, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
-        folder = self.root / split
-        wnids = _list_class_dirs(folder)
-        if not wnids:
-            hint = " (it holds images directly: sort them into wnid folders, or use layout='list')"
-            raise self._not_found(f"no class folders in {folder}" + (hint if _list_images(folder) else ""), [folder])
-        unknown = [w for w in wnids if w not in class_to_idx]
-        if unknown:
-            raise ImageNetLayoutError(
-                f"{folder} has class folders that {self.root / 'train'} lacks: {unknown[:10]}"
-                f"{' ...' if len(unknown) > 10 else ''}; val classes must be train classes",
-                self.root,
-            )
-        samples: list[tuple[str, int]] = []
-        empty: list[str] = []
-        for wnid in wnids:
-            files = _list_images(folder / wnid)
-            empty += [] if files else [wnid]
-            samples += [(f"{wnid}/{name}", class_to_idx[wnid]) for name in files]
-        if empty:
-            raise self._not_found(
-                f"no images ({', '.join(e[1:] for e in IMG_EXTENSIONS[:3])}, ...) in "
-                + ", ".join(str(folder / w) for w in empty[:5]),
-                [folder / w for w in empty[:5]],
-            )
-        return samples
+        files = self._lists if layout == "list" else ()
+        self.folders.require(dirs=[self.root / "train", self.root / "val"], files=files, prefix=f"layout={layout!r}: ")
 
     def _read_list(self, split: str) -> list[tuple[str, int]]:
         if split not in self._list_cache:
@@ -366,15 +327,6 @@ class ImageNetDataModule(ClassificationDataModule):
                 f"relative to {self.root / split}/",
                 [first],
             )
-
-    def _train_classes(self) -> list[str]:
-        if self._folder_classes is None:
-            train = self.root / "train"
-            classes = _list_class_dirs(train)
-            if not classes:
-                raise self._not_found(f"no class folders in {train}", [train])
-            self._folder_classes = classes
-        return self._folder_classes
 
     def scan(self) -> _Index:
         """Find every sample (cached): ``(relative path, label)`` lists for both splits.
@@ -398,11 +350,8 @@ class ImageNetDataModule(ClassificationDataModule):
                 self._check_first_image("train", index.train)
                 self._check_first_image("val", index.val)
             else:
-                classes = self._train_classes()
-                class_to_idx = {w: i for i, w in enumerate(classes)}
-                train = self._scan_folder("train", class_to_idx)
-                val = self._scan_folder("val", class_to_idx)
-                index = _Index("folders", train, val, classes)
+                train, val = self.folders.scan()
+                index = _Index("folders", train, val, self.folders.classes)
             k = self.num_classes if self._num_classes is not None else index.num_classes
             for split, samples in (("train", index.train), ("val", index.val)):
                 top = max(y for _, y in samples)
@@ -426,7 +375,7 @@ class ImageNetDataModule(ClassificationDataModule):
         try:
             layout = self.resolved_layout()
             if layout == "folders":
-                return len(self._train_classes()) if (self.root / "train").is_dir() else IMAGENET_NUM_CLASSES
+                return len(self.folders.classes) if (self.root / "train").is_dir() else IMAGENET_NUM_CLASSES
             if not all(p.is_file() for p in self._lists):
                 return IMAGENET_NUM_CLASSES
             return 1 + max(y for split in ("train", "val") for _, y in self._read_list(split))
@@ -435,7 +384,16 @@ class ImageNetDataModule(ClassificationDataModule):
 
     # ------------------------------------------------------------------------------------------ transforms
     def train_transform(self) -> Callable:
-        """timm's ImageNet train transform: PIL image → float32 (3, S, S), normalised."""
+        """The train transform: ``data.train_transform`` when configured, else the recipe's (timm's ImageNet train
+        transform). PIL image → float32 (3, S, S), normalised."""
+        return self.make_transform("train", self._recipe_train_transform)
+
+    def val_transform(self) -> Callable:
+        """The val transform: ``data.val_transform`` when configured, else the recipe's (``Resize(int(S /
+        crop_pct))`` + ``CenterCrop(S)``). PIL image → float32 (3, S, S), normalised."""
+        return self.make_transform("val", self._recipe_val_transform)
+
+    def _recipe_train_transform(self) -> Callable:
         from timm.data import create_transform
 
         return create_transform(
@@ -454,8 +412,7 @@ class ImageNetDataModule(ClassificationDataModule):
             re_count=self.re_count,
         )
 
-    def val_transform(self) -> Callable:
-        """Resize ``int(S / crop_pct)`` + CenterCrop S: PIL image → float32 (3, S, S), normalised."""
+    def _recipe_val_transform(self) -> Callable:
         from timm.data import create_transform
 
         return create_transform(
@@ -505,8 +462,8 @@ class ImageNetDataModule(ClassificationDataModule):
     # -------------------------------------------------------------------------------------------- datasets
     def build_datasets(self) -> tuple[Dataset, Dataset]:
         index = self.scan()
-        train = ImageListDataset(self.root / "train", index.train, self.train_transform())
-        val = ImageListDataset(self.root / "val", index.val, self.val_transform())
+        train = ImageListDataset(self.root / "train", index.train, self.train_transform(), classes=index.classes)
+        val = ImageListDataset(self.root / "val", index.val, self.val_transform(), classes=index.classes)
         log.info(
             "ImageNet (%s layout, %d classes): %d train, %d val images under %s",
             index.layout,
