@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	$(PY) -m pip install --quiet -e ".[dev]" $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e ".[dev,detection]" $(TORCH_PINS)
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv (if needed) and install diffkd with its dev tools
