@@ -72,7 +72,8 @@ def test_every_compiled_part_is_one_graph_without_breaks(channels_last):
     parts = {"student": (module.student, (x,)), "teacher": (module.teacher, (x,))}
     s_feat, t_feat = torch.randn(4, 128, 8, 8).to(memory_format=fmt), torch.randn(4, 128, 8, 8).to(memory_format=fmt)
     parts["feature head"] = (module.distiller.heads["feature"], (s_feat, t_feat))
-    parts["logits head"] = (module.distiller.heads["logits"], (torch.randn(4, 100), torch.randn(4, 100)))
+    logits = torch.randn(4, 100, 1, 1), torch.randn(4, 100, 1, 1)  # as the distiller hands vectors to the head
+    parts["logits head"] = (module.distiller.heads["logits"], logits)
     for name, (part, args) in parts.items():
         explained = dynamo.explain(part)(*args)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
@@ -92,7 +93,7 @@ def test_compiled_frozen_teacher_matches_eager_and_freezing_stays_scoped():
     with module._teacher_compile_context():
         assert inductor_config.freezing is True
     x = torch.randn(8, 3, 32, 32)
-    feats = module.forward_teacher(x)
+    feats = module.teacher_features(x)
     assert inductor_config.freezing is False  # only the teacher's calls compile with freezing
     with torch.no_grad():
         eager_logits = eager_teacher(x)

@@ -1,121 +1,134 @@
-"""``python -m diffkd.evaluate`` on generated CIFAR-100 and tiny-ImageNet files: checkpoints, exported weights,
-registry models; top-1/top-5 and loss against a direct computation."""
+"""``python -m diffkd.evaluate``: the task module's own validation on a trained run's checkpoint (config read from the
+checkpoint), flag and ``--set`` overrides, EMA weights, exported weights with ``--model``, and the error messages.
+
+One tiny KD run (ResNet-8 → ResNet-8 on a generated 3-class ImageNet at 32 px, EMA kept but not used for
+validation) is trained once for the module; every evaluation must reproduce its logged ``val/*`` exactly.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from diffkd.callbacks import EMA
-from diffkd.evaluate import build_datamodule, evaluate_model, load_model, main
-from diffkd.models import create_model
+from diffkd.evaluate import main
+from diffkd.export import export_student, student_state_dict
+from diffkd.train import train
+from tests.conftest import compose_config, tiny_overrides
 from tests.helpers.fake_imagenet import write_tiny_imagenet
+
+VAL = ("val/acc", "val/acc_top5", "val/loss")
+CPU = ["--device", "cpu"]
+
+
+@dataclass
+class Run:
+    ckpt: Path
+    metrics: dict[str, float]
+    data_dir: Path
+    tmp: Path
 
 
 @pytest.fixture(scope="module")
-def imagenet_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("eval_imagenet") / "imagenet"
-    write_tiny_imagenet(root, n_classes=3, per_class=2, val_per_class=3)
-    return root
+def run(tmp_path_factory) -> Run:
+    tmp = tmp_path_factory.mktemp("eval_run")
+    data_dir = write_tiny_imagenet(tmp / "data" / "imagenet", n_classes=3, per_class=4, val_per_class=3)
+    cfg = compose_config(
+        [
+            "~experiment",
+            *tiny_overrides(tmp, tmp / "data"),
+            "data=imagenet",
+            "data.image_size=32",
+            "data.batch_size=4",
+            "distill=kd",
+            "model.student.name=resnet8",
+            "model.teacher.name=resnet8",
+            "trainer.limit_val_batches=null",  # all 9 val images (3 batches), as the evaluation
+            "test=false",
+            "callbacks=ema",
+            "callbacks.ema.decay=0.5",
+            "callbacks.ema.evaluate=false",  # val/* of the trained weights; the EMA is only saved
+        ]
+    )
+    metrics, objects = train(cfg)
+    return Run(Path(objects["last_ckpt"]), metrics, data_dir, tmp)
 
 
-def _diffkd_checkpoint(path: Path, model: torch.nn.Module, name: str, num_classes: int | None, ema=None) -> Path:
-    """A checkpoint shaped like the ones diffkd.train writes (state_dict, stored config, callback states)."""
-    state = {f"student.{k}": v for k, v in model.state_dict().items()}
-    state["distiller.heads.feature.proj.0.weight"] = torch.zeros(1)  # not part of the student
-    spec = {"_target_": "diffkd.models.create_model", "name": name, "num_classes": num_classes}
-    checkpoint = {"state_dict": state, "diffkd": {"config": {"model": {"student": spec}}}, "epoch": 3}
-    if ema is not None:
-        checkpoint["callbacks"] = {EMA().state_key: {"decay": 0.9999, "num_updates": 7, "state": ema}}
-    torch.save(checkpoint, path)
-    return path
+def _exported_flags(run: Run) -> list[str]:
+    """What a run's checkpoint would tell, as flags for exported weights."""
+    data = ["--data", "imagenet", "--data-dir", str(run.data_dir), "--image-size", "32"]
+    return [*data, "--batch-size", "4", "--num-workers", "0", *CPU]
 
 
-def _reference(model: torch.nn.Module, loader) -> dict[str, float]:
-    logits, targets = [], []
-    with torch.no_grad():
-        for x, y in loader:
-            logits.append(model.eval()(x))
-            targets.append(y)
-    out, y = torch.cat(logits), torch.cat(targets)
-    top5 = out.topk(min(5, out.shape[1]), dim=1).indices
-    return {
-        "images": len(y),
-        "top1": 100.0 * (out.argmax(1) == y).float().mean().item(),
-        "top5": 100.0 * (top5 == y[:, None]).any(1).float().mean().item(),
-        "loss": F.cross_entropy(out, y).item(),
-    }
-
-
-def test_checkpoint_student_on_cifar_matches_a_direct_computation(cifar_root, tmp_path, capsys):
-    torch.manual_seed(0)
-    student = create_model("resnet8", num_classes=100)
-    ckpt = _diffkd_checkpoint(tmp_path / "last.ckpt", student, "resnet8", 100)
+def test_checkpoint_reproduces_the_validation_that_training_logged(run, tmp_path, capsys):
     out = tmp_path / "res" / "r8.json"
-    argv = [str(ckpt), "--data", "cifar100", "--data-dir", str(cifar_root), "--set", "download=false"]
-    result = main([*argv, "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--json", str(out)])
-    dm = build_datamodule("cifar100", str(cifar_root), batch_size=8, num_workers=0, overrides=["download=false"])
-    dm.setup("validate")
-    expected = _reference(student, dm.val_dataloader())
-    assert result.images == expected["images"] == 32  # every test image, the last batch included
-    assert result.top1 == pytest.approx(expected["top1"]) and result.top5 == pytest.approx(expected["top5"])
-    assert result.loss == pytest.approx(expected["loss"], rel=1e-5)
-    assert (result.model, result.weights) == ("resnet8", "student of last.ckpt")
-    table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["model", "weights", "data", "images", "top-1", "top-5", "loss"]
-    assert table[1].startswith("resnet8") and "cifar100 (val)" in table[1]
+    result = main([str(run.ckpt), *CPU, "--json", str(out)])  # no data flags: all from the stored config
+    assert {k: result.metrics[k] for k in VAL} == {k: run.metrics[k] for k in VAL}
+    assert (result.samples, result.batches, result.split) == (9, 3, "val")
+    assert (result.model, result.data, result.weights) == ("resnet8", "imagenet", "student.* of last.ckpt")
+    assert result.task == "diffkd.tasks.classification.ClassificationModule"
+    settings = result.settings
+    assert (settings["image_size"], settings["batch_size"], settings["data_dir"]) == (32, 4, str(run.data_dir))
+    assert settings["crop_pct"] == 0.875 and settings["mean"] == [0.485, 0.456, 0.406]
+    printed = capsys.readouterr().out
+    assert str(run.ckpt) in printed and "imagenet, val split" in printed and "image_size=32" in printed
+    assert "normalisation mean=[0.485, 0.456, 0.406]" in printed and "overrides   none" in printed
+    assert f"val/acc       {run.metrics['val/acc']:>10.4f}" in printed
     saved = json.loads(out.read_text())
-    assert saved["top1"] == result.top1 and saved["images"] == 32 and saved["source"] == str(ckpt)
+    assert saved["metrics"] == result.metrics and saved["source"] == str(run.ckpt) and saved["samples"] == 9
 
 
-def test_ema_weights_of_a_checkpoint(cifar_root, tmp_path):
-    torch.manual_seed(0)
-    student, averaged = create_model("resnet8", num_classes=100), create_model("resnet8", num_classes=100)
-    ema = {k: v for k, v in averaged.state_dict().items() if v.is_floating_point()}
-    ckpt = _diffkd_checkpoint(tmp_path / "b2.ckpt", student, "resnet8", 100, ema=ema)
-    net, _, weights = load_model(ckpt, ema=True)
-    assert weights == "EMA of the student of b2.ckpt"
-    for k, v in averaged.state_dict().items():
-        torch.testing.assert_close(net.state_dict()[k], v)
-    plain, _, _ = load_model(ckpt)
-    torch.testing.assert_close(plain.state_dict()["fc.weight"], student.state_dict()["fc.weight"])
-    with pytest.raises(KeyError, match="no EMA weights"):
-        load_model(_diffkd_checkpoint(tmp_path / "none.ckpt", student, "resnet8", 100), ema=True)
+def test_flags_and_set_override_the_stored_config(run, capsys):
+    argv = [str(run.ckpt), "--set", "data.crop_pct=0.95", "--set", "interpolation=bicubic", "--image-size", "40"]
+    result = main([*argv, "--batch-size", "2", "--limit-batches", "2", "--split", "test", *CPU])
+    assert (result.samples, result.batches) == (4, 2)
+    assert sorted(result.metrics) == ["test/acc", "test/acc_top5", "test/loss"]
+    settings = result.settings  # read back from the datamodule
+    assert (settings["crop_pct"], settings["interpolation"], settings["image_size"]) == (0.95, "bicubic", 40)
+    assert settings["batch_size"] == 2
+    assert result.overrides == [
+        "data.image_size=40 (--image-size)",
+        "data.val_batch_size=2 (--batch-size)",
+        "data.crop_pct=0.95 (--set)",
+        "data.interpolation=bicubic (--set)",  # relative to data, as before
+    ]
+    printed = capsys.readouterr().out
+    assert "image_size=40" in printed and "data.crop_pct=0.95 (--set)" in printed
 
 
-def test_checkpoint_whose_classifier_width_came_from_the_data(tmp_path):
-    """``model.student.num_classes: null`` (the data's width) is stored as null: read it from the classifier."""
-    torch.manual_seed(0)
-    student = create_model("mobilenetv2_100", num_classes=3)  # timm: `classifier`, not `fc`
-    net, name, _ = load_model(_diffkd_checkpoint(tmp_path / "mbv2.ckpt", student, "mobilenetv2_100", None))
-    assert name == "mobilenetv2_100" and net.classifier.out_features == 3
-    torch.testing.assert_close(net.classifier.weight, student.classifier.weight)
+def test_ema_weights_of_the_checkpoint(run, tmp_path):
+    checkpoint = torch.load(run.ckpt, map_location="cpu", weights_only=True)
+    ema_state = checkpoint["callbacks"][EMA().state_key]["state"]
+    weights = tmp_path / "ema.pth"  # the EMA as exported weights: the same numbers through the --model path
+    torch.save({"model": {**student_state_dict(checkpoint), **ema_state}}, weights)
+    ema = main([str(run.ckpt), "--ema", *CPU])
+    assert ema.weights == "EMA of the student of last.ckpt"
+    assert ema.metrics == main([str(weights), "--model", "resnet8", *_exported_flags(run)]).metrics
+    assert ema.metrics["val/loss"] != run.metrics["val/loss"]  # decay 0.5 over 2 steps: not the trained weights
 
 
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
-def test_exported_weights_on_tiny_imagenet_folder(imagenet_dir, tmp_path, suffix):
-    torch.manual_seed(0)
-    model = create_model("tv_resnet18", num_classes=3)
-    path = tmp_path / f"r18{suffix}"
-    if suffix == ".pth":
-        torch.save({"model": model.state_dict()}, path)  # what diffkd.export writes
-    else:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    argv = [str(path), "--model", "tv_resnet18", "--data", "imagenet", "--data-dir", str(imagenet_dir)]
-    result = main([*argv, "--image-size", "64", "--batch-size", "4", "--num-workers", "0", "--device", "cpu"])
-    dm = build_datamodule("imagenet", str(imagenet_dir), batch_size=4, num_workers=0, image_size=64)
-    dm.setup("validate")
-    expected = _reference(model, dm.val_dataloader())
-    assert result.images == 9 and result.top5 == 100.0  # 3 classes: top-5 is top-3
-    assert result.top1 == pytest.approx(expected["top1"]) and result.loss == pytest.approx(expected["loss"], rel=1e-5)
+def test_exported_weights_and_a_checkpoint_without_config(run, tmp_path, capsys):
+    for path in export_student(run.ckpt, tmp_path / "r8"):  # .pth and .safetensors
+        result = main([str(path), "--model", "resnet8", *_exported_flags(run)])
+        assert {k: result.metrics[k] for k in VAL} == {k: run.metrics[k] for k in VAL}
+        assert (result.weights, result.data, result.settings["image_size"]) == (path.name, "imagenet", 32)
+        assert "composed from" in capsys.readouterr().out and result.config.startswith("composed from")
+    old = torch.load(run.ckpt, map_location="cpu", weights_only=True)
+    del old["diffkd"]
+    torch.save(old, tmp_path / "old.ckpt")
+    with pytest.raises(SystemExit, match=r"\(an older or foreign checkpoint\): give --model"):
+        main([str(tmp_path / "old.ckpt"), *CPU])
+    capsys.readouterr()
+    result = main([str(tmp_path / "old.ckpt"), "--model", "resnet8", *_exported_flags(run)])
+    assert result.metrics == main([str(run.ckpt), *CPU]).metrics
+    assert "old.ckpt carries no diffkd run config (an older or foreign checkpoint)" in capsys.readouterr().out
 
 
-def test_registry_model_pretrained_and_a_folder_as_data(imagenet_dir, monkeypatch):
+def test_registry_model_pretrained_and_a_folder_as_data(run, monkeypatch):
     import diffkd.models
 
     calls = []
@@ -126,23 +139,36 @@ def test_registry_model_pretrained_and_a_folder_as_data(imagenet_dir, monkeypatc
         return real(name, num_classes=3, **kwargs)
 
     monkeypatch.setattr(diffkd.models, "create_model", fake_create)
-    argv = ["--model", "tv_resnet18", "--pretrained", "--data", str(imagenet_dir), "--image-size", "64"]
-    result = main([*argv, "--num-workers", "0", "--limit-batches", "1", "--batch-size", "2", "--device", "cpu"])
-    assert calls == [("tv_resnet18", None, True)]  # the weights' own 1000 classes, not the data's
-    assert (result.images, result.weights, result.data) == (2, "pretrained", "imagenet (val)")
+    argv = ["--model", "resnet8", "--pretrained", "--data", str(run.data_dir), "--image-size", "32"]
+    result = main([*argv, "--num-workers", "0", "--limit-batches", "1", "--batch-size", "2", *CPU])
+    assert calls == [("resnet8", None, True)]  # the weights' own classifier width, not the data's
+    assert (result.samples, result.weights, result.data) == (2, "pretrained", "image_folder")
+    assert result.settings["root"] == str(run.data_dir)
 
 
-def test_helpful_errors(imagenet_dir, tmp_path):
-    with pytest.raises(ValueError, match="neither a data config"):
-        build_datamodule("no_such_data")
-    with pytest.raises(ValueError, match="--model"):
-        load_model(None)
-    weights = tmp_path / "w.pth"
-    torch.save({"model": create_model("resnet8", num_classes=3).state_dict()}, weights)
-    with pytest.raises(ValueError, match="need --model"):
-        load_model(weights)
-    with pytest.raises(RuntimeError, match="shape mismatches"):
-        load_model(weights, model="resnet8", num_classes=100)
-    loader = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
-    with pytest.raises(ValueError, match="no batches"):
-        evaluate_model(torch.nn.Flatten(), loader, limit_batches=0)
+def test_clear_errors(run, tmp_path):
+    def fails(argv: list[str], message: str) -> None:
+        with pytest.raises(SystemExit, match=message) as info:
+            main(argv)
+        assert info.value.code not in (0, None)
+
+    fails([str(tmp_path / "nope.ckpt")], "^no such file: .*nope.ckpt$")
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(torch.randint(0, 256, (512,), dtype=torch.uint8).numpy().tobytes())
+    fails([str(noise)], "noise.ckpt is not a PyTorch checkpoint$")
+    (tmp_path / "noise.pth").write_bytes(noise.read_bytes())
+    fails([str(tmp_path / "noise.pth"), "--model", "resnet8"], "noise.pth is not a PyTorch checkpoint$")
+    (tmp_path / "noise.safetensors").write_bytes(noise.read_bytes())
+    fails([str(tmp_path / "noise.safetensors"), "--model", "resnet8"], "is not a safetensors file")
+    checkpoint = torch.load(run.ckpt, map_location="cpu", weights_only=True)
+    del checkpoint["callbacks"][EMA().state_key]
+    torch.save(checkpoint, tmp_path / "no_ema.ckpt")
+    fails([str(tmp_path / "no_ema.ckpt"), "--ema"], "holds no EMA weights")
+    fails([str(run.ckpt), "--set", "data.no_such_key=1"], "the config has no data.no_such_key; add it with")
+    fails([str(run.ckpt), "--set", "data=cifar100"], "data is a config node, not a value: use --data <name>")
+    torch.save({"model": student_state_dict(checkpoint)}, tmp_path / "r8.pth")
+    fails([str(tmp_path / "r8.pth")], "r8.pth: exported weights need --model")
+    fails([str(run.ckpt), "--data", "no_such_data"], "neither a data config")
+    fails(["--model", "resnet8", "--data", "cifar100", "--image-size", "64"], "cifar100 .* has no image_size")
+    fails([str(run.ckpt), "--device", "tpu"], "--device 'tpu'")
+    fails([str(run.ckpt), "--data-dir", str(tmp_path / "nowhere")], "(?s)ImageNet .* not found.*--data-dir / --root")

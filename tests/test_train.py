@@ -22,7 +22,7 @@ def test_each_distiller_trains_and_logs_its_terms(cifar_cfg, distill):
     assert "val/acc_best" in metrics and "val/acc_top5" in metrics
     assert math.isfinite(metrics["train/loss"])
     terms = {k for k in metrics if k.startswith("train/loss/")}
-    expected = {"train/loss/task"} | {f"train/loss/{t}" for t in _terms(module)}
+    expected = {"train/loss/ce"} | {f"train/loss/{t}" for t in _terms(module)}
     assert terms == expected
     if distill == "none":
         assert module.teacher is None  # no teacher built, no teacher work

@@ -1,8 +1,11 @@
 """The embedded demo (``python -m diffkd.train`` with no arguments, ``make demo``).
 
 On Fashion-MNIST — offline from Debian's ``dataset-fashion-mnist`` or torchvision's download — it trains a small
-teacher (or reuses the one it trained before), then the same student three times: alone, with KD and with DiffKD,
-and prints the four test accuracies. Every run is a normal :func:`diffkd.train.train` run with its own folder.
+teacher (or reuses the one it trained before), then the same student once per method of ``demo.methods`` (alone,
+with KD and with DiffKD) and prints the test accuracies. Every run is a normal :func:`diffkd.training.train` run
+with its own folder, composed by Hydra from ``train.yaml`` with the command line's overrides, so that
+``python -m diffkd.train distill.diffkd.inference_steps=3`` reaches the DiffKD run (``distill.*`` overrides go to
+the runs whose distiller has that key; the others are told so in the log).
 """
 
 from __future__ import annotations
@@ -10,13 +13,22 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from diffkd.training import train
 
 log = logging.getLogger("diffkd.demo")
 
-__all__ = ["cpu_supports_bf16", "run_demo"]
+__all__ = ["cpu_supports_bf16", "demo_run_config", "run_demo"]
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def cpu_supports_bf16() -> bool:
@@ -32,51 +44,91 @@ def cpu_supports_bf16() -> bool:
     return "amx_bf16" in flags
 
 
-def _distill_cfg(name: str) -> DictConfig:
-    return OmegaConf.load(Path(__file__).resolve().parent / "conf" / "distill" / f"{name}.yaml")
+@contextmanager
+def _composer() -> Iterator[None]:
+    """Hydra's compose API: the running app's (``python -m diffkd.train``), or the packaged ``conf/``."""
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        yield
 
 
-def _run(cfg: DictConfig, label: str, distill: str, epochs: int, student: str) -> tuple[float, float, str]:
-    from diffkd.train import train
-
-    run_cfg = cfg.copy()
-    with open_dict(run_cfg):
-        run_cfg.distill = _distill_cfg(distill)
-        run_cfg.trainer.max_epochs = epochs
-        run_cfg.model.student.name = student
-        run_cfg.paths.output_dir = str(Path(cfg.paths.output_dir) / label)
-        run_cfg.trainer.default_root_dir = run_cfg.paths.output_dir
-        for cb in run_cfg.get("callbacks", {}).values():
-            if cb is not None and "dirpath" in cb:
-                cb.dirpath = str(Path(run_cfg.paths.output_dir) / "checkpoints")
-        for lg in run_cfg.get("logger", {}).values():
-            if lg is not None and "save_dir" in lg:
-                lg.save_dir = run_cfg.paths.output_dir
-    start = time.perf_counter()
-    metrics, objs = train(run_cfg)
-    seconds = time.perf_counter() - start
-    best = objs["best_ckpt"]
-    return metrics.get("test/acc", float("nan")), seconds, best
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
 
 
-def run_demo(cfg: DictConfig) -> float:
-    """Teacher (trained or reused), then student alone / KD / DiffKD; prints and returns DiffKD's accuracy."""
+def demo_run_config(base: Sequence[str], method: str, fixed: Sequence[str]) -> DictConfig:
+    """``train.yaml`` composed with the user's overrides ``base``, ``distill=<method>`` and the demo's ``fixed``
+    settings. A ``distill.<key>`` override reaches the run only when its distiller has that key's parent (the
+    ``diffkd`` run has ``distill.diffkd``, the ``kd`` run has not)."""
+    with _composer():
+        plain = [o for o in base if not _key(o).startswith("distill.")]
+        probe = compose(config_name="train", overrides=[*plain, f"distill={method}", *fixed])
+        kept = list(plain)
+        for override in base:
+            key = _key(override)
+            if not key.startswith("distill."):
+                continue
+            parent = key.rsplit(".", 1)[0]
+            if OmegaConf.select(probe, parent, default=None) is None:
+                log.info("demo: %s does not apply to the %s run (its distiller has no %s)", override, method, parent)
+                continue
+            kept.append(override)
+        return compose(config_name="train", overrides=[*kept, f"distill={method}", *fixed])
+
+
+def _command_line_overrides() -> list[str]:
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []
+
+
+def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
+    """Teacher (trained or reused), then the student once per method; prints and returns the last accuracy.
+
+    Args:
+        cfg: the composed demo config (``experiment=demo``).
+        overrides: the overrides it was composed with (default: the running Hydra app's command line).
+    """
     demo = cfg.demo
-    with open_dict(cfg):
-        if demo.get("precision", "auto") == "auto":
-            cfg.trainer.precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
-        else:
-            cfg.trainer.precision = demo.precision
+    user = _command_line_overrides() if overrides is None else list(overrides)
+    group_overrides = [o for o in user if _key(o) == "distill"]
+    if group_overrides:
+        log.warning("demo: %s ignored — the demo runs demo.methods=%s", group_overrides, list(demo.methods))
+    user = [o for o in user if o not in group_overrides]
+    precision = demo.get("precision", "auto")
+    if precision == "auto":
+        precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    out_root = Path(cfg.paths.output_dir)
     wall = time.perf_counter()
     teacher_file = Path(demo.teacher_weights)
     meta_file = teacher_file.with_suffix(".json")
     rows: list[tuple[str, float, float]] = []
+    label_names = {"teacher": f"teacher {demo.teacher}", "none": "student alone"}
+
+    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> tuple[float, str]:
+        folder = out_root / label
+        fixed = [
+            "pipeline=train",
+            f"trainer.max_epochs={epochs}",
+            f"trainer.precision={precision}",
+            f"model.student.name={student}",
+            f"paths.output_dir={folder}",
+            *extra,
+        ]
+        run_cfg = demo_run_config(user, method, fixed)
+        start = time.perf_counter()
+        metrics, objs = train(run_cfg)
+        rows.append((label_names.get(label, label), metrics.get("test/acc", float("nan")), time.perf_counter() - start))
+        return rows[-1][1], objs["best_ckpt"]
+
     if teacher_file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
         log.info("reusing the demo teacher %s (test acc %.2f%%)", teacher_file, 100 * meta["test_acc"])
         rows.append((f"teacher {demo.teacher} (reused)", meta["test_acc"], 0.0))
     else:
-        acc, secs, best = _run(cfg, "teacher", "none", demo.teacher_epochs, demo.teacher)
+        acc, best = run("teacher", "none", demo.teacher_epochs, demo.teacher)
         import torch
 
         ckpt = torch.load(best, map_location="cpu", weights_only=True)
@@ -84,23 +136,21 @@ def run_demo(cfg: DictConfig) -> float:
         state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
         torch.save({"model": state, "test_acc": acc}, teacher_file)
         meta_file.write_text(json.dumps({"test_acc": acc, "source": best, "epochs": demo.teacher_epochs}))
-        rows.append((f"teacher {demo.teacher}", acc, secs))
-    with open_dict(cfg):
-        cfg.model.teacher.name = demo.teacher
-        cfg.model.teacher.weights = str(teacher_file)
+    teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
     for method in demo.methods:
-        label = {"none": "student alone"}.get(method, f"student + {method}")
-        acc, secs, _ = _run(cfg, method, method, demo.student_epochs, demo.student)
-        rows.append((label, acc, secs))
+        label_names.setdefault(method, f"student + {method}")
+        run(method, method, demo.student_epochs, demo.student, teacher)
     total = time.perf_counter() - wall
     lines = [
         "",
         f"Fashion-MNIST demo — {demo.student} distilled from {demo.teacher} "
-        f"(seed {cfg.seed}, {demo.student_epochs} student epochs, precision {cfg.trainer.precision})",
-        f"{'run':<34}{'test top-1':>12}{'time (s)':>11}",
+        f"(seed {cfg.seed}, {demo.student_epochs} student epochs, precision {precision})",
     ]
+    if user:
+        lines.append(f"overrides: {' '.join(user)}")
+    lines.append(f"{'run':<34}{'test top-1':>12}{'time (s)':>11}")
     lines += [f"{name:<34}{100 * acc:>11.2f}%{secs:>11.1f}" for name, acc, secs in rows]
     lines.append(f"{'total wall time':<34}{'':>12}{total:>11.1f}")
-    lines.append(f"outputs: {cfg.paths.output_dir}")
+    lines.append(f"outputs: {out_root}")
     print("\n".join(lines), flush=True)
     return rows[-1][1]

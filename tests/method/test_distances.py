@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffkd.method import DIST, DKD, MSE, KLDivergence, build_distance
+from diffkd.distill import build_distance
+from diffkd.method import DIST, DKD, MSE, KLDivergence
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "distances.json"
 

@@ -12,9 +12,7 @@ from diffkd.method.profile import (
     HeadProfile,
     diffkd_head_profile,
     format_count,
-    point_profiles,
     profile_head,
-    record_output_shapes,
 )
 
 # spec §B.7: (C_s, C_t, spatial, head kwargs) → (params, MACs/iter in G); MACs within 3 %
@@ -106,13 +104,12 @@ def test_point_profiles_use_the_build_dry_runs():
         }
     )
     x = torch.randn(2, 3, 12, 12)
-    with record_output_shapes() as shapes:
-        distiller.build(student, teacher, x)
-    calls = (student.calls, teacher.calls)
-    profiles = point_profiles(distiller, student, teacher, x, shapes)
-    assert (student.calls, teacher.calls) == calls  # no extra forward
+    distiller.build(student, teacher, x)
+    assert (student.calls, teacher.calls) == (1, 1)  # one dry run each finds paths, shapes and layouts
+    profiles = distiller.profile()
+    assert (student.calls, teacher.calls) == (1, 1)  # the profile reuses what build found: no extra forward
     assert profiles["feature"] == profile_head(distiller.heads["feature"], (8, 6, 6), (16, 6, 6))
-    assert profiles["logits"] == profile_head(distiller.heads["logits"], (5,), (5,))
-    # without recorded shapes one dry run per model finds them
-    assert point_profiles(distiller, student, teacher, x) == profiles
-    assert (student.calls, teacher.calls) == (calls[0] + 1, calls[1] + 1)
+    assert profiles["logits"] == profile_head(distiller.heads["logits"], (5, 1, 1), (5, 1, 1))
+    described = distiller.describe()
+    assert described["feature"]["student_shape"] == [8, 6, 6] and described["feature"]["teacher_shape"] == [16, 6, 6]
+    assert described["logits"]["layouts"] == ["vector", "vector"]

@@ -4,29 +4,44 @@ One class, :class:`Distiller`, serves every method and task; the methods (``diff
 ``dist``, ``fitnet``, ``dkd``, ``none``) are configurations of it (``conf/distill/*.yaml``). A distiller is a
 set of named *points*; each point says
 
-- where to tap: ``student``/``teacher`` module paths ('' = model output, ``@feature`` = last feature map);
-- the head between them: ``diffkd`` (a :class:`~diffkd.method.DiffKD`), ``conv1x1`` (FitNet adapter) or
-  ``identity``;
-- the distance (``kl``, ``mse``, ``dist``, ``dkd`` with its arguments) and the weights of its loss terms.
+- where to tap: ``student``/``teacher`` addresses (:mod:`diffkd.distill.taps`: a module path, ``''`` for the
+  model output, ``path:key`` for an entry of a dict/tuple output, ``path:*`` for every entry — one point each —,
+  ``@feature`` for the last feature map);
+- the head between them: any registered head (:mod:`diffkd.distill.registry`; built in: ``diffkd``,
+  ``conv1x1``, ``identity``), one per expanded entry or one shared by all (``shared_head``);
+- the distance (any registered one: ``kl``, ``mse``, ``dist``, ``dkd``, ...) and the weights of the terms.
 
-Channels and spatial sizes are never typed: :meth:`Distiller.build` infers them with one dry-run forward.
+Channels, spatial sizes and layouts are never typed: :meth:`Distiller.build` reads them from one dry-run forward of
+each model on a real batch, keeps them (:attr:`Distiller.points`), and ``describe()`` and ``profile()`` reuse them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffkd.distill.taps import AUTO_FEATURE, find_last_feature_map, probe_shapes
-from diffkd.method import DiffKD, build_distance, guess_layout, to_bchw
-from diffkd.method.layout import Layout
+from diffkd.distill.layouts import resolve_layout
+from diffkd.distill.registry import build_distance, get_distance, get_head
+from diffkd.distill.taps import (
+    AUTO_FEATURE,
+    DryRun,
+    TapAddress,
+    _describe,
+    _first_tensor,
+    dry_run,
+    expand_address,
+    find_last_feature_map,
+    module_path_error,
+    select,
+)
+from diffkd.method.layout import Layout, to_bchw
+from diffkd.method.profile import HeadProfile, profile_head
 
-__all__ = ["DistillOutput", "Distiller", "PointSpec"]
+__all__ = ["DistillOutput", "Distiller", "PointInfo", "PointSpec"]
 
 
 @dataclass
@@ -34,30 +49,62 @@ class PointSpec:
     """One distillation point (see the module docstring).
 
     Attributes:
-        student, teacher: module paths; '' is the model output, ``@feature`` the last spatial feature map.
-        head: ``diffkd`` | ``conv1x1`` | ``identity``.
-        distance: ``{"name": "kl"|"mse"|"dist"|"dkd", **kwargs}``.
+        student, teacher: tap addresses; '' is the model output, ``@feature`` the last spatial feature map,
+            ``path:key`` an entry of the module's output, ``path:*`` every entry (one point each, named
+            ``<point>_<entry>``; both sides must expand to the same entries).
+        head: a registered head name (``diffkd`` | ``conv1x1`` | ``identity`` | yours).
+        distance: ``{"name": <registered distance>, **kwargs}``.
         weight: λ of the distance term (λ3 of the paper for DiffKD points).
         diff_weight, ae_weight: λ1 (diffusion loss) and λ2 (autoencoder loss) of DiffKD points.
-        head_kwargs: passed to the head (for DiffKD: ``use_ae``, ``ae_channels``, ``inference_steps``, ...;
+        term_weights: weights of other loss terms a head adds, by the head's term name.
+        head_kwargs: passed to the head builder (for DiffKD: ``use_ae``, ``ae_channels``, ``inference_steps``, ...;
             ``kernel_size`` defaults to 1 for vectors such as logits and 3 for maps).
+        shared_head: with ``*``: one head for every entry (equal widths needed) instead of one per entry.
         align: ``None`` (spatial sizes must match) or ``interpolate`` (bilinear-resize the student map).
         warmup_epochs: linear ramp of the distance term's weight over this many epochs (DKD: 20).
-        student_layout, teacher_layout: force the tensor layout (``bchw``, ``bhwc``, ``tokens``, ``vector``).
+        student_layout, teacher_layout: force the tensor layout (``bchw``, ``bhwc``, ``tokens``, ``vector``)
+            where the model does not declare it.
     """
 
     student: str = AUTO_FEATURE
     teacher: str = AUTO_FEATURE
-    head: Literal["diffkd", "conv1x1", "identity"] = "identity"
+    head: str = "identity"
     distance: dict[str, Any] = field(default_factory=lambda: {"name": "mse"})
     weight: float = 1.0
     diff_weight: float = 1.0
     ae_weight: float = 1.0
+    term_weights: dict[str, float] = field(default_factory=dict)
     head_kwargs: dict[str, Any] = field(default_factory=dict)
+    shared_head: bool = False
     align: Literal["interpolate"] | None = None
     warmup_epochs: float = 0.0
     student_layout: Layout | None = None
     teacher_layout: Layout | None = None
+
+
+@dataclass
+class PointInfo:
+    """What :meth:`Distiller.build` inferred for one (expanded) point.
+
+    Attributes:
+        name: the point's name (``feature``, or ``fpn_0`` for entry ``0`` of the config point ``fpn``).
+        config: the config point it comes from.
+        student, teacher: concrete tap addresses.
+        student_layout, teacher_layout: the layouts and where they came from (``config``/``declared``/``shape``).
+        student_shape, teacher_shape: (C, H, W) of one sample after the layout conversion (the dry run's sizes).
+        head: key of its head in ``Distiller.heads`` (``None``: no head).
+    """
+
+    name: str
+    config: str
+    student: str
+    teacher: str
+    student_layout: Layout
+    teacher_layout: Layout
+    layout_source: tuple[str, str]
+    student_shape: tuple[int, ...]
+    teacher_shape: tuple[int, ...]
+    head: str | None
 
 
 class DistillOutput(NamedTuple):
@@ -68,8 +115,7 @@ class DistillOutput(NamedTuple):
     stats: dict[str, Tensor]
 
 
-def _conv_adapter(c_in: int, c_out: int) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+Example = Tensor | Callable[[], Any] | DryRun
 
 
 class Distiller(nn.Module):
@@ -91,8 +137,8 @@ class Distiller(nn.Module):
         super().__init__()
         self.specs: dict[str, PointSpec] = {}
         for name, spec in (points or {}).items():
-            if "/" in name or "." in name:
-                raise ValueError(f"point name {name!r} may not contain '/' or '.'")
+            if any(c in name for c in "/.:"):
+                raise ValueError(f"point name {name!r} may not contain '/', '.' or ':'")
             if isinstance(spec, PointSpec):
                 self.specs[name] = spec
                 continue
@@ -103,141 +149,268 @@ class Distiller(nn.Module):
                     f"point {name!r}: unknown keys {unknown}; allowed: {sorted(PointSpec.__dataclass_fields__)}"
                 )
             self.specs[name] = PointSpec(**spec)
+        for spec in self.specs.values():
+            get_head(spec.head)  # unknown names fail here, with the registered ones listed
         self.task_weight = float(task_weight)
-        self.diffkd_defaults = dict(diffkd or {})
+        self.head_defaults: dict[str, dict[str, Any]] = {"diffkd": dict(diffkd or {})}
         self.heads = nn.ModuleDict()
         self.distances = nn.ModuleDict({n: build_distance(**dict(s.distance)) for n, s in self.specs.items()})
-        self.student_paths: dict[str, str] = {}
-        self.teacher_paths: dict[str, str] = {}
-        self.layouts: dict[str, tuple[Layout, Layout]] = {}
+        self.points: dict[str, PointInfo] = {}
         self.built = False
 
     @property
     def needs_teacher(self) -> bool:
         return bool(self.specs)
 
+    @property
+    def diffkd_defaults(self) -> dict[str, Any]:
+        return self.head_defaults["diffkd"]
+
+    @property
+    def student_paths(self) -> dict[str, str]:
+        """``{point: student address}`` after :meth:`build`."""
+        return {n: p.student for n, p in self.points.items()}
+
+    @property
+    def teacher_paths(self) -> dict[str, str]:
+        """``{point: teacher address}`` after :meth:`build`."""
+        return {n: p.teacher for n, p in self.points.items()}
+
+    @property
+    def layouts(self) -> dict[str, tuple[Layout, Layout]]:
+        return {n: (p.student_layout, p.teacher_layout) for n, p in self.points.items()}
+
+    def inputs_needed(self) -> set[str]:
+        """Batch inputs some distance requires (``labels``, ...)."""
+        return {k for s in self.specs.values() for k in get_distance(s.distance["name"]).needs}
+
     # ------------------------------------------------------------------ setup
-    def build(self, student: nn.Module, teacher: nn.Module | None, example: Tensor) -> dict[str, dict[str, Any]]:
-        """Resolve paths, infer shapes with one dry-run forward per model, and create the heads.
+    def build(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        example: Example,
+        teacher_example: Example | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Resolve and expand the addresses, read shapes and layouts from one dry-run forward per model, and
+        create the heads.
 
         Args:
-            example: an input batch (B ≥ 2, C, H, W) on the models' device.
+            student, teacher: the models (on their device).
+            example: the student's dry run: an input batch tensor (B ≥ 2, C, H, W), a callable running the
+                student on a real batch (see :func:`~diffkd.distill.taps.dry_run`), or a finished ``DryRun``.
+            teacher_example: the same for the teacher (default: ``example``); it runs after the student's.
         Returns:
-            ``{point: {"student": path, "teacher": path, "student_shape": ..., "teacher_shape": ..., "params": n}}``
+            :meth:`describe`.
         """
         if self.built:
             return self.describe()
         if self.specs and teacher is None:
             raise ValueError(f"distillation points {sorted(self.specs)} need a teacher; set model.teacher")
-        for name, spec in self.specs.items():
-            self.student_paths[name] = (
-                find_last_feature_map(student, example) if spec.student == AUTO_FEATURE else spec.student
-            )
-            self.teacher_paths[name] = (
-                find_last_feature_map(teacher, example) if spec.teacher == AUTO_FEATURE else spec.teacher
-            )
-        s_shapes = probe_shapes(student, example, self.student_paths.values()) if self.specs else {}
-        t_shapes = probe_shapes(teacher, example, self.teacher_paths.values()) if self.specs else {}
-        device = example.device
-        for name, spec in self.specs.items():
-            s_probe = torch.empty(s_shapes[self.student_paths[name]], device="meta")
-            t_probe = torch.empty(t_shapes[self.teacher_paths[name]], device="meta")
-            s_layout = spec.student_layout or guess_layout(s_probe)
-            t_layout = spec.teacher_layout or guess_layout(t_probe)
-            self.layouts[name] = (s_layout, t_layout)
-            s4, t4 = to_bchw(s_probe, s_layout).shape, to_bchw(t_probe, t_layout).shape
-            if s4[-2:] != t4[-2:] and spec.align is None:
+        if not self.specs:
+            self.built = True
+            return {}
+        s_run = self._run(student, example, "student", [s.student for s in self.specs.values()])
+        t_source = example if teacher_example is None else teacher_example
+        t_run = self._run(teacher, t_source, "teacher", [s.teacher for s in self.specs.values()])
+        device = next((t.device for t in (*student.parameters(), *student.buffers())), None)
+        for config, spec in self.specs.items():
+            s_addr = self._resolve(student, s_run, spec.student, "student")
+            t_addr = self._resolve(teacher, t_run, spec.teacher, "teacher")
+            s_pairs, t_pairs = expand_address(s_run, s_addr), expand_address(t_run, t_addr)
+            if s_addr.expands != t_addr.expands or [k for k, _ in s_pairs] != [k for k, _ in t_pairs]:
                 raise ValueError(
-                    f"point {name!r}: student {self.student_paths[name]!r} is {tuple(s4[-2:])} but teacher "
-                    f"{self.teacher_paths[name]!r} is {tuple(t4[-2:])} (H, W); tap maps of equal size or set "
-                    f"distill.points.{name}.align=interpolate"
+                    f"point {config!r}: student {s_addr} gives entries {[k for k, _ in s_pairs]} but teacher "
+                    f"{t_addr} gives {[k for k, _ in t_pairs]}; both sides must expand ('*') to the same entries"
                 )
-            head = self._make_head(name, spec, s4[1], t4[1], vector=s_layout == "vector")
-            if head is not None:
-                self.heads[name] = head.to(device)
+            for (key, s_concrete), (_, t_concrete) in zip(s_pairs, t_pairs):
+                name = f"{config}_{key}" if key else config
+                if name in self.points:
+                    raise ValueError(f"point {name!r} (from {config!r}) collides with another point's name")
+                self.points[name] = self._build_point(
+                    name, config, spec, student, teacher, s_run, t_run, s_concrete, t_concrete, device
+                )
         self.built = True
         return self.describe()
 
-    def _make_head(self, name: str, spec: PointSpec, c_s: int, c_t: int, vector: bool) -> nn.Module | None:
-        if spec.head == "diffkd":
-            kwargs = {"kernel_size": 1 if vector else 3, **self.diffkd_defaults, **spec.head_kwargs}
-            return DiffKD(c_s, c_t, **kwargs)
-        if spec.head == "conv1x1":
-            return _conv_adapter(c_s, c_t)
-        if spec.head == "identity":
-            if c_s != c_t:
-                raise ValueError(
-                    f"point {name!r}: student has {c_s} channels and teacher {c_t}; a direct distance needs equal "
-                    f"widths — use head: conv1x1 (FitNet adapter) or head: diffkd"
+    @staticmethod
+    def _run(model: nn.Module, example: Example, role: str, addresses: list[str]) -> DryRun:
+        if isinstance(example, DryRun):
+            return example
+        if AUTO_FEATURE in addresses:
+            return dry_run(model, example, None, role)
+        return dry_run(model, example, [TapAddress.parse(a).path for a in addresses if a], role)
+
+    @staticmethod
+    def _resolve(model: nn.Module, run: DryRun, address: str, role: str) -> TapAddress:
+        if address == AUTO_FEATURE:
+            return TapAddress(find_last_feature_map(model, run, role))
+        parsed = TapAddress.parse(address)
+        if parsed.path and parsed.path not in run.calls:
+            if parsed.path in dict(model.named_modules()):
+                raise RuntimeError(f"{role} module {parsed.path!r} did not run in the dry-run forward")
+            raise module_path_error(model, parsed.path, role)
+        return parsed
+
+    def _build_point(
+        self,
+        name: str,
+        config: str,
+        spec: PointSpec,
+        student: nn.Module,
+        teacher: nn.Module,
+        s_run: DryRun,
+        t_run: DryRun,
+        s_addr: TapAddress,
+        t_addr: TapAddress,
+        device: Any,
+    ) -> PointInfo:
+        values = []
+        for role, model, run, addr in (("student", student, s_run, s_addr), ("teacher", teacher, t_run, t_addr)):
+            value, multi = run.value(addr.path)
+            try:
+                value = select(value, addr, multi) if (addr.selectors or multi) else _first_tensor(value)
+            except (KeyError, ValueError) as err:
+                raise type(err)(f"point {config!r}, {role} ({type(model).__name__}): {err.args[0]}") from None
+            if not isinstance(value, Tensor):
+                raise TypeError(
+                    f"point {config!r}: the {role} tap {str(addr)!r} is {_describe(value)}, not a tensor; "
+                    f"select an entry with '{addr}:<key>' or every entry with '{addr}:*'"
                 )
-            return None
-        raise ValueError(f"point {name!r}: unknown head {spec.head!r}; choose diffkd, conv1x1 or identity")
+            values.append(value)
+        s_val, t_val = values
+        s_layout, s_src = resolve_layout(
+            student, s_addr.path, s_val, spec.student_layout, "student", config, "student_layout"
+        )
+        t_layout, t_src = resolve_layout(
+            teacher, t_addr.path, t_val, spec.teacher_layout, "teacher", config, "teacher_layout"
+        )
+        s4, t4 = to_bchw(s_val, s_layout).shape, to_bchw(t_val, t_layout).shape
+        if s4[-2:] != t4[-2:] and spec.align is None:
+            raise ValueError(
+                f"point {name!r}: student {str(s_addr)!r} is {tuple(s4[-2:])} but teacher {str(t_addr)!r} is "
+                f"{tuple(t4[-2:])} (H, W); tap maps of equal size or set ++distill.points.{config}.align=interpolate"
+            )
+        head_key: str | None = config if spec.shared_head else name
+        if head_key not in self.heads:
+            entry = get_head(spec.head)
+            kwargs = {**self.head_defaults.get(spec.head, {}), **spec.head_kwargs}
+            try:
+                head = entry.build(int(s4[1]), int(t4[1]), vector=s_layout == "vector", **kwargs)
+            except ValueError as err:
+                raise ValueError(f"point {name!r}: {err}") from None
+            if head is None:
+                head_key = None
+            else:
+                self.heads[head_key] = head.to(device) if device is not None else head
+        return PointInfo(
+            name=name,
+            config=config,
+            student=str(s_addr) if s_addr.selectors else s_addr.path,
+            teacher=str(t_addr) if t_addr.selectors else t_addr.path,
+            student_layout=s_layout,
+            teacher_layout=t_layout,
+            layout_source=(s_src, t_src),
+            student_shape=tuple(s4[1:]),
+            teacher_shape=tuple(t4[1:]),
+            head=head_key,
+        )
 
     def describe(self) -> dict[str, dict[str, Any]]:
-        """What each point taps and how big its head is (printed at setup)."""
+        """What each point taps, the shapes and layouts it found, and how big its head is (printed at setup,
+        stored in checkpoints)."""
         out = {}
-        for name, spec in self.specs.items():
-            head = self.heads[name] if name in self.heads else None  # noqa: SIM401 (ModuleDict has no .get)
+        for name, info in self.points.items():
+            spec = self.specs[info.config]
+            head = self.heads[info.head] if info.head is not None else None
             out[name] = {
-                "student": self.student_paths.get(name),
-                "teacher": self.teacher_paths.get(name),
+                "student": info.student,
+                "teacher": info.teacher,
                 "head": spec.head,
+                "shared_head": info.head if spec.shared_head and head is not None else None,
                 "distance": dict(spec.distance),
+                "student_shape": list(info.student_shape),
+                "teacher_shape": list(info.teacher_shape),
+                "layouts": [info.student_layout, info.teacher_layout],
                 "params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
             }
         return out
 
+    def profile(self) -> dict[str, HeadProfile | None]:
+        """Parameters and per-sample training MACs of each point's head at the shapes found by :meth:`build`
+        (the student map takes the teacher's size, as ``align`` does); ``None`` for points without a head."""
+        out: dict[str, HeadProfile | None] = {}
+        for name, info in self.points.items():
+            if info.head is None:
+                out[name] = None
+                continue
+            student_shape = (info.student_shape[0], *info.teacher_shape[1:])
+            out[name] = profile_head(self.heads[info.head], student_shape, info.teacher_shape)
+        return out
+
     def tap_paths(self) -> tuple[list[str], list[str]]:
-        """(student paths, teacher paths) to tap, after :meth:`build`."""
-        return list(dict.fromkeys(self.student_paths.values())), list(dict.fromkeys(self.teacher_paths.values()))
+        """(student addresses, teacher addresses) to tap, after :meth:`build`."""
+        return (
+            list(dict.fromkeys(p.student for p in self.points.values())),
+            list(dict.fromkeys(p.teacher for p in self.points.values())),
+        )
 
     # ------------------------------------------------------------------ training
     def forward(
         self,
         student_feats: Mapping[str, Tensor],
         teacher_feats: Mapping[str, Tensor],
-        target: Tensor | None = None,
+        inputs: Mapping[str, Any] | Tensor | None = None,
         epoch: float = 0.0,
     ) -> DistillOutput:
         """Loss terms from tapped features.
 
         Args:
-            student_feats, teacher_feats: ``{path: tensor}`` from the taps.
-            target: labels (B,) int64 (or soft (B, K), reduced to argmax) for distances that need them (DKD).
+            student_feats, teacher_feats: ``{address: tensor}`` from the taps.
+            inputs: what the distances declare from the batch (``labels`` (B,) int64 or soft (B, K) for DKD,
+                ``valid_mask`` (B, H, W) bool for masked per-pixel distances, ...); a tensor means ``labels``.
             epoch: training progress in epochs, for ``warmup_epochs`` ramps.
         """
         if not self.built:
             raise RuntimeError("Distiller.build(student, teacher, example) must run before the first forward")
+        if isinstance(inputs, Tensor):
+            inputs = {"labels": inputs}
+        inputs = inputs or {}
         terms: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
-        for name, spec in self.specs.items():
-            s_layout, t_layout = self.layouts[name]
-            s = to_bchw(student_feats[self.student_paths[name]], s_layout)
-            t = to_bchw(teacher_feats[self.teacher_paths[name]], t_layout)
+        for name, info in self.points.items():
+            spec = self.specs[info.config]
+            s = to_bchw(student_feats[info.student], info.student_layout)
+            t = to_bchw(teacher_feats[info.teacher], info.teacher_layout)
             if spec.align == "interpolate" and s.shape[-2:] != t.shape[-2:]:
                 s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
             ramp = min(epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
-            distance = self.distances[name]
-            head = self.heads[name] if name in self.heads else None  # noqa: SIM401 (ModuleDict has no .get)
-            if isinstance(head, DiffKD):
-                out = head(s, t)
+            if info.head is not None:
+                entry = get_head(spec.head)
+                out = entry.apply(self.heads[info.head], s, t)
                 s, t = out.student, out.teacher
-                terms[f"{name}/diff"] = spec.diff_weight * out.diffusion_loss
-                if out.ae_loss is not None:
-                    terms[f"{name}/ae"] = spec.ae_weight * out.ae_loss
-                if out.gamma is not None:
-                    stats[f"gamma/{name}"] = out.gamma.detach().mean()
-            elif head is not None:
-                s = head(s)
-            if getattr(distance, "needs_target", False):
-                if target is None:
-                    raise ValueError(f"point {name!r}: distance {spec.distance['name']!r} needs the labels")
-                labels = target.argmax(dim=1) if target.dim() == 2 else target
-                kd = distance(s, t, labels)
-            else:
-                kd = distance(s, t)
-            terms[f"{name}/kd"] = (spec.weight * ramp) * kd
+                for term, value in out.losses.items():
+                    weight = spec.term_weights.get(term, getattr(spec, entry.term_weights.get(term, ""), 1.0))
+                    terms[f"{name}/{term}"] = weight * value
+                for stat, value in out.stats.items():
+                    stats[f"{stat}/{name}"] = value
+            distance = self.distances[info.config]
+            kwargs = self._distance_inputs(info.config, spec, inputs)
+            terms[f"{name}/kd"] = (spec.weight * ramp) * distance(s, t, **kwargs)
         return DistillOutput(terms, stats)
+
+    @staticmethod
+    def _distance_inputs(point: str, spec: PointSpec, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        entry = get_distance(spec.distance["name"])
+        missing = [k for k in entry.needs if inputs.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"point {point!r}: distance {entry.name!r} needs {missing} from the batch, which this task does "
+                f"not provide (it provides {sorted(k for k, v in inputs.items() if v is not None)})"
+            )
+        wanted = (*entry.needs, *entry.accepts)
+        return {k: inputs[k] for k in wanted if inputs.get(k) is not None}
 
     def extra_repr(self) -> str:
         return f"task_weight={self.task_weight}, points={ {n: asdict(s)['head'] for n, s in self.specs.items()} }"
+

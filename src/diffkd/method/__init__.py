@@ -3,7 +3,7 @@
 from diffkd.method.autoencoder import AutoEncoder
 from diffkd.method.compat import convert_official_state_dict, split_official_checkpoint
 from diffkd.method.denoiser import Bottleneck, DiffusionModel
-from diffkd.method.distances import DIST, DKD, MSE, KLDivergence, build_distance
+from diffkd.method.distances import DIST, DKD, MSE, KLDivergence, mask_like
 from diffkd.method.head import DiffKD, DiffKDOutput
 from diffkd.method.layout import guess_layout, to_bchw
 from diffkd.method.noise_adapter import NoiseAdapter
@@ -23,10 +23,10 @@ __all__ = [
     "DiffusionModel",
     "KLDivergence",
     "NoiseAdapter",
-    "build_distance",
     "convert_official_state_dict",
     "guess_layout",
     "make_betas",
+    "mask_like",
     "split_official_checkpoint",
     "to_bchw",
 ]

@@ -3,6 +3,10 @@
 Each is a small ``nn.Module`` computing in fp32 (also under autocast) with log-softmax/logsumexp forms, so no
 log of a rounded-to-zero probability appears. Inputs are logits (B, K) or maps (B, K, H, W); for maps the class
 dimension is dim 1.
+
+Each class declares what else it reads: ``needs`` (required keyword inputs, e.g. DKD's ``labels``) and ``accepts``
+(optional ones: ``valid_mask``, a (B, H', W') bool map — False at ignored pixels such as segmentation's label 255 —
+resized to the map's size with nearest-neighbour sampling; masked positions are left out of the loss).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DIST", "DKD", "MSE", "KLDivergence", "build_distance"]
+__all__ = ["DIST", "DKD", "MSE", "KLDivergence", "mask_like"]
 
 
 def _flatten_classes(x: Tensor) -> Tensor:
@@ -23,21 +27,38 @@ def _flatten_classes(x: Tensor) -> Tensor:
     raise ValueError(f"expected logits (B, K) or maps (B, K, H, W), got shape {tuple(x.shape)}")
 
 
+def mask_like(valid_mask: Tensor, x: Tensor) -> Tensor:
+    """``valid_mask`` (B, H', W') bool as (B, H, W) at the spatial size of the map ``x`` (B, K, H, W)
+    (nearest-neighbour); a 1-D (B,) mask for vectors (B, K) passes through."""
+    if x.dim() == 2:
+        return valid_mask.reshape(x.shape[0]).bool()
+    size = tuple(x.shape[-2:])
+    if tuple(valid_mask.shape[-2:]) == size:
+        return valid_mask.bool()
+    resized = F.interpolate(valid_mask[:, None].float(), size=size, mode="nearest")
+    return resized[:, 0] > 0.5
+
+
 class KLDivergence(nn.Module):
     """Hinton KD: ``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))``, summed over classes and positions, divided by B.
 
     This is the official ``KLDivergence`` (``reduction='batchmean'``); for (B, K, 1, 1) inputs it equals the
-    2-D loss. The teacher is detached.
+    2-D loss. The teacher is detached. With ``valid_mask`` the masked positions add nothing to the sum.
     """
+
+    accepts = ("valid_mask",)
 
     def __init__(self, tau: float = 1.0) -> None:
         super().__init__()
         self.tau = float(tau)
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def forward(self, student: Tensor, teacher: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         log_q = F.log_softmax(student.float() / self.tau, dim=1)
         log_p = F.log_softmax(teacher.detach().float() / self.tau, dim=1)
-        kl = (log_p.exp() * (log_p - log_q)).sum()
+        pointwise = log_p.exp() * (log_p - log_q)
+        if valid_mask is not None:
+            pointwise = pointwise * mask_like(valid_mask, student).unsqueeze(1)
+        kl = pointwise.sum()
         return kl / student.shape[0] * self.tau**2
 
     def extra_repr(self) -> str:
@@ -45,10 +66,17 @@ class KLDivergence(nn.Module):
 
 
 class MSE(nn.Module):
-    """Mean squared error over all elements, ``mean((s − t)²)`` (official ``nn.MSELoss()``)."""
+    """Mean squared error over all elements, ``mean((s − t)²)`` (official ``nn.MSELoss()``); with ``valid_mask``
+    the mean over the elements of the valid positions."""
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        return F.mse_loss(student.float(), teacher.detach().float())
+    accepts = ("valid_mask",)
+
+    def forward(self, student: Tensor, teacher: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        if valid_mask is None:
+            return F.mse_loss(student.float(), teacher.detach().float())
+        mask = mask_like(valid_mask, student).unsqueeze(1).to(torch.float32)
+        squared = (student.float() - teacher.detach().float()).square() * mask
+        return squared.sum() / (mask.sum() * student.shape[1]).clamp_min(1.0)
 
 
 def _pearson_rows(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
@@ -63,16 +91,23 @@ class DIST(nn.Module):
     With p = softmax(s/τ), q = softmax(t/τ) as (N, K) matrices,
     ``L = τ² · (β · (1 − mean_n ρ(p_n, q_n)) + γ · (1 − mean_k ρ(p_{:,k}, q_{:,k})))`` where ρ is the Pearson
     correlation: the inter-class term correlates each sample's class distribution, the intra-class term each
-    class's scores across the batch. Maps (B, K, H, W) are treated as B·H·W distributions.
+    class's scores across the batch. Maps (B, K, H, W) are treated as B·H·W distributions; with ``valid_mask``
+    only the valid positions' distributions.
     """
+
+    accepts = ("valid_mask",)
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0, tau: float = 1.0) -> None:
         super().__init__()
         self.beta, self.gamma, self.tau = float(beta), float(gamma), float(tau)
 
-    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        p = F.softmax(_flatten_classes(student).float() / self.tau, dim=1)
-        q = F.softmax(_flatten_classes(teacher.detach()).float() / self.tau, dim=1)
+    def forward(self, student: Tensor, teacher: Tensor, valid_mask: Tensor | None = None) -> Tensor:
+        s, t = _flatten_classes(student), _flatten_classes(teacher.detach())
+        if valid_mask is not None:
+            keep = mask_like(valid_mask, student).reshape(-1)
+            s, t = s[keep], t[keep]
+        p = F.softmax(s.float() / self.tau, dim=1)
+        q = F.softmax(t.float() / self.tau, dim=1)
         inter = 1 - _pearson_rows(p, q).mean()
         intra = 1 - _pearson_rows(p.t(), q.t()).mean()
         return self.tau**2 * (self.beta * inter + self.gamma * intra)
@@ -91,13 +126,14 @@ class DKD(nn.Module):
     ``forward(student, teacher, target)`` with logits (B, K) and target (B,) int64.
     """
 
-    needs_target = True
+    needs = ("labels",)
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> None:
         super().__init__()
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
 
-    def forward(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor) -> Tensor:
+        target = labels.argmax(dim=1) if labels.dim() == 2 else labels  # soft (Mixup) targets → their argmax
         T = self.temperature
         s = student.float().flatten(1) / T
         t = teacher.detach().float().flatten(1) / T
@@ -120,11 +156,3 @@ class DKD(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, beta={self.beta}, temperature={self.temperature}"
-
-
-def build_distance(name: str, **kwargs) -> nn.Module:
-    """``kl`` | ``mse`` | ``dist`` | ``dkd`` → the module, with its keyword arguments."""
-    table = {"kl": KLDivergence, "mse": MSE, "dist": DIST, "dkd": DKD}
-    if name not in table:
-        raise ValueError(f"unknown distance {name!r}; choose one of {', '.join(table)}")
-    return table[name](**kwargs)

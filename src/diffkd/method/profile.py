@@ -28,20 +28,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffkd.method.head import DiffKD
-from diffkd.method.layout import to_bchw
 
 __all__ = [
     "HeadProfile",
     "count_parameters",
     "diffkd_head_profile",
     "format_count",
-    "point_profiles",
     "profile_head",
-    "record_output_shapes",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,81 +188,3 @@ def diffkd_head_profile(
     head_kwargs.setdefault("kernel_size", 1 if (h, w) == (1, 1) else 3)
     head = DiffKD(student_channels, teacher_channels, **head_kwargs)
     return profile_head(head, (student_channels, h, w), (teacher_channels, h, w), fake=fake)
-
-
-# ------------------------------------------------------------------------------------------ distillation points
-
-
-def _first_tensor(output: Any) -> Any:
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return output
-
-
-@contextlib.contextmanager
-def record_output_shapes() -> Iterator[dict[int, torch.Size]]:
-    """Record the output shape of every module call inside the block: ``{id(module): shape}`` (the last call
-    wins; a tuple output records its first tensor, as the feature taps do). A global forward hook, removed on
-    exit — wrap a dry run that happens anyway (``Distiller.build``) to learn tap shapes at no extra cost."""
-    shapes: dict[int, torch.Size] = {}
-
-    def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-        out = _first_tensor(output)
-        if isinstance(out, Tensor):
-            shapes[id(module)] = out.shape
-
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        yield shapes
-    finally:
-        handle.remove()
-
-
-def _tap_shape(model: nn.Module, path: str, example: Tensor, shapes: dict[int, torch.Size]) -> torch.Size:
-    module = model.get_submodule(path) if path else model
-    if id(module) not in shapes:  # not seen yet: one dry run of this model (eval mode, no grad)
-        was = model.training
-        model.eval()
-        try:
-            with record_output_shapes() as seen, torch.no_grad():
-                model(example)
-        finally:
-            model.train(was)
-        shapes.update(seen)
-    return shapes[id(module)]
-
-
-def point_profiles(
-    distiller: nn.Module,
-    student: nn.Module,
-    teacher: nn.Module | None,
-    example: Tensor,
-    shapes: dict[int, torch.Size] | None = None,
-) -> dict[str, HeadProfile | None]:
-    """:func:`profile_head` of every head of a built :class:`~diffkd.distill.Distiller` at its real input shapes.
-
-    Args:
-        distiller: a built ``Distiller`` (its ``heads``, ``student_paths``, ``teacher_paths`` and ``layouts``).
-        student, teacher: the models it taps.
-        example: an input batch (B, C, H, W) on the models' device, used for a dry run only when ``shapes``
-            lacks a tapped module.
-        shapes: ``{id(module): output shape}`` from :func:`record_output_shapes` around ``Distiller.build``.
-
-    Returns:
-        ``{point: HeadProfile}``; ``None`` for points without a head (identity). Shapes are taken per sample in
-        (C, H, W) after the layout conversion; the student map takes the teacher's size (``align``).
-    """
-    shapes = {} if shapes is None else shapes
-    out: dict[str, HeadProfile | None] = {}
-    for name in distiller.student_paths:
-        head = distiller.heads[name] if name in distiller.heads else None  # noqa: SIM401 (ModuleDict)
-        if head is None or teacher is None:
-            out[name] = None
-            continue
-        s_layout, t_layout = distiller.layouts[name]
-        s_shape = _tap_shape(student, distiller.student_paths[name], example, shapes)
-        t_shape = _tap_shape(teacher, distiller.teacher_paths[name], example, shapes)
-        s4 = to_bchw(torch.empty(s_shape, device="meta"), s_layout).shape
-        t4 = to_bchw(torch.empty(t_shape, device="meta"), t_layout).shape
-        out[name] = profile_head(head, (s4[1], *t4[2:]), tuple(t4[1:]))
-    return out

@@ -3,12 +3,23 @@
 It owns the frozen teacher, the student and the distiller (whose heads are registered children, so the optimizer,
 DDP, checkpoints and EMA include them), runs one training step as
 
-    batch → teacher forward (no grad, eval mode; taps keep the named features) → student forward (taps)
-          → distiller terms → task loss · task_weight + Σ terms → backward
+    batch → student forward (taps keep the named values) → teacher forward (no grad, eval mode, taps)
+          → distiller terms → task_weight · Σ_k w_k · task loss k + Σ terms → backward
 
-and leaves to a task subclass only: how a batch reaches the models (``model_input``), the task loss, and the
-evaluation steps and metrics. No tensor leaves the device inside the step: non-finite checks accumulate on the
-device and are read every ``nonfinite_check_every`` steps and before any checkpoint is written.
+and leaves to a task subclass only the *forward contract* — how a batch reaches each model and what comes back:
+
+- ``student_inputs(batch)`` → ``(args, kwargs)`` of the student's training call (a detector:
+  ``(images, targets)``), and ``teacher_inputs(batch)`` for the teacher's (default: the same); or, where the
+  teacher needs something the student's call produced (a detector's resized batch), ``teacher_forward(batch)``;
+- ``task_losses(student_output, batch)`` → ``{name: loss}`` (a detector's own loss dict; classification
+  ``{"ce": ...}``), each logged as ``train/loss/<name>``, weighted by ``task_weights`` and guarded;
+- ``distill_inputs(batch)`` → what the distances may declare they need (``labels``, ``valid_mask``, ...);
+- evaluation steps and metrics.
+
+Memory format (``channels_last``), the teacher's dtype and ``torch.compile`` apply to whatever the task passes
+(every 4-D float tensor of the inputs, at any depth). The dry run that sizes the heads runs this same contract on a
+real batch of the datamodule (``example_batch``). No tensor leaves the device inside the step: the non-finite guard
+(:mod:`diffkd.tasks.nonfinite`) accumulates flags on the device.
 """
 
 from __future__ import annotations
@@ -17,27 +28,43 @@ import contextlib
 import inspect
 import logging
 import math
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from diffkd.distill import Distiller, FeatureTaps
-from diffkd.method.profile import format_count, point_profiles, record_output_shapes
+from diffkd.data.protocol import DistillDataModule, require_protocol
+from diffkd.distill import Distiller, FeatureTaps, dry_run
+from diffkd.distill.taps import AUTO_FEATURE, DryRun, TapAddress
+from diffkd.method.profile import format_count
+from diffkd.optim.lr_scaling import global_batch_size, scale_learning_rate
+from diffkd.tasks.nonfinite import NonFiniteGuard, NonFiniteLossError
 
-__all__ = ["DistillationModule", "NonFiniteLossError"]
+__all__ = ["DistillationModule", "NonFiniteLossError", "map_tensors"]
 
 log = logging.getLogger(__name__)
 
-# The frozen teacher is in eval mode on purpose; Lightning warns about any eval-mode module at fit start.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-
 COMPILE_PARTS = ("student", "teacher", "heads")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` applied to every tensor of a nested structure (tuples, lists, dicts; other leaves kept)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())  # keeps OrderedDict
+    if isinstance(obj, Mapping):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # named tuples
+        return type(obj)(*(map_tensors(v, fn) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def _compile_parts(value: bool | str | Iterable[str] | None) -> tuple[str, ...]:
@@ -55,15 +82,11 @@ def _compile_parts(value: bool | str | Iterable[str] | None) -> tuple[str, ...]:
     return tuple(n for n in COMPILE_PARTS if n in names)
 
 
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; training stops without writing a checkpoint of the bad weights."""
-
-
 class DistillationModule(L.LightningModule):
     """Teacher + student + distiller, task-agnostic.
 
     Args:
-        student: the network being trained; its ``forward`` output is the task output.
+        student: the network being trained.
         distiller: the distillation losses (``diffkd.distill.Distiller``); no points means plain training.
         teacher: the frozen teacher (``None`` for plain training).
         optimizer: a partial taking ``params`` (e.g. ``functools.partial(torch.optim.SGD, lr=0.05)``).
@@ -72,7 +95,9 @@ class DistillationModule(L.LightningModule):
         no_decay_bias_norm: weight decay 0 for biases and normalisation weights (all 1-D parameters).
         lr_base_batch_size: when set, the learning rate scales linearly with the global batch:
             ``lr × (batch_size × devices × nodes × accumulate) / lr_base_batch_size``.
-        input_size: (C, H, W) of the dry-run input; default: the datamodule's ``in_chans``/``image_size``.
+        input_size: (C, H, W) of a synthetic dry-run batch, for use without a datamodule; by default the dry run
+            uses a real batch of the datamodule (``example_batch``).
+        task_weights: ``{loss name: weight}`` of the task's loss components (unnamed ones weigh 1).
         channels_last: run student and teacher in channels_last memory format.
         compile: which parts to ``torch.compile`` — ``True`` (student, teacher and DiffKD heads), ``False``, one of
             ``"student"``, ``"teacher"``, ``"heads"`` or a list of them. A graph that fails falls back to eager with
@@ -96,6 +121,7 @@ class DistillationModule(L.LightningModule):
         no_decay_bias_norm: bool = False,
         lr_base_batch_size: int | None = None,
         input_size: Iterable[int] | None = None,
+        task_weights: Mapping[str, float] | None = None,
         channels_last: bool = False,
         compile: bool | str | Iterable[str] = False,
         compile_mode: str | None = None,
@@ -118,35 +144,94 @@ class DistillationModule(L.LightningModule):
         self.no_decay_bias_norm = no_decay_bias_norm
         self.lr_base_batch_size = lr_base_batch_size
         self.input_size = tuple(input_size) if input_size is not None else None
+        self.task_weights = {str(k): float(v) for k, v in (task_weights or {}).items()}
         self.channels_last = channels_last
         self.compile_parts = _compile_parts(compile)
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode={compile_mode!r}; choose from {list(COMPILE_MODES)}")
         self.compile_mode = compile_mode
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
-        self.nonfinite_check_every = max(1, int(nonfinite_check_every))
+        self.nonfinite = NonFiniteGuard(nonfinite_check_every)
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, stored in checkpoints
         self.student_taps: FeatureTaps | None = None
         self.teacher_taps: FeatureTaps | None = None
-        self._term_names: list[str] = []
-        self._bad_flags: Tensor | None = None
-        self._steps_since_check = 0
+        self._task_loss_names: set[str] | None = None
+        self._teacher_cast = False  # inputs go to teacher_dtype once the teacher is in it (after the dry run)
 
-    # ------------------------------------------------------------------ what a task provides
-    def model_input(self, batch: Any) -> Tensor:
-        """The tensor both models see (classification: the images)."""
+    @property
+    def nonfinite_check_every(self) -> int:
+        return self.nonfinite.check_every
+
+    # ------------------------------------------------------------------ the forward contract (a task provides)
+    def student_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the student's training call for ``batch`` (classification: ``((images,), {})``)."""
         raise NotImplementedError
 
-    def task_loss(self, student_output: Any, batch: Any) -> Tensor:
+    def teacher_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(args, kwargs)`` of the teacher's call (default: the student's, so both see the same batch)."""
+        return self.student_inputs(batch)
+
+    def task_losses(self, student_output: Any, batch: Any) -> dict[str, Tensor]:
+        """The task's loss components ``{name: scalar}`` (classification ``{"ce": ...}``; a torchvision detector's
+        training output is already such a dict)."""
         raise NotImplementedError
 
-    def distill_target(self, batch: Any) -> Tensor | None:
-        """Labels for distances that need them (DKD); ``None`` where the task has none."""
-        return None
+    def distill_inputs(self, batch: Any) -> dict[str, Any]:
+        """What distances may declare they need from the batch: ``labels``, ``valid_mask``, ``boxes``, ..."""
+        return {}
 
     def prepare_batch(self, batch: Any) -> Any:
         """Training-batch transform on the device (e.g. Mixup/CutMix)."""
         return batch
+
+    def synthetic_batch(self, input_size: tuple[int, ...]) -> Any:
+        """A random batch of two samples of ``input_size``, for a dry run without a datamodule."""
+        raise NotImplementedError(f"{type(self).__name__} needs a datamodule with example_batch() for its dry run")
+
+    def on_dry_run(self, student_output: Any) -> None:
+        """Task hook: what the student's dry-run output tells (e.g. the number of classes)."""
+
+    # ------------------------------------------------------------------ calling the models
+    def to_memory_format(self, obj: Any) -> Any:
+        """``obj`` with every 4-D floating tensor in channels_last when ``channels_last`` is on."""
+        if not self.channels_last:
+            return obj
+
+        def convert(x: Tensor) -> Tensor:
+            if x.dim() == 4 and x.is_floating_point():
+                return x.contiguous(memory_format=torch.channels_last)
+            return x
+
+        return map_tensors(obj, convert)
+
+    def student_forward(self, batch: Any) -> Any:
+        """The student's training call on ``batch`` (its output goes to :meth:`task_losses`)."""
+        args, kwargs = self.to_memory_format(self.student_inputs(batch))
+        return self.student(*args, **kwargs)
+
+    def teacher_forward(self, batch: Any) -> Any:
+        """The teacher's call on ``batch`` (after the student's; under no_grad/inference mode, in eval mode)."""
+        args, kwargs = self.to_memory_format(self.teacher_inputs(batch))
+        if self._teacher_cast:
+            dtype = self.teacher_dtype
+            args, kwargs = map_tensors((args, kwargs), lambda x: x.to(dtype) if x.is_floating_point() else x)
+        return self.teacher(*args, **kwargs)
+
+    def teacher_features(self, batch: Any) -> dict[str, Tensor]:
+        """Teacher forward keeping only the tapped values: no autograd graph, eval mode.
+
+        With ``teacher_dtype`` (the fast path) it runs under ``torch.inference_mode`` in that dtype and the taps
+        are cast back to fp32 outside it — the cast is needed anyway and yields ordinary tensors the losses may
+        save for backward. In fp32 it runs under ``no_grad``: inference tensors could not be saved by the
+        distances, and copying them out would cost more than inference mode saves.
+        """
+        assert self.teacher_taps is not None, "setup() has not run"
+        if self.teacher_dtype is None:
+            with torch.no_grad(), self._teacher_compile_context():
+                return self.teacher_taps.collect(self.teacher_forward(batch))[1]
+        with torch.inference_mode(), self._teacher_compile_context():
+            feats = self.teacher_taps.collect(self.teacher_forward(batch))[1]
+        return map_tensors(feats, lambda x: x.float() if x.is_floating_point() else x.clone())
 
     # ------------------------------------------------------------------ setup
     def train(self, mode: bool = True) -> DistillationModule:
@@ -155,50 +240,89 @@ class DistillationModule(L.LightningModule):
             self.teacher.eval()  # frozen: BatchNorm keeps its statistics, dropout stays off
         return self
 
-    def example_input(self) -> Tensor:
-        size = self.input_size
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if size is None and dm is not None and hasattr(dm, "image_size"):
-            size = (dm.in_chans, dm.image_size, dm.image_size)
-        if size is None:
-            raise ValueError("cannot infer the input size for the dry run: set model.input_size=[C, H, W]")
-        return torch.randn(2, *size, device=self.device)
+    def datamodule(self) -> Any:
+        """The attached trainer's datamodule, or ``None``."""
+        return getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+
+    def example_batch(self, split: str = "train") -> Any:
+        """The dry run's batch, on the module's device: ``input_size`` when set, else two real samples of
+        ``split`` from the datamodule (``example_batch(2, split)``; no random state is consumed either way)."""
+        if self.input_size is not None:
+            with torch.random.fork_rng(devices=[]):
+                return move_data_to_device(self.synthetic_batch(self.input_size), self.device)
+        dm = self.datamodule()
+        if dm is None:
+            raise ValueError(
+                "cannot infer shapes without data: attach a datamodule (trainer.fit(module, datamodule=...)), "
+                "call module.build(batch) yourself, or set model.input_size=[C, H, W]"
+            )
+        require_protocol(dm, DistillDataModule, "the dry run")
+        return move_data_to_device(dm.example_batch(2, split=split), self.device)
 
     def setup(self, stage: str) -> None:
         if self.student_taps is not None:
             return
-        example = self.example_input()
-        self.build(example)
+        self.build(self.example_batch("train" if stage == "fit" else "val"))
 
-    def build(self, example: Tensor) -> None:
-        """Infer shapes, create the heads and the taps (called once, from ``setup`` or by hand)."""
-        with record_output_shapes() as shapes:  # the tap shapes of the build's dry runs, for the heads' MACs
-            points = self.distiller.build(self.student, self.teacher, example)
-        profiles = point_profiles(self.distiller, self.student, self.teacher, example, shapes) if points else {}
+    def build(self, example: Any) -> None:
+        """Infer shapes and layouts, create the heads and the taps (called once, from ``setup`` or by hand).
+
+        Args:
+            example: a batch in the task's format (classification also takes a bare image tensor), on the
+                module's device. The student and then the teacher run on it once, in eval mode under no_grad,
+                leaving BatchNorm statistics and random states as they were.
+        """
+        distiller = self.distiller
+        s_hooks, t_hooks = self._dry_run_paths()
+        s_run = dry_run(self.student, lambda: self.student_forward(example), s_hooks, "student")
+        self.on_dry_run(s_run.output)
+        t_run: DryRun | None = None
+        if distiller.needs_teacher:
+            with self._teacher_compile_context():
+                t_run = dry_run(self.teacher, lambda: self.teacher_forward(example), t_hooks, "teacher")
+        points = distiller.build(self.student, self.teacher, s_run, t_run)
+        profiles = distiller.profile() if points else {}
         for name, info in points.items():
             cost = profiles.get(name)
             log.info(
-                "distill point %-8s student %-14r teacher %-14r head %-8s distance %s  head params %s  MACs/sample %s",
+                "distill point %-8s student %-14r %s teacher %-14r %s head %-8s distance %s  head params %s  "
+                "MACs/sample %s",
                 name,
                 info["student"],
+                tuple(info["student_shape"]),
                 info["teacher"],
-                info["head"],
+                tuple(info["teacher_shape"]),
+                info["head"] + (" (shared)" if info["shared_head"] else ""),
                 info["distance"]["name"],
                 f"{info['params']:,}",
                 format_count(cost.macs) if cost is not None else 0,
             )
-        s_paths, t_paths = self.distiller.tap_paths()
-        self.student_taps = FeatureTaps(self.student, ["", *s_paths])
-        if self.distiller.needs_teacher:
-            self.teacher_taps = FeatureTaps(self.teacher, ["", *t_paths])
+        s_paths, t_paths = distiller.tap_paths()
+        self.student_taps = FeatureTaps(self.student, ["", *s_paths], _multi_call(s_run))
+        if distiller.needs_teacher:
+            assert t_run is not None
+            self.teacher_taps = FeatureTaps(self.teacher, ["", *t_paths], _multi_call(t_run))
         if self.channels_last:
             for m in (self.student, self.teacher, self.distiller):
                 if m is not None:
                     m.to(memory_format=torch.channels_last)
         if self.teacher_dtype is not None and self.teacher is not None:
             self.teacher.to(self.teacher_dtype)
+            self._teacher_cast = True
         if self.compile_parts:
             self._compile()
+
+    def _dry_run_paths(self) -> tuple[list[str] | None, list[str] | None]:
+        """Module paths the dry runs record: every module where a point asks for ``@feature``."""
+        specs = self.distiller.specs.values()
+        out = []
+        for side in ("student", "teacher"):
+            addresses = [getattr(s, side) for s in specs]
+            if AUTO_FEATURE in addresses:
+                out.append(None)
+            else:
+                out.append([TapAddress.parse(a).path for a in addresses if TapAddress.parse(a).path])
+        return out[0], out[1]
 
     def _compile(self) -> None:
         import torch._dynamo
@@ -239,44 +363,34 @@ class DistillationModule(L.LightningModule):
         return torch._inductor.config.patch(freezing=True)
 
     # ------------------------------------------------------------------ training
-    def _to_memory_format(self, x: Tensor) -> Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
-
-    def forward_teacher(self, x: Tensor) -> dict[str, Tensor]:
-        """Teacher forward keeping only the tapped tensors: no autograd graph, eval mode.
-
-        With ``teacher_dtype`` (the fast path) it runs under ``torch.inference_mode`` in that dtype and the taps
-        are cast back to fp32 outside it — the cast is needed anyway and yields ordinary tensors the losses may
-        save for backward. In fp32 it runs under ``no_grad``: inference tensors could not be saved by the
-        distances, and copying them out would cost more than inference mode saves.
-        """
-        assert self.teacher_taps is not None
-        if self.teacher_dtype is None:
-            with torch.no_grad(), self._teacher_compile_context():
-                return self.teacher_taps(x)[1]
-        with torch.inference_mode(), self._teacher_compile_context():
-            feats = self.teacher_taps(x.to(self.teacher_dtype))[1]
-        return {k: v.float() for k, v in feats.items()}
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if self.compile_parts and self.compile_mode in ("reduce-overhead", "max-autotune"):
             # CUDA-graph outputs of the previous step may be overwritten from here on (one replay per step)
             torch.compiler.cudagraph_mark_step_begin()
-        batch = self.prepare_batch(batch)
-        x = self._to_memory_format(self.model_input(batch))
         assert self.student_taps is not None, "setup() has not run"
-        s_out, s_feats = self.student_taps(x)
+        batch = self.prepare_batch(batch)
+        s_out, s_feats = self.student_taps.collect(self.student_forward(batch))
         terms: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         if self.distiller.needs_teacher:
-            t_feats = self.forward_teacher(x)
-            terms, stats = self.distiller(s_feats, t_feats, self.distill_target(batch), epoch=self.current_epoch + 1)
-        task = self.task_loss(s_out, batch)
+            t_feats = self.teacher_features(batch)
+            terms, stats = self.distiller(
+                s_feats, t_feats, self.distill_inputs(batch), epoch=self.current_epoch + 1
+            )
+        losses = self.task_losses(s_out, batch)
+        self._check_task_weights(losses)
+        task: Tensor | None = None
+        for name, value in losses.items():
+            weight = self.task_weights.get(name, 1.0)
+            value = value if weight == 1.0 else weight * value
+            task = value if task is None else task + value
+        if task is None:
+            raise ValueError(f"{type(self).__name__}.task_losses returned no loss")
         loss = self.distiller.task_weight * task
         for term in terms.values():
             loss = loss + term
-        all_terms = {"task": task, **terms}
-        self._track_nonfinite(all_terms)
+        all_terms = {**losses, **terms}
+        self.nonfinite.track(all_terms, self._where())
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss/{k}": v.detach() for k, v in all_terms.items()})
         if stats:
@@ -284,41 +398,32 @@ class DistillationModule(L.LightningModule):
         self.training_step_extra(s_out, batch)
         return loss
 
+    def _check_task_weights(self, losses: Mapping[str, Tensor]) -> None:
+        if self._task_loss_names is not None:
+            return
+        self._task_loss_names = set(losses)
+        unknown = sorted(set(self.task_weights) - self._task_loss_names)
+        if unknown:
+            raise ValueError(
+                f"model.task_weights names {unknown}, but the task's losses are {sorted(losses)}; "
+                "weigh those names instead"
+            )
+
     def training_step_extra(self, student_output: Any, batch: Any) -> None:
         """Task hook for training metrics."""
 
     # ------------------------------------------------------------------ non-finite guard
-    def _track_nonfinite(self, terms: dict[str, Tensor]) -> None:
-        if list(terms) != self._term_names:
-            self._check_nonfinite()  # new term set: settle the old flags first
-            self._term_names, self._bad_flags = list(terms), None
-        values = [v.detach() for v in terms.values()]
-        if all(v.dim() == 0 for v in values):  # the usual case: one isfinite over all terms, a handful of kernels
-            bad = ~torch.isfinite(torch.stack([v.float() for v in values]))
-        else:
-            bad = torch.stack([~torch.isfinite(v).all() for v in values])
-        self._bad_flags = bad if self._bad_flags is None else self._bad_flags | bad
+    def _where(self) -> str:
+        return f"global step {self.global_step} (epoch {self.current_epoch})"
+
+    def _last_good_checkpoint(self) -> str:
+        return getattr(getattr(self._trainer, "checkpoint_callback", None), "last_model_path", "") or "none yet"
 
     def _check_nonfinite(self) -> None:
-        if self._bad_flags is None:
-            return
-        flags = self._bad_flags.tolist()  # the one host sync, every `nonfinite_check_every` steps
-        self._bad_flags = None
-        self._steps_since_check = 0
-        bad = [n for n, f in zip(self._term_names, flags) if f]
-        if bad:
-            last = getattr(getattr(self._trainer, "checkpoint_callback", None), "last_model_path", "") or "none yet"
-            raise NonFiniteLossError(
-                f"loss term(s) {', '.join(bad)} became NaN/inf by global step {self.global_step} "
-                f"(epoch {self.current_epoch}). Training stopped and no checkpoint of these weights was written; "
-                f"the last good checkpoint is {last}. Try a lower learning rate, gradient clipping "
-                "(trainer.gradient_clip_val=5) or check the inputs."
-            )
+        self.nonfinite.check(self._where(), self._last_good_checkpoint())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._steps_since_check += 1
-        if self._steps_since_check >= self.nonfinite_check_every:
-            self._check_nonfinite()
+        self.nonfinite.step_done(self._where(), self._last_good_checkpoint())
 
     def on_validation_start(self) -> None:
         self._check_nonfinite()
@@ -335,11 +440,11 @@ class DistillationModule(L.LightningModule):
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad and not n.startswith("teacher.")]
 
     def global_batch_size(self) -> int:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(dm, "batch_size", None)
-        if per_device is None:
-            raise ValueError("lr_base_batch_size needs the datamodule's batch_size")
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        dm = self.datamodule()
+        if dm is None:
+            raise ValueError("optim.lr_base_batch_size needs a datamodule (its batch_size is the per-device batch)")
+        require_protocol(dm, DistillDataModule, "optim.lr_base_batch_size")
+        return global_batch_size(dm.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
@@ -353,10 +458,7 @@ class DistillationModule(L.LightningModule):
             groups = [p for _, p in params]
         optimizer = self.optimizer_factory(groups)
         if self.lr_base_batch_size:
-            factor = self.global_batch_size() / self.lr_base_batch_size
-            for group in optimizer.param_groups:
-                group["lr"] *= factor
-                group["initial_lr"] = group["lr"]
+            factor = scale_learning_rate(optimizer, self.global_batch_size(), self.lr_base_batch_size)
             log.info("learning rate scaled ×%.4g for a global batch of %d", factor, self.global_batch_size())
         if self.scheduler_factory is None:
             return optimizer
@@ -384,3 +486,8 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"{wanted} need a train loader with a length (per-iteration schedules count epochs)")
         counts = {"steps_per_epoch": math.ceil(batches / self.trainer.accumulate_grad_batches), "total_steps": total}
         return {k: counts[k] for k in wanted}
+
+
+def _multi_call(run: DryRun) -> set[str]:
+    """Module paths that ran more than once in a dry run."""
+    return {path for path, outs in run.calls.items() if len(outs) > 1}

@@ -10,9 +10,18 @@ from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from diffkd.data.protocol import ClassificationData, require_protocol
 from diffkd.tasks.base import DistillationModule
 
 __all__ = ["ClassificationModule"]
+
+
+def _images(batch: Any) -> Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def _targets(batch: Any) -> Tensor | None:
+    return batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
 
 
 class ClassificationModule(DistillationModule):
@@ -21,11 +30,12 @@ class ClassificationModule(DistillationModule):
     Args:
         num_classes: K; ``None`` reads it from the student's output in the dry run.
         label_smoothing: ε of label-smoothed cross-entropy for hard targets; 0 takes the datamodule's
-            ``loss_label_smoothing`` when it has one (ImageNet ``data.label_smoothing``, recipes B2/B3).
+            ``loss_label_smoothing`` (ImageNet ``data.label_smoothing``, recipes B2/B3).
         **kwargs: see :class:`~diffkd.tasks.base.DistillationModule`.
 
-    Logs ``train/loss`` and its terms, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_top5``,
-    ``val/acc_best`` (the best ``val/acc`` so far) and the ``test/*`` equivalents.
+    The task loss is ``{"ce": ...}`` (logged ``train/loss/ce``); distances get ``labels`` (hard (B,) or soft
+    (B, K) targets). Logs ``train/loss`` and its terms, ``train/acc``, ``val/loss``, ``val/acc``,
+    ``val/acc_top5``, ``val/acc_best`` (the best ``val/acc`` so far) and the ``test/*`` equivalents.
     """
 
     def __init__(self, *args: Any, num_classes: int | None = None, label_smoothing: float = 0.0, **kwargs: Any):
@@ -34,14 +44,38 @@ class ClassificationModule(DistillationModule):
         self.label_smoothing = label_smoothing
         self._batch_transform: Any = None
 
-    def build(self, example: Tensor) -> None:
+    # ------------------------------------------------------------------ the forward contract
+    def student_inputs(self, batch: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        return (_images(batch),), {}
+
+    def distill_inputs(self, batch: Any) -> dict[str, Any]:
+        return {"labels": _targets(batch)}
+
+    def synthetic_batch(self, input_size: tuple[int, ...]) -> Any:
+        return torch.randn(2, *input_size), torch.zeros(2, dtype=torch.long)
+
+    def prepare_batch(self, batch: Any) -> Any:
+        if self._batch_transform is None:
+            return batch
+        x, y = batch
+        return self._batch_transform(x, y)
+
+    def task_losses(self, student_output: Tensor, batch: Any) -> dict[str, Tensor]:
+        target = batch[1]
+        logits = student_output.float()
+        if target.dim() == 2:  # soft targets (Mixup/CutMix, smoothing already folded in)
+            return {"ce": torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()}
+        return {"ce": F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)}
+
+    # ------------------------------------------------------------------ setup
+    def on_dry_run(self, student_output: Any) -> None:
         if self.num_classes is None:
-            with torch.no_grad():
-                was = self.student.training
-                out = self.student.eval()(example)
-                self.student.train(was)
-            self.num_classes = int(out.shape[-1])
+            self.num_classes = int(student_output.shape[-1])
+
+    def build(self, example: Any) -> None:
+        super().build(example)
         k = self.num_classes
+        assert k is not None
         # validate_args=False: the argument checks read tensors on the host, a sync per training step
         self.train_acc = MulticlassAccuracy(k, average="micro", validate_args=False).to(self.device)
         self.val_acc = MulticlassAccuracy(k, average="micro").to(self.device)
@@ -50,33 +84,13 @@ class ClassificationModule(DistillationModule):
         self.test_acc5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(self.device)
         self.val_loss, self.test_loss = MeanMetric().to(self.device), MeanMetric().to(self.device)
         self.val_acc_best = MaxMetric().to(self.device)
-        super().build(example)
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "batch_transform"):
+        dm = self.datamodule()
+        if dm is not None:
+            require_protocol(dm, ClassificationData, "classification")
             self._batch_transform = dm.batch_transform()
-        data_smoothing = float(getattr(dm, "loss_label_smoothing", 0.0) or 0.0)
-        if not self.label_smoothing and data_smoothing:  # the data recipe's ε (0 with Mixup: it is in the targets)
-            self.label_smoothing = data_smoothing
-
-    # ------------------------------------------------------------------ task pieces
-    def model_input(self, batch: Any) -> Tensor:
-        return batch[0]
-
-    def distill_target(self, batch: Any) -> Tensor:
-        return batch[1]
-
-    def prepare_batch(self, batch: Any) -> Any:
-        if self._batch_transform is None:
-            return batch
-        x, y = batch
-        return self._batch_transform(x, y)
-
-    def task_loss(self, student_output: Tensor, batch: Any) -> Tensor:
-        target = batch[1]
-        logits = student_output.float()
-        if target.dim() == 2:  # soft targets (Mixup/CutMix, smoothing already folded in)
-            return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+            data_smoothing = float(dm.loss_label_smoothing or 0.0)
+            if not self.label_smoothing and data_smoothing:  # the recipe's ε (0 with Mixup: it is in the targets)
+                self.label_smoothing = data_smoothing
 
     def training_step_extra(self, student_output: Tensor, batch: Any) -> None:
         target = batch[1]
@@ -87,8 +101,7 @@ class ClassificationModule(DistillationModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch: Any, acc, acc5, loss_metric, prefix: str) -> None:
         x, y = batch
-        assert self.student_taps is not None
-        logits, _ = self.student_taps(self._to_memory_format(x))
+        logits = self.student(self.to_memory_format(x))
         loss_metric(F.cross_entropy(logits.float(), y))
         acc(logits, y)
         acc5(logits, y)
