@@ -108,5 +108,3 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     _release_process_group()
     objects = {"trainer": trainer, "module": module, "datamodule": datamodule, "best_ckpt": best, "last_ckpt": last}
     return metrics, objects
-
-

@@ -82,7 +82,7 @@ def test_one_entry_and_nested_output_selectors():
 
 
 def test_every_call_of_a_module_is_kept():
-    d, s, t, x = build({"cls": {"student": "head:*", "teacher": "head:*"}})
+    d, s, _, x = build({"cls": {"student": "head:*", "teacher": "head:*"}})
     assert list(d.points) == ["cls_0", "cls_1", "cls_2"]
     assert [p.student_shape for p in d.points.values()] == [(2, 16, 24), (2, 8, 12), (2, 4, 6)]
     one = build({"cls": {"student": "head:2", "teacher": "head:2"}})[0]
@@ -97,7 +97,9 @@ def test_structured_tap_errors_name_the_fix():
         build({"cls": {"student": "head", "teacher": "head"}})
     with pytest.raises(KeyError, match=r"no entry 'p6'; its entries: \['0', '1', 'pool'\]"):
         build({"f": {"student": "fpn:p6", "teacher": "fpn:0", "head": "conv1x1"}})
-    with pytest.raises(TypeError, match=r"'fpn' is a OrderedDict with entries \['0', '1', 'pool'\], not a tensor.*fpn:\*"):
+    with pytest.raises(
+        TypeError, match=r"'fpn' is a OrderedDict with entries \['0', '1', 'pool'\], not a tensor.*fpn:\*"
+    ):
         build({"f": {"student": "fpn", "teacher": "fpn", "head": "conv1x1"}})
     with pytest.raises(ValueError, match=r"both sides must expand"):
         build({"f": {"student": "fpn:*", "teacher": "fpn:0", "head": "conv1x1"}})
@@ -167,10 +169,8 @@ def test_registries_take_new_heads_and_distances_without_editing_the_distiller()
 
     assert "test_l1" in list_distances() and "test_scale" in list_heads()
     assert get_distance("test_l1").needs == ("labels",) and get_distance("dist").accepts == ("valid_mask",)
-    d, s, t, x = build(
-        {"p": {"student": "fpn:0", "teacher": "fpn:0", "head": "test_scale", "distance": {"name": "test_l1"},
-               "term_weights": {"extra": 0.5}}}  # fmt: skip
-    )
+    point = {"student": "fpn:0", "teacher": "fpn:0", "head": "test_scale", "distance": {"name": "test_l1"}}
+    d, s, t, x = build({"p": {**point, "term_weights": {"extra": 0.5}}})
     s_paths, t_paths = d.tap_paths()
     _, sf = FeatureTaps(s, s_paths)(x)
     _, tf = FeatureTaps(t, t_paths)(x)

@@ -16,6 +16,7 @@ from diffkd.distill import Distiller
 from diffkd.tasks import DetectionModule, SegmentationModule
 
 SMALL = {"min_size": 96, "max_size": 160}
+CLS_LOGITS = "head.classification_head.cls_logits:*"  # runs once per FPN level
 
 
 def detection_batch() -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
@@ -78,8 +79,7 @@ def test_retinanet_keeps_every_call_of_its_per_level_head():
     distiller = Distiller(
         {
             "fpn": {"student": "backbone.fpn:*", "teacher": "backbone.fpn:*", "head": "diffkd", "shared_head": True},
-            "cls": {"student": "head.classification_head.cls_logits:*",
-                    "teacher": "head.classification_head.cls_logits:*"},  # fmt: skip
+            "cls": {"student": CLS_LOGITS, "teacher": CLS_LOGITS},
         },
         diffkd={"inference_steps": 1},
     )

@@ -46,8 +46,9 @@ class DistillDataModule(Protocol):
         """A real batch of ``size`` samples, for the dry run that infers the models' shapes.
 
         The first ``size`` items of ``split`` (``"train"``: through the training transforms; ``"val"``: the
-        evaluation transforms, for runs that only validate), collated as that split's loader does. DataLoader path: on the CPU; ``gpu_preload`` path: built as the device loader builds
-        its batches, on the preload device. Works before and after ``setup`` (it sets up when needed).
+        evaluation transforms, for runs that only validate), collated as that split's loader does. DataLoader
+        path: on the CPU; ``gpu_preload`` path: built as the device loader builds its batches, on the preload
+        device. Works before and after ``setup`` (it sets up when needed).
 
         Must leave every global random state as it found it (torch CPU and CUDA generators, Python ``random``,
         NumPy): seeded runs stay bit-identical whether or not it is called. See :func:`preserved_rng_state`.

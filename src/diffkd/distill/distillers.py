@@ -413,4 +413,3 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"task_weight={self.task_weight}, points={ {n: asdict(s)['head'] for n, s in self.specs.items()} }"
-

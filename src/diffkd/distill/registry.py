@@ -117,7 +117,8 @@ def register_distance(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
 
 
 def _load_builtins() -> None:
-    import diffkd.distill.builtins  # noqa: F401  (registers diffkd/conv1x1/identity and kl/mse/dist/dkd)
+    """Importing registers the built-in heads and distances, and one file per further method."""
+    import diffkd.distill.builtins
     import diffkd.distill.losses  # noqa: F401  (one file per further method)
 
 

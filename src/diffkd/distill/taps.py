@@ -172,9 +172,7 @@ class DryRun:
 
 
 @torch.no_grad()
-def dry_run(
-    model: nn.Module, forward: Any, hook_paths: Iterable[str] | None = None, role: str = "model"
-) -> DryRun:
+def dry_run(model: nn.Module, forward: Any, hook_paths: Iterable[str] | None = None, role: str = "model") -> DryRun:
     """Run ``forward()`` (which calls ``model``) in eval mode under ``no_grad`` — BatchNorm statistics, training
     flags and every random-number generator are left as they were — recording the outputs of ``hook_paths``
     (all modules when ``None``).

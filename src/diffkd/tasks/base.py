@@ -374,9 +374,7 @@ class DistillationModule(L.LightningModule):
         stats: dict[str, Tensor] = {}
         if self.distiller.needs_teacher:
             t_feats = self.teacher_features(batch)
-            terms, stats = self.distiller(
-                s_feats, t_feats, self.distill_inputs(batch), epoch=self.current_epoch + 1
-            )
+            terms, stats = self.distiller(s_feats, t_feats, self.distill_inputs(batch), epoch=self.current_epoch + 1)
         losses = self.task_losses(s_out, batch)
         self._check_task_weights(losses)
         task: Tensor | None = None
