@@ -45,18 +45,23 @@ test-all: install ## run every test
 	$(PY) -m pytest -q
 
 lint: install ## ruff lint and format check
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 format: install ## ruff autofix and format
-	$(VENV)/bin/ruff check --fix src tests
-	$(VENV)/bin/ruff format src tests
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
 
+# a clone of the official code (README "Speed"): hunto/DiffKD at 5367f44 has its files at the root; its head has them
+# in the classification submodule's lib/models/losses/diffkd (clone with --recurse-submodules). Either is used.
 OFFICIAL_DIR ?= .official/DiffKD
+OFFICIAL_CODE = $(wildcard $(OFFICIAL_DIR)/diffkd.py $(OFFICIAL_DIR)/classification/lib/models/losses/diffkd/diffkd.py)
 comma := ,
-BENCH_OFFICIAL = $(if $(wildcard $(OFFICIAL_DIR)/diffkd.py),--methods none$(comma)kd$(comma)diffkd$(comma)official_kd$(comma)official_diffkd --official-dir $(OFFICIAL_DIR))
+BENCH_OFFICIAL = $(if $(OFFICIAL_CODE),--methods none$(comma)kd$(comma)diffkd$(comma)official_kd$(comma)official_diffkd --official-dir $(OFFICIAL_DIR))
 
 bench: install ## CPU benchmark of a training step (student / KD / DiffKD [/ the official code, if cloned]; fp32 / bf16)
+	@[ -n "$(OFFICIAL_CODE)" ] || [ ! -d "$(OFFICIAL_DIR)" ] || echo "note: $(OFFICIAL_DIR) holds no official code (a \
+	clone of hunto/DiffKD's head without its submodule?), so no official rows; see README, Speed" >&2
 	$(PY) -m diffkd.bench --compile off,teacher $(BENCH_OFFICIAL)
 
 bench-gpu: install ## GPU benchmark + 1-GPU DDP smoke + timed CIFAR-shaped run

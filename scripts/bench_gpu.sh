@@ -43,7 +43,9 @@ else
 fi
 OFFICIAL=()
 METHODS=none,kd,diffkd
-if [ -f "$OFFICIAL_DIR/diffkd.py" ]; then OFFICIAL=(--official-dir "$OFFICIAL_DIR"); METHODS=$METHODS,official_kd,official_diffkd; fi
+# the official files at the clone's root (hunto/DiffKD at 5367f44) or in its classification submodule (its head)
+if [ -f "$OFFICIAL_DIR/diffkd.py" ] || [ -f "$OFFICIAL_DIR/classification/lib/models/losses/diffkd/diffkd.py" ]; then
+  OFFICIAL=(--official-dir "$OFFICIAL_DIR"); METHODS=$METHODS,official_kd,official_diffkd; fi
 BENCH=($PY -m diffkd.bench --device "$DEVICE" --no-heads "${TINY_BENCH[@]}")
 
 # 1. GPU tests

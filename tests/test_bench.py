@@ -1,5 +1,6 @@
 """The benchmark harness runs real training steps and reports what it measured (no targets asserted)."""
 
+import importlib.util
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffkd.bench import bench_head, bench_step, main
+from diffkd.bench import OFFICIAL_METHODS, bench_head, bench_step, load_official_bench, main
 
 
 def test_bench_step_measures_a_real_training_step():
@@ -35,30 +36,49 @@ def test_cli_writes_json_with_ratios(tmp_path, capsys):
     assert "DiffKD/KD step time" in capsys.readouterr().out
 
 
-def _stand_in_official(root):
-    """A directory with the official file names whose ``DiffKD`` has the official API (built on our head)."""
-    root.mkdir()
-    (root / "diffkd_modules.py").write_text("")
-    (root / "scheduling_ddim.py").write_text("")
-    (root / "diffkd.py").write_text(
-        "import diffkd_modules, scheduling_ddim  # resolved from this directory\n"
-        "from torch import nn\n"
-        "from diffkd.method import DiffKD as Ours\n\n"
-        "class DiffKD(nn.Module):\n"
-        "    def __init__(self, student_channels, teacher_channels, kernel_size=3, inference_steps=5,\n"
-        "                 num_train_timesteps=1000, use_ae=False, ae_channels=None):\n"
-        "        super().__init__()\n"
-        "        self.head = Ours(student_channels, teacher_channels, kernel_size=kernel_size,\n"
-        "                         use_ae=use_ae, ae_channels=ae_channels)\n\n"
-        "    def forward(self, s, t):\n"
-        "        out = self.head(s, t)\n"
-        "        return out.student, out.diffusion_loss, out.teacher, out.ae_loss\n"
-    )
+_STAND_IN_DIFFKD = """
+from torch import nn
+from diffkd.method import DiffKD as Ours
+
+class DiffKD(nn.Module):
+    def __init__(self, student_channels, teacher_channels, kernel_size=3, inference_steps=5,
+                 num_train_timesteps=1000, use_ae=False, ae_channels=None):
+        super().__init__()
+        self.head = Ours(student_channels, teacher_channels, kernel_size=kernel_size,
+                         use_ae=use_ae, ae_channels=ae_channels)
+
+    def forward(self, s, t):
+        out = self.head(s, t)
+        return {returns}
+"""
+
+
+def _stand_in_official(root, layout="root"):
+    """A clone with the official file names whose ``DiffKD`` has the official API (built on our head), in the layout
+    of hunto/DiffKD up to 5367f44 (``root``: the files at the top, absolute imports) or of its head (``package``: the
+    ``classification`` submodule's ``lib/models/losses/diffkd`` package, relative imports, another return order)."""
+    if layout == "root":
+        where = root
+        imports = "import diffkd_modules, scheduling_ddim  # resolved from this directory"
+        returns = "out.student, out.diffusion_loss, out.teacher, out.ae_loss"
+    else:
+        where = root / "classification" / "lib" / "models" / "losses" / "diffkd"
+        imports = "from . import diffkd_modules, scheduling_ddim"
+        returns = "out.student, out.teacher, out.diffusion_loss, out.ae_loss"
+    where.mkdir(parents=True)
+    if layout == "package":
+        (where / "__init__.py").write_text("from .diffkd import DiffKD\n")
+        # importing through lib/ would run the rest of that repository: the loader must not
+        (root / "classification" / "lib" / "__init__.py").write_text("raise ImportError('not this way')\n")
+    (where / "diffkd_modules.py").write_text("")
+    (where / "scheduling_ddim.py").write_text("")
+    (where / "diffkd.py").write_text(imports + "\n" + _STAND_IN_DIFFKD.format(returns=returns))
     return root
 
 
-def test_official_step_runs_a_clone_of_the_official_api(tmp_path):
-    official = _stand_in_official(tmp_path / "DiffKD")
+@pytest.mark.parametrize("layout", ["root", "package"])
+def test_official_step_runs_a_clone_of_the_official_api(tmp_path, layout):
+    official = _stand_in_official(tmp_path / "DiffKD", layout)
     for method in ("official_kd", "official_diffkd"):
         r = bench_step("cifar", method, "fp32", False, False, "cpu", steps=1, warmup=1, batch=4,
                        official_dir=str(official))  # fmt: skip
@@ -69,14 +89,48 @@ def test_official_step_runs_a_clone_of_the_official_api(tmp_path):
 
 
 def test_official_methods_explain_where_the_code_comes_from(tmp_path):
-    from diffkd.bench_official import load_official_diffkd
-
-    with pytest.raises(SystemExit, match=r"git clone https://github\.com/hunto/DiffKD"):
+    official = load_official_bench()
+    pin = official.PINNED_COMMIT
+    assert len(pin) == 40 and pin.startswith("5367f44")
+    clone = rf"git clone https://github\.com/hunto/DiffKD \.official/DiffKD && git -C \.official/DiffKD checkout {pin}"
+    with pytest.raises(SystemExit, match=clone):
         main(["--methods", "official_diffkd", "--no-heads", "--out", str(tmp_path / "b.json")])
-    with pytest.raises(FileNotFoundError, match=r"lacks diffkd\.py, diffkd_modules\.py, scheduling_ddim\.py"):
-        load_official_diffkd(tmp_path)
+    with pytest.raises(SystemExit, match=r"lacks diffkd\.py, diffkd_modules\.py, scheduling_ddim\.py"):
+        main(["--methods", "official_diffkd", "--official-dir", str(tmp_path), "--out", str(tmp_path / "b.json")])
+    with pytest.raises(FileNotFoundError, match=clone):
+        official.load_official_diffkd(tmp_path / "absent")
+    # hunto/DiffKD's head cloned without --recurse-submodules: an empty classification/ folder
+    (tmp_path / "head" / "classification").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=rf"submodule update --init classification|checkout {pin}"):
+        official.load_official_diffkd(tmp_path / "head")
     with pytest.raises(ValueError, match=r"neither channels_last nor torch\.compile"):
         bench_step("cifar", "official_kd", "fp32", True, False, "cpu", 1, 0, official_dir=str(tmp_path))
+
+
+def test_the_official_loop_is_development_code_outside_the_package():
+    assert importlib.util.find_spec("diffkd.bench_official") is None
+    official = load_official_bench()
+    repo = Path(__file__).resolve().parents[1]
+    assert Path(official.__file__) == repo / "benchmarks" / "official.py"
+    assert official.OFFICIAL_METHODS == OFFICIAL_METHODS
+
+
+def test_official_rows_without_a_source_checkout_say_they_need_one(tmp_path, monkeypatch):
+    import diffkd.bench as bench
+
+    # an installed wheel: diffkd/bench.py in site-packages, no benchmarks/ above it
+    monkeypatch.delenv(bench.BENCHMARKS_DIR_ENV, raising=False)
+    monkeypatch.setattr(bench, "_THIS_FILE", tmp_path / "site-packages" / "diffkd" / "bench.py")
+    with pytest.raises(SystemExit, match=r"official-code rows .* need a source checkout of diffkd"):
+        main(["--methods", "kd,official_diffkd", "--official-dir", str(tmp_path), "--out", str(tmp_path / "b.json")])
+    with pytest.raises(FileNotFoundError, match=r"DIFFKD_BENCHMARKS_DIR=<clone>/benchmarks"):
+        bench_step("cifar", "official_kd", "fp32", False, False, "cpu", 1, 0, official_dir=str(tmp_path))
+    # the environment variable names the folder explicitly, and a wrong one is reported as such
+    monkeypatch.setenv(bench.BENCHMARKS_DIR_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"DIFFKD_BENCHMARKS_DIR=.* has no official\.py"):
+        load_official_bench()
+    monkeypatch.setenv(bench.BENCHMARKS_DIR_ENV, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    assert load_official_bench().PINNED_COMMIT.startswith("5367f44")
 
 
 def test_repeat_keeps_the_median_round_and_every_rounds_time(tmp_path):
@@ -113,10 +167,11 @@ def test_compiled_rows_take_the_flops_of_the_eager_row_of_their_pair_method_and_
     assert other_batch.gflop_per_step is None  # no eager row at batch 8: not guessed
 
 
-def test_the_official_loop_does_the_same_flops_as_ours(tmp_path):
+@pytest.mark.parametrize("layout", ["root", "package"])
+def test_the_official_loop_does_the_same_flops_as_ours(tmp_path, layout):
     # the stand-in wraps our head, so equal counts mean the two loops around it do the same work: no extra
-    # teacher or student passes on our side
-    official = _stand_in_official(tmp_path / "DiffKD")
+    # teacher or student passes on our side (and in either layout the outputs are read in their own order)
+    official = _stand_in_official(tmp_path / "DiffKD", layout)
     for ours, theirs in (("kd", "official_kd"), ("diffkd", "official_diffkd")):
         a = bench_step("cifar", ours, "fp32", False, False, "cpu", steps=1, warmup=1, batch=4)
         b = bench_step("cifar", theirs, "fp32", False, False, "cpu", steps=1, warmup=1, batch=4,

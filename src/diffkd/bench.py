@@ -9,11 +9,16 @@ speed-up. A table goes to the screen and everything to JSON (``--out``).
 
 It also times the DiffKD head alone (forward + backward) at the CIFAR feature point (128 channels, 8×8,
 batch 64, no AE) and the ImageNet feature point (512 → 1024 latent with AE, 7×7, batch 32).
+
+The rows ``official_kd`` / ``official_diffkd`` time the official implementation (a local clone, ``--official-dir``)
+in a loop re-created by ``benchmarks/official.py``: development-only code that is not part of the installed package,
+loaded from the source checkout (``benchmarks/`` at the repository root, or ``$DIFFKD_BENCHMARKS_DIR``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import logging
@@ -25,16 +30,62 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffkd.bench_official import OFFICIAL_METHODS, bench_official_step
 from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES, configure_cpu_malloc
 
-__all__ = ["PAIRS", "BenchResult", "bench_head", "bench_step", "main"]
+__all__ = ["OFFICIAL_METHODS", "PAIRS", "BenchResult", "bench_head", "bench_step", "load_official_bench", "main"]
+
+OFFICIAL_METHODS = ("official_kd", "official_diffkd")  # rows timed by benchmarks/official.py (source checkout only)
+BENCHMARKS_DIR_ENV = "DIFFKD_BENCHMARKS_DIR"
+_THIS_FILE = Path(__file__).resolve()
+
+
+def _benchmarks_dir() -> Path:
+    """The source checkout's ``benchmarks/`` folder: ``$DIFFKD_BENCHMARKS_DIR``, else the first folder above this
+    file that is a diffkd checkout (``pyproject.toml``, ``src/diffkd/``, ``benchmarks/official.py``)."""
+    where = os.environ.get(BENCHMARKS_DIR_ENV)
+    if where:
+        folder = Path(where).expanduser().resolve()
+        if (folder / "official.py").is_file():
+            return folder
+        raise FileNotFoundError(
+            f"{BENCHMARKS_DIR_ENV}={where} has no official.py (it should name the benchmarks/ folder of a source "
+            "checkout of diffkd)"
+        )
+    for parent in _THIS_FILE.parents:
+        if all((parent / p).exists() for p in ("pyproject.toml", "src/diffkd", "benchmarks/official.py")):
+            return parent / "benchmarks"
+    raise FileNotFoundError(
+        f"the official-code rows ({', '.join(OFFICIAL_METHODS)}) need a source checkout of diffkd: they run "
+        f"benchmarks/official.py, which is development-only and not part of the installed package (no checkout "
+        f"above {_THIS_FILE.parent}). Run them from a clone of the diffkd repository (pip install -e <clone>), or "
+        f"set {BENCHMARKS_DIR_ENV}=<clone>/benchmarks."
+    )
+
+
+@cache
+def _load_file(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_diffkd_benchmarks_official", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_official_bench() -> ModuleType:
+    """``benchmarks/official.py`` of the source checkout (see :func:`_benchmarks_dir`); FileNotFoundError saying
+    so when there is none, as in an installed wheel."""
+    return _load_file(_benchmarks_dir() / "official.py")
+
 
 PAIRS: dict[str, dict[str, Any]] = {
     # official_points / official_channels: the official KD_MODULES entries (spec §C.1) for --official-dir
@@ -149,19 +200,20 @@ def bench_step(
 ) -> BenchResult:
     """Time ``steps`` Lightning training steps after ``warmup`` steps; synchronises only at the two ends.
 
-    ``official_kd`` / ``official_diffkd`` time the official implementation's step instead
-    (:mod:`diffkd.bench_official`, imported from ``official_dir``); it has neither channels_last nor compile.
+    ``official_kd`` / ``official_diffkd`` time the official implementation's step instead (``benchmarks/official.py``
+    of the source checkout, running the official code of ``official_dir``); it has neither channels_last nor compile.
     """
     import lightning as L
 
     pair = PAIRS[pair_name]
     bs = batch or pair["batch"]
     if method in OFFICIAL_METHODS:
-        if official_dir is None:
-            raise ValueError(f"{method} needs --official-dir <clone of https://github.com/hunto/DiffKD>")
         if channels_last or compile:
             raise ValueError(f"{method}: the official code has neither channels_last nor torch.compile")
-        seconds, peak, finite, flops = bench_official_step(
+        official = load_official_bench()
+        if official_dir is None:
+            raise ValueError(f"{method} needs --official-dir: {official.CLONE_HINT}")
+        seconds, peak, finite, flops = official.bench_official_step(
             official_dir, pair, method, precision, device, steps, warmup, bs, use_ae=pair_name == "imagenet"
         )  # fmt: skip
         return BenchResult(pair_name, method, precision, False, False, bs, 1000 * seconds, bs / seconds, peak,
@@ -373,6 +425,17 @@ def _choices(value: str, allowed: dict[str, Any]) -> list[Any]:
     return [allowed[k] for k in keys]
 
 
+def _check_official(official_dir: str | None) -> None:
+    """Fail before any timing when the official rows cannot run: no source checkout, no or a wrong clone."""
+    try:
+        official = load_official_bench()
+        if not official_dir:
+            raise SystemExit(f"official_* methods time the official code: {official.CLONE_HINT}")
+        official.find_official_code(official_dir)
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser = argparse.ArgumentParser(prog="python -m diffkd.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
@@ -385,7 +448,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser.add_argument(
         "--official-dir",
         default=None,
-        help="clone of https://github.com/hunto/DiffKD, for --methods official_kd,official_diffkd",
+        help="clone of https://github.com/hunto/DiffKD (at 5367f44, or with its classification submodule), for"
+        " --methods official_kd,official_diffkd; needs a source checkout of diffkd (benchmarks/official.py)",
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
@@ -425,11 +489,8 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
 
     onoff = {"off": False, "on": True}
     methods = _choices(args.methods, {k: k for k in (*METHODS, *OFFICIAL_METHODS)})
-    if any(m in OFFICIAL_METHODS for m in methods) and not args.official_dir:
-        raise SystemExit(
-            "official_* methods time the official code: git clone https://github.com/hunto/DiffKD <dir> and pass "
-            "--official-dir <dir>"
-        )
+    if any(m in OFFICIAL_METHODS for m in methods):
+        _check_official(args.official_dir)
     combos = [
         c
         for c in itertools.product(
