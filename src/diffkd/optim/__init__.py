@@ -1,7 +1,14 @@
-"""Optimisation helpers: learning-rate schedules configured in epochs and stepped every iteration, and the linear
-learning-rate scaling rule."""
+"""Optimisation helpers: learning-rate schedules stepped every iteration (lengths in epochs; the segmentation poly
+schedule in steps) and the linear learning-rate scaling rule."""
 
 from diffkd.optim.lr_scaling import global_batch_size, scale_learning_rate
-from diffkd.optim.schedulers import EpochWarmupScheduler, WarmupCosineLR, WarmupStepLR
+from diffkd.optim.schedulers import EpochWarmupScheduler, PolyLR, WarmupCosineLR, WarmupStepLR
 
-__all__ = ["EpochWarmupScheduler", "WarmupCosineLR", "WarmupStepLR", "global_batch_size", "scale_learning_rate"]
+__all__ = [
+    "EpochWarmupScheduler",
+    "PolyLR",
+    "WarmupCosineLR",
+    "WarmupStepLR",
+    "global_batch_size",
+    "scale_learning_rate",
+]

@@ -21,6 +21,9 @@ The schedule is a closed form of the step count (``last_epoch``), so resuming fr
 as the official ``GradualWarmupScheduler`` hands ``t − warmup_steps`` to the decay schedule (whose cosine
 period is ``total_steps − warmup_steps``, spec §D.2). The official code updates the warm-up lr once per epoch;
 here it rises every step.
+
+:class:`PolyLR` is the segmentation schedule (CIRKD / MasKD / DIST_KD on Cityscapes): a polynomial decay over a run
+given in optimizer steps (``trainer.max_steps``), stepped every iteration, without warm-up.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["EpochWarmupScheduler", "WarmupCosineLR", "WarmupStepLR"]
+__all__ = ["EpochWarmupScheduler", "PolyLR", "WarmupCosineLR", "WarmupStepLR"]
 
 
 class EpochWarmupScheduler(LRScheduler):
@@ -166,3 +169,50 @@ class WarmupCosineLR(EpochWarmupScheduler):
             return self.min_lr
         progress = min(epochs / span, 1.0)
         return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class PolyLR(LRScheduler):
+    """Polynomial decay over a fixed number of optimizer steps, stepped every iteration (segmentation's "poly").
+
+    ``lr_k = min_lr + (base_lr − min_lr) · (1 − min(k, T) / T) ** power`` at optimizer step ``k`` (0 = the first
+    step) of ``T = total_steps``. ``min_lr=0`` is CIRKD's ``adjust_lr`` (``base · (1 − it/max) ** 0.9`` with
+    ``it = iteration − 1``); ``min_lr=1e-4`` is DIST_KD's and MasKD's (a floor of 1e-4). Past ``T`` the rate stays
+    at ``min_lr``. Use with ``optim.scheduler_interval: step``.
+
+    Args:
+        optimizer: the wrapped optimizer; each group's ``initial_lr`` (else ``lr``) is its base lr.
+        total_steps: ``T``, optimizer steps of the whole run (> 0); the Cityscapes configs interpolate
+            ``${trainer.max_steps}``.
+        power: the exponent (0.9 everywhere in CIRKD / MasKD / DIST_KD).
+        min_lr: the floor, absolute and the same for every group.
+        last_epoch: the index of the last step taken (−1 = a fresh start), as in every torch scheduler.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int | None = None,
+        power: float = 0.9,
+        min_lr: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
+        if total_steps is None or total_steps <= 0:
+            raise ValueError(
+                f"PolyLR needs total_steps > 0 (got {total_steps}); set optim.scheduler.total_steps or "
+                "trainer.max_steps (the Cityscapes configs interpolate it)"
+            )
+        self.total_steps = int(total_steps)
+        self.power = float(power)
+        self.min_lr = float(min_lr)
+        super().__init__(optimizer, last_epoch)
+
+    def lr_at(self, base_lr: float, step: int) -> float:
+        """The learning rate of a group with base lr ``base_lr`` at optimizer step ``step``."""
+        remaining = 1.0 - min(max(step, 0), self.total_steps) / self.total_steps
+        return self.min_lr + (base_lr - self.min_lr) * remaining**self.power
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
