@@ -61,10 +61,61 @@ def _check_sync_batchnorm(cfg: DictConfig, trainer: L.Trainer) -> None:
         )
 
 
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path`` as a file: ``last`` is this run folder's ``checkpoints/last.ckpt`` when it exists (a requeued
+    job), else the newest ``last.ckpt`` of this task's runs (``<log_dir>/<task_name>/{runs,multiruns}/**``)."""
+    value = cfg.get("ckpt_path")
+    if value is None or str(value) != "last":
+        if value is not None and not Path(str(value)).is_file():
+            raise FileNotFoundError(f"ckpt_path={value}: no such file (ckpt_path=last resumes this task's newest run)")
+        return None if value is None else str(value)
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return str(own)
+    task_dir = Path(cfg.paths.log_dir) / str(cfg.task_name)
+    found = sorted(task_dir.glob("*runs/**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoints/last.ckpt under {task_dir} (runs/ or multiruns/) nor in "
+            f"{own.parent}; give the file instead: ckpt_path=<run>/checkpoints/last.ckpt"
+        )
+    log.info("ckpt_path=last: resuming %s", found[-1])
+    return str(found[-1])
+
+
+def _resume_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
+    """A resumed run logs to the W&B run it started (the id stored in the checkpoint), unless logger.wandb.id is
+    set."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if ckpt_path is None or wandb_cfg is None or wandb_cfg.get("id"):
+        return
+    import torch
+
+    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("diffkd", {}).get("wandb_id")
+    if stored:
+        with open_dict(cfg):
+            cfg.logger.wandb.id = stored
+            cfg.logger.wandb.resume = "allow"
+        log.info("W&B: resuming run %s", stored)
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str:
+    for cb in trainer.callbacks:
+        if type(cb).__name__ == "LastCheckpoint":
+            return str(cb.path) if cb.path.is_file() else ""
+    ckpt_cb = trainer.checkpoint_callback
+    last = getattr(ckpt_cb, "last_model_path", "")
+    if not last and ckpt_cb is not None and ckpt_cb.dirpath and (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
+        last = str(Path(ckpt_cb.dirpath) / "last.ckpt")  # ddp_spawn hands back only the best path
+    return last
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """One training run. Returns (metrics, {"trainer", "module", "datamodule", "best_ckpt", "last_ckpt"})."""
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg) if cfg.get("train", True) else None
+    _resume_wandb(cfg, ckpt_path)
     datamodule = instantiate(cfg.data)
     num_classes = getattr(datamodule, "num_classes", None)
     module = build_module(cfg, num_classes)
@@ -86,7 +137,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             with warnings.catch_warnings():
                 # the frozen teacher is in eval mode on purpose; Lightning warns about any eval-mode module
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-                trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         # the launcher leaves LOCAL_RANK & co. in this process's environment; the next job of a multirun would
         # then believe an external launcher started it and never start its children
@@ -99,9 +150,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     ckpt_cb = trainer.checkpoint_callback
     # read before testing: trainer.test(ckpt_path=best) restores the callback's state as of that checkpoint
     best = getattr(ckpt_cb, "best_model_path", "") if cfg.get("train", True) else ""
-    last = getattr(ckpt_cb, "last_model_path", "") if cfg.get("train", True) else ""
-    if not last and ckpt_cb is not None and ckpt_cb.dirpath and (Path(ckpt_cb.dirpath) / "last.ckpt").is_file():
-        last = str(Path(ckpt_cb.dirpath) / "last.ckpt")  # ddp_spawn hands back only the best path
+    last = _last_checkpoint(trainer) if cfg.get("train", True) else ""
     if cfg.get("test", False):
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -23,27 +23,16 @@ CPU and on a GPU.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from diffkd.utils.seeding import lightning_seed, mix_seed
+
 __all__ = ["CropFlipNormalize", "DeviceTensorLoader", "EpochPlan", "ShardedIndexSampler", "lightning_seed"]
-
-
-def lightning_seed(default: int = 0) -> int:
-    """The seed ``lightning.seed_everything`` set (``PL_GLOBAL_SEED``), as Lightning's samplers use it."""
-    return int(os.environ.get("PL_GLOBAL_SEED", default))
-
-
-def _mix_seed(*words: int) -> int:
-    """A well-mixed 63-bit seed from non-negative integers (``numpy.random.SeedSequence``)."""
-    entropy = [int(w) & 0xFFFF_FFFF_FFFF_FFFF for w in words]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 class CropFlipNormalize:
@@ -374,7 +363,7 @@ class DeviceTensorLoader:
         indices = s.indices(epoch)
         offsets = flips = None
         if self.transform.augments:
-            g = torch.Generator().manual_seed(_mix_seed(s.seed, epoch, s.rank, 1))
+            g = torch.Generator().manual_seed(mix_seed(s.seed, epoch, s.rank, 1))
             offsets, flips = self.transform.sample(len(indices), generator=g)
         plan = EpochPlan(
             epoch=epoch,
@@ -400,7 +389,7 @@ class DeviceTensorLoader:
             raise ValueError(f"example(size={size}): the data set has {len(self.images)} samples")
         offsets = flips = None
         if self.transform.augments:
-            g = torch.Generator().manual_seed(_mix_seed(self.sampler.seed, 2))
+            g = torch.Generator().manual_seed(mix_seed(self.sampler.seed, 2))
             offsets, flips = self.transform.sample(size, generator=g)
             offsets = None if offsets is None else self._to_device(offsets)
             flips = None if flips is None else self._to_device(flips)

@@ -43,6 +43,7 @@ from diffkd.distill.taps import AUTO_FEATURE, DryRun, TapAddress
 from diffkd.method.profile import format_count
 from diffkd.optim.lr_scaling import global_batch_size, scale_learning_rate
 from diffkd.tasks.nonfinite import NonFiniteGuard, NonFiniteLossError
+from diffkd.utils.seeding import lightning_seed, seed_step
 
 __all__ = ["DistillationModule", "NonFiniteLossError", "map_tensors"]
 
@@ -108,6 +109,9 @@ class DistillationModule(L.LightningModule):
             ``"reduce-overhead"``: CUDA graphs, which pay off for CIFAR-sized batches on a GPU; ``"max-autotune"``).
         teacher_dtype: ``bfloat16``/``float16`` to run the teacher in that dtype (its outputs are cast back).
         nonfinite_check_every: read the device-side non-finite flags every N steps (1 = every step).
+        reseed_every_step: seed the global generators from ``(seed, epoch, batch index, rank)`` before every
+            training batch, so the DiffKD noise and dropout of a step do not depend on what ran before it — a
+            resumed run draws what the uninterrupted one drew, on every rank.
     """
 
     def __init__(
@@ -127,6 +131,7 @@ class DistillationModule(L.LightningModule):
         compile_mode: str | None = None,
         teacher_dtype: str | None = None,
         nonfinite_check_every: int = 50,
+        reseed_every_step: bool = True,
     ) -> None:
         super().__init__()
         self.student = student
@@ -152,6 +157,7 @@ class DistillationModule(L.LightningModule):
         self.compile_mode = compile_mode
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         self.nonfinite = NonFiniteGuard(nonfinite_check_every)
+        self.reseed_every_step = reseed_every_step
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, stored in checkpoints
         self.student_taps: FeatureTaps | None = None
         self.teacher_taps: FeatureTaps | None = None
@@ -388,7 +394,7 @@ class DistillationModule(L.LightningModule):
         for term in terms.values():
             loss = loss + term
         all_terms = {**losses, **terms}
-        self.nonfinite.track(all_terms, self._where())
+        self.nonfinite.track(all_terms, self.global_step, self._where())
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss/{k}": v.detach() for k, v in all_terms.items()})
         if stats:
@@ -410,28 +416,56 @@ class DistillationModule(L.LightningModule):
     def training_step_extra(self, student_output: Any, batch: Any) -> None:
         """Task hook for training metrics."""
 
-    # ------------------------------------------------------------------ non-finite guard
+    # ------------------------------------------------------------------ reproducible steps, non-finite guard
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.reseed_every_step:
+            seed_step(lightning_seed(), self.current_epoch, batch_idx, self.global_rank, self.device)
+
     def _where(self) -> str:
         return f"global step {self.global_step} (epoch {self.current_epoch})"
 
     def _last_good_checkpoint(self) -> str:
-        return getattr(getattr(self._trainer, "checkpoint_callback", None), "last_model_path", "") or "none yet"
+        trainer = self._trainer
+        if trainer is None:
+            return "none yet"
+        for cb in trainer.callbacks:
+            path = getattr(cb, "last_model_path", "")
+            if path:
+                return path
+        return "none yet"
 
-    def _check_nonfinite(self) -> None:
-        self.nonfinite.check(self._where(), self._last_good_checkpoint())
+    def _check_nonfinite(self, when: str) -> None:
+        """Loss terms since the last check, then every trainable parameter."""
+        last = self._last_good_checkpoint()
+        self.nonfinite.check(self._where(), last)
+        self.nonfinite.check_parameters(self.trainable_parameters(), f"{when} at {self._where()}", last)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.nonfinite.step_done(self._where(), self._last_good_checkpoint())
+        self.nonfinite.step_done(self._last_good_checkpoint())
 
     def on_validation_start(self) -> None:
-        self._check_nonfinite()
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self._check_nonfinite("before validation")
 
     def on_train_epoch_end(self) -> None:
-        self._check_nonfinite()
+        self._check_nonfinite("at the end of the epoch")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_nonfinite()
-        checkpoint["diffkd"] = {"points": self.distiller.describe(), "config": self.run_config}
+        if self._trainer is not None and self.trainer.state.fn == "fit":
+            self._check_nonfinite("before writing a checkpoint")
+        checkpoint["diffkd"] = {
+            "points": self.distiller.describe(),
+            "config": self.run_config,
+            "wandb_id": self._wandb_id(),
+        }
+
+    def _wandb_id(self) -> str | None:
+        if self._trainer is None:
+            return None
+        for lg in self.trainer.loggers:
+            if type(lg).__name__ == "WandbLogger":
+                return getattr(lg, "version", None)
+        return None
 
     # ------------------------------------------------------------------ optimisation
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:

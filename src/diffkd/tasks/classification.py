@@ -115,6 +115,9 @@ class ClassificationModule(DistillationModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
+        if self.trainer.state.fn == "fit":  # NaN logits would read as class 0: an accuracy that means nothing
+            where = f"after {self._where()}"
+            self.nonfinite.check_value("val/loss", self.val_loss.compute(), where, self._last_good_checkpoint())
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
 
