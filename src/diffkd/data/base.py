@@ -6,26 +6,49 @@ A subclass only says how to build its data sets (``build_datasets``) and what it
 (:class:`~diffkd.data.protocol.ClassificationData`: ``example_batch``, ``batch_transform``,
 ``loss_label_smoothing``) live here once.
 Batches are ``(images, targets)`` with images (B, C, H, W) float and targets (B,) int64.
+
+Also here, for every datamodule whose samples are image files (ImageFolder, ImageNet, COCO, Cityscapes): reading a
+file with an error that names it (:func:`read_image`, :class:`ImageReadError`), what a check found
+(:class:`DataIssue`), and the two opt-in config keys of :class:`ImageFileChecks`: ``data.verify`` (decode every
+file at setup, one error listing the bad ones) and ``data.skip_bad_images`` (:class:`SkipBadImages`: an
+unreadable sample is replaced by the next readable one, warned about and counted).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from diffkd.data.device_loader import DeviceTensorLoader
 from diffkd.data.protocol import preserved_rng_state
+from diffkd.data.resumable import EpochShuffleSampler, ResumableDataLoader, SeededSamples, resume_position
 from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
 
-__all__ = ["ClassificationDataModule", "DataNotFoundError", "PreloadableDataModule"]
+__all__ = [
+    "BadImagesError",
+    "ClassificationDataModule",
+    "DataIssue",
+    "DataNotFoundError",
+    "ImageFileChecks",
+    "ImageReadError",
+    "PreloadableDataModule",
+    "SkipBadImages",
+    "SkippedImageWarning",
+    "inspect_image",
+    "read_image",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +85,328 @@ class DataNotFoundError(FileNotFoundError):
 
     def __reduce__(self):  # keep it picklable (worker processes, DDP spawn) despite the custom __init__
         return (type(self), (self.dataset, self.searched, self.layout, self.remedies))
+
+
+# ------------------------------------------------------------------------------------------ image files
+
+#: The hint an unreadable file's error ends with.
+BAD_IMAGE_HINT = (
+    "python -m diffkd.data.check <data config> lists every bad file; set data.skip_bad_images=true to replace "
+    "each unreadable sample by the next readable one"
+)
+# What PIL raises for a file it cannot open or decode (SyntaxError and ValueError: some malformed headers).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class ImageReadError(OSError):
+    """An image (or label) file that cannot be opened or decoded; the message names the file.
+
+    It keeps the plain ``OSError(message)`` constructor: a ``DataLoader`` worker re-raises an error in the main
+    process by calling its class with one message string. :func:`read_image` sets the attributes; a re-raised copy
+    has the message only.
+
+    Attributes:
+        path: the file (``None`` on a copy re-raised from a worker process).
+        kind: ``"empty"`` (0 bytes), ``"missing"``, ``"truncated"`` or ``"unreadable"``.
+        reason: what went wrong, one line, without the path (``"empty file (0 bytes)"``).
+    """
+
+    path: str | None = None
+    kind: str = "unreadable"
+    reason: str = ""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _decode_failure(path: str, err: BaseException) -> tuple[str, str]:
+    """``(kind, reason)`` of a file PIL failed on; the size is looked at only now, so reading costs no ``stat``."""
+    if isinstance(err, FileNotFoundError):
+        return "missing", "no such file"
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty", "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(err, UnidentifiedImageError):
+        return "unreadable", f"not an image file PIL can read ({_one_line(err)})"
+    if "truncated" in str(err).lower():  # "image file is truncated", "Truncated File Read"
+        return "truncated", f"truncated ({_one_line(err)})"
+    return "unreadable", _one_line(err)
+
+
+def read_image(
+    path: str | os.PathLike[str], mode: str | None = "RGB", *, what: str = "image", context: str = ""
+) -> Image.Image:
+    """Open and fully decode an image file, converted to ``mode`` (``None``: its own mode).
+
+    The pixels are those of ``Image.open(path).convert(mode)``; the file is closed on return.
+
+    Args:
+        path: the file.
+        mode: the PIL mode to convert to; ``None`` keeps the file's.
+        what: what the file is, for the message (``"image"``, ``"label"``).
+        context: appended to the path in the message (``" (COCO image id 9)"``).
+
+    Raises:
+        ImageReadError: missing, empty, truncated or undecodable; the message names the file, says why, and how
+            to find or skip every such file.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as image:
+            if mode is None:
+                image.load()
+                return image
+            return image.convert(mode)
+    except _DECODE_ERRORS as err:
+        kind, reason = _decode_failure(path, err)
+        error = ImageReadError(f"cannot read {what} file {path}{context}: {reason}. ({BAD_IMAGE_HINT})")
+        error.path, error.kind, error.reason = path, kind, reason
+        raise error from err
+
+
+@dataclass(frozen=True)
+class DataIssue:
+    """One thing a data check found.
+
+    Attributes:
+        path: the file concerned.
+        kind: ``empty``, ``missing``, ``truncated``, ``unreadable`` (the file does not decode), ``label`` (a label
+            that decodes but does not fit its image), ``size`` (a COCO image of another size than its json entry),
+            ``box`` (COCO boxes outside the image) or ``mode`` (not RGB: converted on load).
+        message: what is wrong, one line.
+        severity: ``error``: the sample cannot be used (loading it raises); ``warning``: it loads, but something is
+            off (the annotations); ``note``: for information.
+        skippable: ``data.skip_bad_images=true`` replaces the sample (the file does not decode).
+        index: the sample's index in its data set.
+    """
+
+    path: str
+    kind: str
+    message: str
+    severity: Literal["error", "warning", "note"] = "error"
+    skippable: bool = False
+    index: int | None = None
+
+    def line(self) -> str:
+        """``"<path>: <message>"``."""
+        return f"{self.path}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect_image(
+    path: str | os.PathLike[str], index: int | None = None, *, what: str = "image", rgb: bool = True
+) -> tuple[Image.Image | None, list[DataIssue]]:
+    """Decode ``path`` as loading does, for a check.
+
+    Returns:
+        ``(image, issues)``: the decoded image in its own mode (``None`` when it does not decode, with an error
+        issue), and a ``mode`` note when ``rgb`` and the file is not RGB (it is converted on load).
+    """
+    try:
+        image = read_image(path, None, what=what)
+        if rgb and image.mode != "RGB":
+            image.convert("RGB")  # what loading does; some modes cannot be converted
+    except ImageReadError as err:
+        message = err.reason if what == "image" else f"{what} file: {err.reason}"
+        return None, [DataIssue(os.fspath(path), err.kind, message, "error", skippable=True, index=index)]
+    except _DECODE_ERRORS as err:
+        message = f"cannot convert mode {image.mode!r} to RGB ({_one_line(err)})"
+        return None, [DataIssue(os.fspath(path), "unreadable", message, "error", skippable=False, index=index)]
+    issues = []
+    if rgb and image.mode != "RGB":
+        message = f"mode {image.mode} (converted to RGB on load)"
+        issues.append(DataIssue(os.fspath(path), "mode", message, "note", index=index))
+    return image, issues
+
+
+class SkippedImageWarning(UserWarning):
+    """``data.skip_bad_images=true`` replaced a sample whose file does not decode (the message names the file)."""
+
+
+class SkipBadImages(Dataset):
+    """``dataset`` with every sample whose file does not decode replaced by the next readable one (wrapping).
+
+    ``dataset[i]`` raising :class:`ImageReadError` is answered with ``dataset[i + 1]`` (``i + 2``, ... modulo the
+    length): the same index always gives the same sample, and the failed read comes before any random draw of
+    the transform, so batch shapes and the random stream stay those of a run without the bad file. Each bad file
+    is warned about (:class:`SkippedImageWarning`, naming it) the first time it is met and then not read again.
+
+    The record of bad samples is a shared-memory tensor (one byte per sample: bit ``k`` set when file ``k`` of
+    ``dataset.sample_files(i)`` failed), so the loader's worker processes, persistent or not, forked or spawned,
+    write to the one the main process reads (:attr:`count`, :attr:`bad_files`). Each bit is written by whichever
+    process met the file; it is only ever set, so no lock is needed. Other attributes are the wrapped data set's.
+
+    Args:
+        dataset: the data set (its ``sample_files(i)``, when it has one, names the files of sample ``i``).
+        name: what the warnings call it (``"train"``).
+    """
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        self.dataset = dataset
+        self.name = name
+        self.found = torch.zeros(len(dataset), dtype=torch.uint8).share_memory_()
+
+    def __getattr__(self, name: str) -> Any:
+        dataset = self.__dict__.get("dataset")  # absent while unpickling
+        if dataset is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(dataset, name)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self.dataset)
+        for step in range(n):
+            i = (int(index) + step) % n
+            if self.found[i]:
+                continue
+            try:
+                return self.dataset[i]
+            except ImageReadError as err:
+                self._record(i, err)
+        raise ImageReadError(f"{self.name}: none of the {n} samples can be read (data.skip_bad_images=true)")
+
+    def _files(self, index: int) -> Sequence[str]:
+        files = getattr(self.dataset, "sample_files", None)
+        return files(index) if callable(files) else ()
+
+    def _record(self, index: int, err: ImageReadError) -> None:
+        files = list(self._files(index))
+        bit = files.index(err.path) if err.path in files else 0
+        if int(self.found[index]) >> bit & 1:
+            return
+        self.found[index] = int(self.found[index]) | 1 << bit
+        warnings.warn(
+            f"{self.name}: skipping {err.path} ({err.reason}): sample {index} is replaced by the next readable one "
+            "(data.skip_bad_images=true)",
+            SkippedImageWarning,
+            stacklevel=3,
+        )
+
+    @property
+    def bad_files(self) -> list[str]:
+        """The files found unreadable so far, in sample order (in every process of the loader)."""
+        out = []
+        for index in self.found.nonzero().flatten().tolist():
+            bits, files = int(self.found[index]), self._files(index)
+            out += [files[k] if k < len(files) else f"sample {index}" for k in range(8) if bits >> k & 1]
+        return out
+
+    @property
+    def count(self) -> int:
+        """How many distinct unreadable files were met so far (each counted once, however often it is drawn)."""
+        return len(self.bad_files)
+
+
+class BadImagesError(ValueError):
+    """``data.verify=true`` found files that cannot be used; the message lists every one and the fix.
+
+    Args:
+        dataset: the data set's name (``"ImageFolder"``).
+        issues: ``(split, issue)`` of each bad file.
+        skipping: ``data.skip_bad_images`` is on (the files it would skip are then not listed as errors).
+    """
+
+    def __init__(self, dataset: str, issues: Sequence[tuple[str, DataIssue]], skipping: bool = False) -> None:
+        self.dataset = dataset
+        self.issues = list(issues)
+        self.skipping = skipping
+        width = max(len(split) for split, _ in self.issues) + 1 if self.issues else 0
+        lines = [f"{dataset}: {len(self.issues)} bad file(s) (data.verify=true decoded every file):"]
+        lines += [f"  {split + ':':<{width}} {issue.line()}" for split, issue in self.issues]
+        if any(issue.skippable for _, issue in self.issues):
+            lines.append(
+                "Fix: remove or replace them, or set data.skip_bad_images=true to replace each unreadable sample by "
+                "the next readable one."
+            )
+        if any(not issue.skippable for _, issue in self.issues):
+            lines.append(
+                "Fix: remove or replace the files that decode but do not fit (data.skip_bad_images does not skip "
+                "those)."
+            )
+        lines.append("python -m diffkd.data.check <data config> lists the same (--json to save it).")
+        super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # picklable across worker processes despite the custom __init__
+        return (type(self), (self.dataset, self.issues, self.skipping))
+
+
+class ImageFileChecks:
+    """``data.verify`` and ``data.skip_bad_images`` for a datamodule whose samples are image files.
+
+    A subclass calls :meth:`init_image_checks` in ``__init__`` and passes every data set it builds through
+    :meth:`guard_image_sets` (``{"train": ..., "val": ...}``); the data sets implement ``check_sample(i) ->
+    list[DataIssue]`` and ``sample_files(i)``.
+
+    - ``verify=True``: the new data sets are checked at once (every file decoded, on a thread pool; see
+      :mod:`diffkd.data.check`) and :class:`BadImagesError` lists every file that cannot be used. With
+      ``skip_bad_images`` as well, the unreadable files are logged as a warning instead (they will be skipped)
+      and only what skipping cannot handle raises. Warnings of the check (COCO boxes outside their image) are
+      logged. Each process checks everything (every rank in DDP): for a big data set, run
+      ``python -m diffkd.data.check`` once instead.
+    - ``skip_bad_images=True``: the data sets are wrapped in :class:`SkipBadImages`. :attr:`skipped_images`
+      (``{"train": n, "val": m}``) counts the distinct unreadable files met so far, in the main process and the
+      loader workers together (per process in DDP); :attr:`bad_image_files` names them. Whoever logs epochs reads
+      them there (``trainer.datamodule.skipped_images``). They are cumulative from ``setup``.
+    """
+
+    verify: bool = False
+    skip_bad_images: bool = False
+    #: The data set's name in :class:`BadImagesError`.
+    checks_name: str = "data"
+
+    def init_image_checks(self, verify: bool = False, skip_bad_images: bool = False) -> None:
+        self.verify = bool(verify)
+        self.skip_bad_images = bool(skip_bad_images)
+
+    def guard_image_sets(self, sets: Mapping[str, Dataset]) -> dict[str, Dataset]:
+        """Verify (``verify``) and wrap for skipping (``skip_bad_images``) freshly built data sets, by split."""
+        sets = dict(sets)
+        if self.verify:
+            self.verify_image_sets(sets)
+        if self.skip_bad_images:
+            sets = {split: SkipBadImages(dataset, split) for split, dataset in sets.items()}
+        return sets
+
+    def verify_image_sets(self, sets: Mapping[str, Dataset], workers: int | None = None) -> None:
+        """Decode every file of ``sets`` and raise :class:`BadImagesError` listing those that cannot be used."""
+        from diffkd.data.check import check_dataset
+
+        errors: list[tuple[str, DataIssue]] = []
+        skipped: list[tuple[str, DataIssue]] = []
+        for split, dataset in sets.items():
+            report = check_dataset(dataset, split, workers, lambda line: log.info("data.verify: %s", line))
+            for issue in report.issues:
+                if issue.severity == "warning":
+                    log.warning("%s %s: %s", self.checks_name, split, issue.line())
+                elif issue.severity == "error":
+                    (skipped if issue.skippable and self.skip_bad_images else errors).append((split, issue))
+            log.info("%s: data.verify: %s", self.checks_name, report.summary())
+        if skipped:
+            listed = "; ".join(f"{split}: {issue.line()}" for split, issue in skipped)
+            log.warning("%s: %d unreadable file(s), to be skipped: %s", self.checks_name, len(skipped), listed)
+        if errors:
+            raise BadImagesError(self.checks_name, errors, self.skip_bad_images)
+
+    def _guarded_sets(self) -> dict[str, SkipBadImages]:
+        sets = {"train": getattr(self, "train_set", None), "val": getattr(self, "val_set", None)}
+        return {split: ds for split, ds in sets.items() if isinstance(ds, SkipBadImages)}
+
+    @property
+    def skipped_images(self) -> dict[str, int]:
+        """Distinct unreadable files met so far per split (``{}`` without ``skip_bad_images`` or before setup)."""
+        return {split: ds.count for split, ds in self._guarded_sets().items()}
+
+    @property
+    def bad_image_files(self) -> dict[str, list[str]]:
+        """The unreadable files met so far per split (see :attr:`skipped_images`)."""
+        return {split: ds.bad_files for split, ds in self._guarded_sets().items()}
 
 
 def _check_split(split: str) -> None:
@@ -213,16 +558,25 @@ class ClassificationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------- loaders
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate_fn(),
+        common = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+            "collate_fn": self.collate_fn(),
+        }
+        if not train:
+            return DataLoader(dataset, shuffle=False, **common)
+        # the order from (seed, epoch), each sample's augmentation from (seed, epoch, index), and a resumed epoch
+        # starting after the batches it had trained: exact resume, whatever the ranks and workers
+        position = self._resume_position
+        sampler = EpochShuffleSampler(len(dataset), shuffle=True, epoch_fn=lambda: position()[0])
+        return ResumableDataLoader(
+            SeededSamples(dataset), sampler=sampler, drop_last=self.drop_last, position_fn=position, **common
         )
+
+    def _resume_position(self) -> tuple[int, int]:
+        return resume_position(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -34,7 +34,7 @@ from torchvision.datasets import Cityscapes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from diffkd.data.base import DataNotFoundError
+from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 
 __all__ = [
@@ -347,11 +347,25 @@ class CityscapesTransform:
         return image_out, label_out.long()
 
 
+def _label_problem(label: Image.Image, image_size: tuple[int, int]) -> str | None:
+    """What makes a decoded labelIds image unusable with an image of ``image_size`` (PIL's (W, H)), or None."""
+    if label.mode not in ("L", "P"):  # the modes that give CityscapesTransform its uint8 (1, H, W)
+        return f"a labelIds file must be a single-channel 8-bit PNG, got PIL mode {label.mode!r}"
+    if label.size != image_size:
+        width, height = image_size
+        return f"label {label.width}×{label.height} px, its image {width}×{height} px: they differ in size"
+    return None
+
+
 class CityscapesFine(Cityscapes):
     """torchvision's ``Cityscapes`` (``mode="fine"``, ``target_type="semantic"``) over checked, sorted pairs.
 
     torchvision lists the files in directory order, which differs between file systems; the pairs from
     :func:`find_pairs` make the order (and so ``example_batch`` and ``val``-set indices) the same everywhere.
+
+    Items are torchvision's (the RGB image and the labelIds image through ``transforms``), but both files are
+    decoded before the transform: one that does not decode raises :class:`~diffkd.data.base.ImageReadError`
+    naming it, and a label of the wrong mode or size a ``ValueError`` naming both files.
 
     Args:
         root: the Cityscapes folder.
@@ -371,11 +385,38 @@ class CityscapesFine(Cityscapes):
         self.images = [str(image) for image, _ in pairs]
         self.targets = [[str(label)] for _, label in pairs]
 
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
+        image = read_image(self.images[index], "RGB")
+        label = read_image(self.targets[index][0], None, what="label")
+        problem = _label_problem(label, image.size)
+        if problem is not None:
+            raise ValueError(f"{self.targets[index][0]} (the label of {self.images[index]}): {problem}")
+        if self.transforms is not None:
+            return self.transforms(image, label)
+        return image, label
+
+    def sample_files(self, index: int) -> tuple[str, str]:
+        """``(image, labelIds file)`` of sample ``index``."""
+        return self.images[index], self.targets[index][0]
+
+    def check_sample(self, index: int) -> list[DataIssue]:
+        """Decode sample ``index``'s image and label; errors when one does not decode or the label does not fit
+        (mode, size), a note when the image is not RGB."""
+        image_path, label_path = self.sample_files(index)
+        image, issues = inspect_image(image_path, index)
+        label, label_issues = inspect_image(label_path, index, what="label", rgb=False)
+        issues += label_issues
+        if image is not None and label is not None:
+            problem = _label_problem(label, image.size)
+            if problem is not None:
+                issues.append(DataIssue(label_path, "label", problem, "error", index=index))
+        return issues
+
 
 # ------------------------------------------------------------------------------------------ datamodule
 
 
-class CityscapesDataModule(L.LightningDataModule):
+class CityscapesDataModule(ImageFileChecks, L.LightningDataModule):
     """Cityscapes fine semantic segmentation; satisfies :class:`~diffkd.data.protocol.DistillDataModule`.
 
     ``setup`` checks the split folders and the image/label pairing from the file names, then builds the data sets.
@@ -399,7 +440,13 @@ class CityscapesDataModule(L.LightningDataModule):
         normalization: ``"cirkd"`` or ``"imagenet"``, see :class:`CityscapesTransform`; the teacher's checkpoint
             decides which.
         drop_last: drop the last incomplete training batch.
+        verify: decode every image and label at setup and raise one error listing the bad files (see
+            :class:`~diffkd.data.base.ImageFileChecks`).
+        skip_bad_images: replace a sample whose image or label does not decode by the next readable one, with a
+            warning; ``skipped_images`` counts them (default: such a file raises an error naming it).
     """
+
+    checks_name = "Cityscapes"
 
     num_classes: int = len(CLASS_NAMES)
     ignore_index: int = IGNORE_INDEX
@@ -422,8 +469,11 @@ class CityscapesDataModule(L.LightningDataModule):
         hflip_prob: float = 0.5,
         normalization: Normalization = "cirkd",
         drop_last: bool = True,
+        verify: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
+        self.init_image_checks(verify, skip_bad_images)
         for key, split in (("train_split", train_split), ("val_split", val_split)):
             if split not in SPLITS:
                 raise ValueError(f"data.{key} must be one of {SPLITS} (Cityscapes' fine splits), got {split!r}")
@@ -472,10 +522,14 @@ class CityscapesDataModule(L.LightningDataModule):
             return
         splits = ([self.train_split] if want_train else []) + ([self.val_split] if want_val else [])
         pairs = find_pairs(self.root, splits)
+        built: dict[str, Dataset] = {}
         if want_train:
-            self.train_set = CityscapesFine(self.root, self.train_split, pairs[self.train_split], self.transform(True))
+            built["train"] = CityscapesFine(self.root, self.train_split, pairs[self.train_split], self.transform(True))
         if want_val:
-            self.val_set = CityscapesFine(self.root, self.val_split, pairs[self.val_split], self.transform(False))
+            built["val"] = CityscapesFine(self.root, self.val_split, pairs[self.val_split], self.transform(False))
+        built = self.guard_image_sets(built)  # data.verify checks both splits before raising
+        self.train_set = built.get("train", self.train_set)
+        self.val_set = built.get("val", self.val_set)
         for split in dict.fromkeys(splits):
             log.info("Cityscapes %s: %d images", split, len(pairs[split]))
 

@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter, defaultdict
@@ -47,7 +48,7 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from diffkd.data.base import DataNotFoundError
+from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
 
 __all__ = [
     "COCO_URLS",
@@ -81,14 +82,6 @@ Batch = tuple[list[Tensor], list[Target]]
 
 class AnnotationFormatError(ValueError):
     """A COCO annotation file that is not valid JSON or not in the COCO instances format; the message names it."""
-
-
-class ImageReadError(OSError):
-    """An image file that cannot be opened or decoded; the message names the file.
-
-    It keeps the plain ``OSError(message)`` constructor: a ``DataLoader`` worker re-raises an error in the main
-    process by calling its class with one message string.
-    """
 
 
 # ------------------------------------------------------------------------------------------ annotation files
@@ -196,7 +189,8 @@ class CocoImages(CocoDetection):
     """torchvision's ``CocoDetection`` over an already-built ``COCO`` index and a chosen list of image ids.
 
     It reads images as ``CocoDetection`` does (PIL, RGB), but an unreadable file raises :class:`ImageReadError`
-    naming it. Wrap it with ``torchvision.datasets.wrap_dataset_for_transforms_v2`` for box targets.
+    naming it (:class:`~diffkd.data.base.ImageReadError`, also importable from here). Wrap it with
+    ``torchvision.datasets.wrap_dataset_for_transforms_v2`` for box targets.
 
     Args:
         root: folder of the image files (``file_name`` in the json is relative to it).
@@ -212,17 +206,48 @@ class CocoImages(CocoDetection):
 
     def _load_image(self, id: int) -> Image.Image:
         path = os.path.join(self.root, self.coco.imgs[id]["file_name"])
-        try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            message = f"cannot read image file {path} (COCO image id {id}): {type(err).__name__}: {err}"
-            raise ImageReadError(message) from err
+        return read_image(path, "RGB", context=f" (COCO image id {id})")
+
+    def sample_files(self, index: int) -> tuple[str]:
+        """The image file of sample ``index``."""
+        return (os.path.join(self.root, self.coco.imgs[self.ids[index]]["file_name"]),)
+
+    def check_sample(self, index: int) -> list[DataIssue]:
+        """Decode sample ``index``'s image (an error when it does not) and compare it with its annotations:
+        warnings for a size other than the json's and for boxes more than 1 px outside the image."""
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.sample_files(index)[0]
+        image, issues = inspect_image(path, index)
+        width, height = int(info["width"]), int(info["height"])
+        if image is not None and image.size != (width, height):
+            message = f"{image.width}×{image.height} px, but the json (image id {image_id}) says {width}×{height}"
+            issues.append(DataIssue(path, "size", message, "warning", index=index))
+            width, height = image.size
+        outside = [a for a in self.coco.imgToAnns.get(image_id, []) if not _box_inside(a["bbox"], width, height)]
+        if outside:
+            shown = ", ".join(f"annotation {a.get('id')} {[float(v) for v in a['bbox']]}" for a in outside[:3])
+            more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+            message = (
+                f"{len(outside)} box(es) [x, y, w, h] outside the {width}×{height} image (image id {image_id}): "
+                f"{shown}{more}"
+            )
+            issues.append(DataIssue(path, "box", message, "warning", index=index))
+        return issues
 
     def height_and_width(self, index: int) -> tuple[int, int]:
         """``(height, width)`` of sample ``index`` from the json, without decoding the image."""
         info = self.coco.imgs[self.ids[index]]
         return int(info["height"]), int(info["width"])
+
+
+def _box_inside(bbox: Sequence[float], width: int, height: int, tolerance: float = 1.0) -> bool:
+    """Whether a COCO ``[x, y, w, h]`` box is finite, of non-negative size and inside the image (give or take
+    ``tolerance`` px: rounding in the json)."""
+    x, y, w, h = (float(v) for v in bbox)
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+        return False
+    return x >= -tolerance and y >= -tolerance and x + w <= width + tolerance and y + h <= height + tolerance
 
 
 class DetectionTransform:
@@ -396,7 +421,7 @@ def _rng_states_kept() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ the datamodule
 
 
-class COCODataModule(L.LightningDataModule):
+class COCODataModule(ImageFileChecks, L.LightningDataModule):
     """COCO 2017 detection (or any COCO-format set) for torchvision's detectors.
 
     Built on ``torchvision.datasets.CocoDetection`` + ``wrap_dataset_for_transforms_v2`` + transforms v2. See the
@@ -456,7 +481,13 @@ class COCODataModule(L.LightningDataModule):
         drop_last: see :class:`GroupedBatchSampler`; without grouping, drop the last incomplete batch.
         min_box_size: training boxes must be wider and taller than this (pixels, after clamping to the image).
         seed: shuffle seed of the training sampler; ``None``: ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
+        verify: decode every image at setup (and compare it with its annotations) and raise one error listing the
+            unreadable files (see :class:`~diffkd.data.base.ImageFileChecks`).
+        skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
+            ``skipped_images`` counts them (default: such an image raises :class:`ImageReadError` naming it).
     """
+
+    checks_name = "COCO"
 
     def __init__(
         self,
@@ -479,8 +510,11 @@ class COCODataModule(L.LightningDataModule):
         drop_last: bool = False,
         min_box_size: float = 1.0,
         seed: int | None = None,
+        verify: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
+        self.init_image_checks(verify, skip_bad_images)
         self.root = Path(root)
         self.batch_size = int(batch_size)
         self.val_batch_size = int(val_batch_size)
@@ -633,15 +667,19 @@ class COCODataModule(L.LightningDataModule):
             path = self.split_paths(split)[1]
             loaded[split] = load_coco_annotations(path)
             self._set_categories(loaded[split], path)
+        built: dict[str, Dataset] = {}
         if want_val:
-            self.val_set, _ = self._build(self.val_split, loaded[self.val_split], train=False)
+            built["val"], _ = self._build(self.val_split, loaded[self.val_split], train=False)
         if want_train:
-            self.train_set, images = self._build(self.train_split, loaded[self.train_split], train=True)
-            if self.aspect_ratio_group_factor >= 0:
-                sizes = [images.height_and_width(i) for i in range(len(images))]
-                self.train_group_ids = aspect_ratio_group_ids(sizes, self.aspect_ratio_group_factor)
-                counts = sorted(Counter(self.train_group_ids).items())
-                log.info("COCO %s: images per aspect-ratio group %s", self.train_split, counts)
+            built["train"], images = self._build(self.train_split, loaded[self.train_split], train=True)
+        built = self.guard_image_sets(built)  # data.verify checks both splits before raising
+        self.val_set = built.get("val", self.val_set)
+        self.train_set = built.get("train", self.train_set)
+        if want_train and self.aspect_ratio_group_factor >= 0:
+            sizes = [images.height_and_width(i) for i in range(len(images))]
+            self.train_group_ids = aspect_ratio_group_ids(sizes, self.aspect_ratio_group_factor)
+            counts = sorted(Counter(self.train_group_ids).items())
+            log.info("COCO %s: images per aspect-ratio group %s", self.train_split, counts)
 
     # ---------------------------------------------------------------- loaders
 

@@ -14,10 +14,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import Dataset
 
-from diffkd.data.base import DataNotFoundError
+from diffkd.data.base import DataIssue, DataNotFoundError, inspect_image, read_image
 
 __all__ = ["IMG_EXTENSIONS", "ClassFolders", "ImageListDataset", "find_images", "list_classes", "list_images"]
 
@@ -58,6 +57,9 @@ def _names(names: Sequence[str], limit: int = 10) -> str:
 class ImageListDataset(Dataset):
     """Images ``root/<relative path>`` with integer labels; items are ``(transform(PIL RGB image), label)``.
 
+    A file that does not decode raises :class:`~diffkd.data.base.ImageReadError` naming it (see
+    :class:`~diffkd.data.base.SkipBadImages` to skip such files instead).
+
     Args:
         root: folder the relative paths start from.
         samples: ``(relative path, label)`` pairs.
@@ -85,9 +87,16 @@ class ImageListDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         rel, label = self.samples[index]
-        with Image.open(os.path.join(self.root, rel)) as img:
-            img = img.convert("RGB")
+        img = read_image(os.path.join(self.root, rel), "RGB")
         return (self.transform(img) if self.transform is not None else img), label
+
+    def sample_files(self, index: int) -> tuple[str]:
+        """The file of sample ``index``."""
+        return (os.path.join(self.root, self.samples[index][0]),)
+
+    def check_sample(self, index: int) -> list[DataIssue]:
+        """Decode sample ``index``'s file as loading does: an error when it does not, a note when it is not RGB."""
+        return inspect_image(self.sample_files(index)[0], index)[1]
 
 
 class ClassFolders:

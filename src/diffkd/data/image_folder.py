@@ -29,7 +29,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from diffkd.data.base import ClassificationDataModule
+from diffkd.data.base import ClassificationDataModule, ImageFileChecks
 from diffkd.data.folders import ClassFolders, ImageListDataset, list_classes
 from diffkd.data.transforms import TransformSpec
 
@@ -41,7 +41,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderDataModule(ClassificationDataModule):
+class ImageFolderDataModule(ImageFileChecks, ClassificationDataModule):
     """Classification on ``<root>/{train,val}/<class>/*`` images.
 
     Default train transform: ``RandomResizedCrop(image_size)`` (scale (0.08, 1)) + ``RandomHorizontalFlip``; val:
@@ -60,9 +60,14 @@ class ImageFolderDataModule(ClassificationDataModule):
         mean, std: per-channel normalisation (ImageNet statistics by default).
         train_transform, val_transform: None (the defaults above), a mapping of timm ``create_transform``
             arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`).
+        verify: decode every image at setup and raise one error listing the bad files (see
+            :class:`~diffkd.data.base.ImageFileChecks`).
+        skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
+            ``skipped_images`` counts them (default: such an image raises an error naming it).
     """
 
     in_chans = 3
+    checks_name = "ImageFolder"
 
     def __init__(
         self,
@@ -79,6 +84,8 @@ class ImageFolderDataModule(ClassificationDataModule):
         std: Sequence[float] = IMAGENET_STD,
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
+        verify: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__(
             root,
@@ -90,6 +97,7 @@ class ImageFolderDataModule(ClassificationDataModule):
             train_transform=train_transform,
             val_transform=val_transform,
         )
+        self.init_image_checks(verify, skip_bad_images)
         self.root = Path(root)
         self.train_dir = self.root / train_dir
         self.val_dir = self.root / val_dir
@@ -148,4 +156,5 @@ class ImageFolderDataModule(ClassificationDataModule):
             len(val),
             self.val_dir,
         )
-        return train, val
+        sets = self.guard_image_sets({"train": train, "val": val})
+        return sets["train"], sets["val"]

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch.utils.data import Dataset
 
-from diffkd.data.base import ClassificationDataModule, DataNotFoundError
+from diffkd.data.base import ClassificationDataModule, DataNotFoundError, ImageFileChecks
 from diffkd.data.folders import ClassFolders, ImageListDataset
 from diffkd.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from diffkd.data.transforms import TransformSpec
@@ -155,7 +155,7 @@ class _Index:
         return 1 + max(y for samples in (self.train, self.val) for _, y in samples)
 
 
-class ImageNetDataModule(ClassificationDataModule):
+class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
     """ImageNet-1k train/val with the official DiffKD transforms (see the module docstring for the layouts).
 
     ``num_classes`` is a property readable before ``setup``: the explicit ``num_classes`` when given; else
@@ -189,9 +189,14 @@ class ImageNetDataModule(ClassificationDataModule):
         train_transform, val_transform: None (the recipe's timm pipelines), a mapping of timm
             ``create_transform`` arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`);
             either replaces the recipe's pipeline for its split.
+        verify: decode every image at setup and raise one error listing the bad files (see
+            :class:`~diffkd.data.base.ImageFileChecks`).
+        skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
+            ``skipped_images`` counts them (default: such an image raises an error naming it).
     """
 
     in_chans = 3
+    checks_name = "ImageNet"
 
     def __init__(
         self,
@@ -225,6 +230,8 @@ class ImageNetDataModule(ClassificationDataModule):
         std: Sequence[float] = IMAGENET_STD,
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
+        verify: bool = False,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__(
             data_dir,
@@ -238,6 +245,7 @@ class ImageNetDataModule(ClassificationDataModule):
         )
         if layout not in ("auto", "folders", "list"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'list', got {layout!r}")
+        self.init_image_checks(verify, skip_bad_images)
         if interpolation not in _INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {_INTERPOLATIONS}, got {interpolation!r}")
         if mixup_mode not in ("batch", "pair", "elem"):
@@ -472,4 +480,5 @@ class ImageNetDataModule(ClassificationDataModule):
             len(val),
             self.root,
         )
-        return train, val
+        sets = self.guard_image_sets({"train": train, "val": val})
+        return sets["train"], sets["val"]
