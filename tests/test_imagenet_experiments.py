@@ -74,7 +74,7 @@ def _overrides(tmp_path: Path, root: Path, experiment: str, *extra: str) -> list
         "test=false",
         "~callbacks.model_checkpoint",
         "+trainer.enable_checkpointing=false",
-        "+trainer.enable_model_summary=false",
+        "++trainer.enable_model_summary=false",
         *extra,
     ]
 

@@ -101,7 +101,10 @@ def test_spatial_mismatch_fails_unless_aligned(cifar_cfg):
     metrics, _ = train(cifar_cfg("cifar_res32x4_shuv2"))
     assert math.isfinite(metrics["train/loss"])
     # ...and without it the error names the sizes and the option
-    with pytest.raises(ValueError, match=r"\(4, 4\) but teacher 'layer3' is \(8, 8\).*align=interpolate"):
+    with pytest.raises(
+        ValueError,
+        match=r"\(4, 4\) \(H, W.* but teacher 'layer3' is \(8, 8\).*\+\+distill.points.feature.align=interpolate",
+    ):
         train(cifar_cfg("cifar_res32x4_shuv2", "distill.points.feature.align=null"))
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffkd.models.checkpoint import NotACheckpointError, read_checkpoint
+
 __all__ = ["build_student", "export_student", "load_student", "main", "student_state_dict"]
 
 
@@ -75,7 +77,7 @@ def export_student(checkpoint_path: str | Path, out: str | Path, formats: tuple[
     """Write the student of ``checkpoint_path`` to ``<out>.pth`` and/or ``<out>.safetensors``; returns the paths."""
     from safetensors.torch import save_file
 
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(checkpoint_path)
     state = {k: v.contiguous() for k, v in student_state_dict(checkpoint).items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", choices=["pth", "safetensors", "both"], default="both")
     args = parser.parse_args(argv)
     formats = ("pth", "safetensors") if args.format == "both" else (args.format,)
-    for path in export_student(args.checkpoint, args.out, formats):
+    if not Path(args.checkpoint).is_file():
+        raise SystemExit(f"no such file: {args.checkpoint} (a diffkd run's checkpoints/last.ckpt or best .ckpt)")
+    try:
+        paths = export_student(args.checkpoint, args.out, formats)
+    except NotACheckpointError as err:
+        raise SystemExit(str(err)) from None
+    for path in paths:
         print(f"wrote {path}")
 
 

@@ -6,6 +6,8 @@ With no arguments it runs the embedded demo (``experiment=demo``): Fashion-MNIST
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -16,6 +18,8 @@ from diffkd.utils.instantiate import build_module
 __all__ = ["build_module", "main", "train"]
 
 log = logging.getLogger("diffkd.train")
+
+CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -33,5 +37,19 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(name) if name else None
 
 
+def cli() -> None:
+    """``python -m diffkd.train`` / ``diffkd-train``: Hydra's app, plus "did you mean" for a misspelled key."""
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            from diffkd.utils.overrides import unknown_key_hint
+
+            hint = unknown_key_hint([a for a in sys.argv[1:] if not a.startswith("-")], CONFIG_DIR)
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -18,6 +18,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from diffkd.utils.instantiate import build_module, instantiate, instantiate_list
@@ -124,6 +125,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
+    if cfg.trainer.get("enable_progress_bar") is False:  # the progress-bar callback follows the trainer flag
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _check_sync_batchnorm(cfg, trainer)
     for lg in loggers:

@@ -288,8 +288,9 @@ class Distiller(nn.Module):
         s4, t4 = to_bchw(s_val, s_layout).shape, to_bchw(t_val, t_layout).shape
         if s4[-2:] != t4[-2:] and spec.align is None:
             raise ValueError(
-                f"point {name!r}: student {str(s_addr)!r} is {tuple(s4[-2:])} but teacher {str(t_addr)!r} is "
-                f"{tuple(t4[-2:])} (H, W); tap maps of equal size or set ++distill.points.{config}.align=interpolate"
+                f"point {name!r}: student {str(s_addr)!r} is {_size(s_val, s_layout)} but teacher {str(t_addr)!r} "
+                f"is {_size(t_val, t_layout)}; tap maps of equal size or set "
+                f"++distill.points.{config}.align=interpolate"
             )
         head_key: str | None = config if spec.shared_head else name
         if head_key not in self.heads:
@@ -413,3 +414,11 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"task_weight={self.task_weight}, points={ {n: asdict(s)['head'] for n, s in self.specs.items()} }"
+
+
+def _size(value: Tensor, layout: Layout) -> str:
+    """How a tapped tensor reads in a size-mismatch error: a map's (H, W), or what it is when it has no grid."""
+    if layout == "vector":
+        return f"a vector of shape {tuple(value.shape)} (no spatial map)"
+    h, w = to_bchw(value, layout).shape[-2:]
+    return f"({h}, {w}) (H, W; tensor shape {tuple(value.shape)})"

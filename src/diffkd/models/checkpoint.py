@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from diffkd.models.cifar._common import CIFAR_TEACHERS_HINT
 
-__all__ = ["extract_state_dict", "load_weights", "read_checkpoint"]
+__all__ = ["NotACheckpointError", "extract_state_dict", "load_weights", "read_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,10 @@ _CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 # Whole-model wrappers whose prefix is always stripped when every key carries it.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 10
+
+
+class NotACheckpointError(ValueError):
+    """A weights file that is no checkpoint at all (random bytes, a text file, a truncated download)."""
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -48,7 +52,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"checkpoint file not found: '{path}'"
             + (" (it is a directory)" if path.is_dir() else "")
-            + f". CIFAR weights are loaded from a file, not downloaded by name: {CIFAR_TEACHERS_HINT}"
+            + ". Weights are loaded from a file, never downloaded by name"
+            + (f": {CIFAR_TEACHERS_HINT}" if "cifar" in str(path).lower() else "")
         )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -57,11 +62,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):  # not a pickle of Python objects at all
+            raise NotACheckpointError(f"'{path}' is not a checkpoint: torch.load cannot read it ({e})") from None
         raise RuntimeError(
             f"could not read '{path}' with torch.load(weights_only=True): it contains objects other than tensors "
             "and plain containers. If you trust the file, allow those classes with "
             f"torch.serialization.add_safe_globals([...]) and retry.\n{e}"
         ) from e
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:  # zip or pickle framing of other bytes
+        raise NotACheckpointError(f"'{path}' is not a checkpoint: torch.load cannot read it ({e})") from None
     if not isinstance(obj, Mapping):
         raise RuntimeError(f"'{path}' holds a {type(obj).__name__}, not a dict of weights")
     return dict(obj)
@@ -177,7 +186,10 @@ def load_weights(
             msg += _fmt(shapes, "shape mismatches")
         heads = _top_level_names(state)
         if key is None and {"student", "teacher"} & set(heads):
-            msg += "hint: this looks like a distillation checkpoint; pass key='student' or key='teacher'.\n"
+            msg += (
+                "hint: this looks like a distillation checkpoint; pass key='student' or key='teacher' "
+                "(in a config: ++model.teacher.key=student).\n"
+            )
         elif missing and unexpected:
             msg += "hint: is this the checkpoint of another architecture (or another depth/width)?\n"
         raise RuntimeError(msg.rstrip("\n"))
