@@ -101,3 +101,25 @@ def test_missing_file_is_one_line_not_a_traceback(tool, tmp_path):
     done = subprocess.run([sys.executable, "-m", f"diffkd.{tool}", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode != 0 and "no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_weights_blown_up_in_the_last_step_stop_before_any_checkpoint(cifar_cfg, tmp_path):
+    from diffkd.tasks import NonFiniteLossError
+
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=kd", "optim.optimizer.lr=1e38", "trainer.limit_train_batches=1")
+    with pytest.raises(NonFiniteLossError, match=r"parameter\(s\) .* became NaN/inf before validation") as err:
+        train(cfg)
+    assert "no checkpoint of these weights was written" in str(err.value)
+    assert not list((tmp_path / "out" / "checkpoints").glob("*.ckpt"))
+
+
+def test_the_guard_names_the_first_bad_term_not_every_term(cifar_cfg):
+    from diffkd.tasks import NonFiniteLossError
+
+    # the flags are read every 50 steps: a term that overflows poisons every term of the next steps
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=diffkd", "distill.points.feature.weight=1e38",
+                    "trainer.limit_train_batches=3", "optim.optimizer.lr=1.0")  # fmt: skip
+    with pytest.raises(NonFiniteLossError) as err:
+        train(cfg)
+    first = str(err.value).split(" became NaN/inf first")[0]
+    assert first == "loss term(s) feature/kd", str(err.value)

@@ -449,6 +449,9 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._check_nonfinite("at the end of the epoch")
+        skipped = getattr(self.datamodule(), "skipped_images", None)  # data.skip_bad_images: what it replaced
+        if skipped and any(skipped.values()):
+            log.warning("data.skip_bad_images: unreadable images replaced so far: %s", dict(skipped))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
