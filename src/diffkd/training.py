@@ -6,6 +6,7 @@ best checkpoint when ``cfg.test``; returns the metrics and the objects.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -40,6 +41,11 @@ def _pin_ddp_children_to_this_job() -> None:
     with read_write(hc), open_dict(hc):
         hc.run.dir = hc.runtime.output_dir
     sys.argv = [sys.argv[0], *hc.overrides.task]
+    import __main__
+
+    if getattr(__main__.__spec__, "name", None) == "submitit.core._submit":
+        # hydra/launcher=local: this process is submitit's job runner; the children must run diffkd.train
+        __main__.__spec__ = importlib.util.find_spec("diffkd.train")
 
 
 _DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
@@ -66,13 +72,22 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     """``ckpt_path`` as a file: ``last`` is this run folder's ``checkpoints/last.ckpt`` when it exists (a requeued
     job), else the newest ``last.ckpt`` of this task's runs (``<log_dir>/<task_name>/{runs,multiruns}/**``)."""
     value = cfg.get("ckpt_path")
+    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if value is None and os.environ.get("SUBMITIT_EXECUTOR") and own.is_file():
+        # hydra/launcher=slurm|local: submitit runs a preempted or timed-out job again, in the same folder
+        log.info("requeued job: resuming %s", own)
+        return str(own)
     if value is None or str(value) != "last":
         if value is not None and not Path(str(value)).is_file():
             raise FileNotFoundError(f"ckpt_path={value}: no such file (ckpt_path=last resumes this task's newest run)")
         return None if value is None else str(value)
-    own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     if own.is_file():
         return str(own)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise FileNotFoundError(
+            f"ckpt_path=last in a multirun resumes each job from its own folder, and {own.parent} has no last.ckpt "
+            "(another sweep point's run is never resumed); give the file instead: ckpt_path=<run>/checkpoints/last.ckpt"
+        )
     task_dir = Path(cfg.paths.log_dir) / str(cfg.task_name)
     found = sorted(task_dir.glob("*runs/**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not found:
