@@ -24,16 +24,21 @@ here it rises every step.
 
 :class:`PolyLR` is the segmentation schedule (CIRKD / MasKD / DIST_KD on Cityscapes): a polynomial decay over a run
 given in optimizer steps (``trainer.max_steps``), stepped every iteration, without warm-up.
+
+:class:`WarmupMultiStepLR` is the detection schedule (MMDetection's 1×/2×): linear warm-up over iterations, then ×γ
+at epoch milestones.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["EpochWarmupScheduler", "PolyLR", "WarmupCosineLR", "WarmupStepLR"]
+__all__ = ["EpochWarmupScheduler", "PolyLR", "WarmupCosineLR", "WarmupMultiStepLR", "WarmupStepLR"]
 
 
 class EpochWarmupScheduler(LRScheduler):
@@ -213,6 +218,68 @@ class PolyLR(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
+
+    def _get_closed_form_lr(self) -> list[float]:
+        return self.get_lr()
+
+
+class WarmupMultiStepLR(LRScheduler):
+    """MMDetection's detection schedule, stepped every iteration: linear warm-up over ``warmup_steps`` iterations
+    from ``warmup_ratio × lr``, and ×``gamma`` at each epoch milestone.
+
+    ``lr(step) = base · gamma^#{m ∈ milestones : e ≥ m} · w(step)``, ``e = step / steps_per_epoch``, with
+    ``w = 1 − (1 − step / warmup_steps)(1 − warmup_ratio)`` during the warm-up and 1 after (MMDetection's
+    ``warmup='linear'``; its ``schedule_2x``: 500 iterations, ratio 0.001, milestones 16 and 22 of 24 epochs).
+    torchvision's references warm up the same way over ``min(1000, epoch length)`` iterations. Use it with
+    ``optim.scheduler_interval: step``; :class:`~diffkd.tasks.DistillationModule` fills ``steps_per_epoch``.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        milestones: epochs at which the learning rate is multiplied by ``gamma``.
+        gamma: the decay factor.
+        warmup_steps: length of the warm-up in optimizer steps (0: none).
+        warmup_ratio: the warm-up's starting fraction of the learning rate.
+        steps_per_epoch: optimizer steps per epoch (> 0).
+        last_epoch: the index of the last step taken (−1: a fresh start).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        milestones: Sequence[float],
+        gamma: float = 0.1,
+        warmup_steps: int = 500,
+        warmup_ratio: float = 0.001,
+        steps_per_epoch: float | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        if steps_per_epoch is None or steps_per_epoch <= 0:
+            raise ValueError(
+                f"WarmupMultiStepLR needs steps_per_epoch > 0 (got {steps_per_epoch}); DistillationModule passes it "
+                "when the config leaves it null"
+            )
+        if list(milestones) != sorted(milestones):
+            raise ValueError(f"milestones must be increasing, got {list(milestones)}")
+        self.milestones = [float(m) for m in milestones]
+        self.gamma = float(gamma)
+        self.warmup_steps = int(warmup_steps)
+        self.warmup_ratio = float(warmup_ratio)
+        self.steps_per_epoch = float(steps_per_epoch)
+        super().__init__(optimizer, last_epoch)
+
+    def factor_at(self, step: int) -> float:
+        """The learning-rate multiplier after ``step`` optimizer steps."""
+        step = max(step, 0)
+        # 1e-9: a step landing on an epoch boundary in exact arithmetic must not fall short of it
+        decays = bisect.bisect_right(self.milestones, step / self.steps_per_epoch + 1e-9)
+        factor = self.gamma**decays
+        if step < self.warmup_steps:
+            factor *= 1.0 - (1.0 - step / self.warmup_steps) * (1.0 - self.warmup_ratio)
+        return factor
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor_at(self.last_epoch)
+        return [base * factor for base in self.base_lrs]
 
     def _get_closed_form_lr(self) -> list[float]:
         return self.get_lr()
