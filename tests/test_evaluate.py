@@ -172,3 +172,18 @@ def test_clear_errors(run, tmp_path):
     fails(["--model", "resnet8", "--data", "cifar100", "--image-size", "64"], "cifar100 .* has no image_size")
     fails([str(run.ckpt), "--device", "tpu"], "--device 'tpu'")
     fails([str(run.ckpt), "--data-dir", str(tmp_path / "nowhere")], "(?s)ImageNet .* not found.*--data-dir / --root")
+
+
+def test_exported_segmentation_weights_evaluate_with_the_segmentation_task(tmp_path):
+    """A bare state dict (CIRKD's checkpoint format) for a registry segmenter: validated by SegmentationModule."""
+    import torch
+
+    from diffkd.models import create_model
+    from tests.helpers.fake_cityscapes import write_fake_cityscapes
+
+    root = tmp_path / "cityscapes"
+    write_fake_cityscapes(root)
+    torch.save(create_model("cirkd_deeplabv3_mobilenetv2").state_dict(), tmp_path / "w.pth")
+    result = main([str(tmp_path / "w.pth"), "--model", "cirkd_deeplabv3_mobilenetv2", "--data", "cityscapes",
+                   "--root", str(root), "--device", "cpu", "--limit-batches", "1", "--num-workers", "0"])  # fmt: skip
+    assert 0.0 <= result.metrics["val/miou"] <= 1.0 and "val/iou/18" in result.metrics

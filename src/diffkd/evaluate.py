@@ -56,6 +56,9 @@ __all__ = ["EvalResult", "main"]
 
 log = logging.getLogger(__name__)
 
+#: The task (``conf/model/<task>.yaml``) that evaluates a data config; every other data config is classification.
+TASK_OF_DATA = {"coco": "detection", "cityscapes": "segmentation"}
+
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_DATA = "imagenet"  # of exported weights and registry models, when --data is not given
 _MISSING = object()
@@ -325,6 +328,7 @@ def _run_config(
             "logger=none",
             "distill=none",
             f"data={name}",
+            f"model={TASK_OF_DATA.get(name, 'classification')}",  # the task module that validates this data
         ]
         cfg = _compose(overrides)
         # set here, not as override strings: names such as timm:<model> and paths need no quoting this way

@@ -66,6 +66,18 @@ def _samples(dataset) -> dict[int, tuple[torch.Tensor, dict]]:
     return {t["image_id"]: (img, t) for img, t in (dataset[i] for i in range(len(dataset)))}
 
 
+@pytest.fixture(autouse=True)
+def _rank_zero_restored():
+    """A trainer posing as rank 1 sets Lightning's process-wide rank: later tests would log nothing."""
+    from lightning.fabric.utilities import rank_zero as fabric_rank_zero
+    from lightning.pytorch.utilities import rank_zero as pl_rank_zero
+
+    saved = [(m.rank_zero_only, getattr(m.rank_zero_only, "rank", 0)) for m in (pl_rank_zero, fabric_rank_zero)]
+    yield
+    for fn, rank in saved:
+        fn.rank = rank
+
+
 def _ddp_trainer(rank: int, world_size: int = 2, **kwargs) -> L.Trainer:
     """A DDP trainer that is never launched, posing as ``rank`` of ``world_size`` CPU processes."""
     trainer = L.Trainer(

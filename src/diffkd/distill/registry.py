@@ -138,12 +138,12 @@ def get_distance(name: str) -> DistanceEntry:
 
 def list_heads() -> list[str]:
     _load_builtins()
-    return list(_HEADS)
+    return sorted(_HEADS)
 
 
 def list_distances() -> list[str]:
     _load_builtins()
-    return list(_DISTANCES)
+    return sorted(_DISTANCES)
 
 
 def build_distance(name: str, **kwargs: Any) -> nn.Module:
