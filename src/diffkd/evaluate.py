@@ -37,7 +37,6 @@ import argparse
 import inspect
 import json
 import logging
-import os
 import pickle
 import sys
 import time
@@ -51,6 +50,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
+
+from diffkd.utils.instantiate import compose_packaged, data_config_name
 
 __all__ = ["EvalResult", "main"]
 
@@ -163,29 +164,16 @@ def _stored_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def _data_name(data: str) -> tuple[str, str | None]:
-    """``(data config name, image_folder root or None)`` of ``--data``: a config name, or a folder."""
-    if (CONFIG_DIR / "data" / f"{data}.yaml").is_file():
-        return data, None
-    if Path(data).is_dir():
-        return "image_folder", data
-    known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")))
-    raise EvalError(f"--data {data!r} is neither a data config ({known}) nor a folder")
+    """``(data config name, image_folder root or None)``: a config name, or a folder (``image_folder``)."""
+    try:
+        return data_config_name(data)
+    except ValueError as bad:
+        raise EvalError(f"--data {bad}") from None
 
 
 def _compose(overrides: Sequence[str]) -> DictConfig:
     """``train.yaml`` of the packaged ``conf/`` with ``overrides`` (no Hydra app, no run folder)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    base = os.environ.get("DIFFKD_ROOT", os.getcwd())
-    # the defaults resolve these through ${hydra:runtime...}, which only exists inside a Hydra app
-    paths = [f"paths.root_dir={base}", f"paths.output_dir={base}/logs/evaluate"]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=[*paths, *overrides])
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_packaged(overrides, "evaluate")
 
 
 def _data_group(name: str) -> dict[str, Any]:

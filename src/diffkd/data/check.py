@@ -253,32 +253,25 @@ class UsageError(Exception):
 
 def _compose(overrides: Sequence[str]) -> Any:
     """``train.yaml`` of the packaged ``conf/`` with ``overrides`` (no Hydra app, no run folder)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    base = os.environ.get("DIFFKD_ROOT", os.getcwd())
-    # the defaults resolve these through ${hydra:runtime...}, which only exists inside a Hydra app
-    paths = [f"paths.root_dir={base}", f"paths.output_dir={base}/logs/check"]
-    GlobalHydra.instance().clear()
+    from diffkd.utils.instantiate import compose_packaged
+
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=[*paths, *overrides])
+        return compose_packaged(overrides, "check")
     except (HydraException, OmegaConfBaseException) as err:
         raise UsageError(" ".join(str(err).split())) from None
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def _data_name(data: str) -> tuple[str, str | None]:
     """``(data config name, image_folder root or None)``: a config name, or a folder (``image_folder``)."""
-    if (CONFIG_DIR / "data" / f"{data}.yaml").is_file():
-        return data, None
-    if Path(data).is_dir():
-        return "image_folder", data
-    known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")))
-    raise UsageError(f"{data!r} is neither a data config ({known}) nor a folder")
+    from diffkd.utils.instantiate import data_config_name
+
+    try:
+        return data_config_name(data)
+    except ValueError as bad:
+        raise UsageError(f"{bad}") from None
 
 
 def _absolute(override: str, groups: Sequence[str]) -> str:
