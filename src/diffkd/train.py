@@ -5,6 +5,7 @@ With no arguments it runs the embedded demo (``experiment=demo``): Fashion-MNIST
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -21,15 +22,24 @@ log = logging.getLogger("diffkd.train")
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
+#: ``pipeline: <name>`` → the function that runs it with the composed config (``train`` is :func:`train` itself).
+PIPELINES = {
+    "demo": "diffkd.demo:run_demo",
+    "demo_detection": "diffkd.demos.detection:run_demo",
+    "demo_segmentation": "diffkd.demos.segmentation:run_demo",
+}
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
-    if cfg.get("pipeline") == "demo":
-        from diffkd.demo import run_demo
-
-        return run_demo(cfg)
+    pipeline = cfg.get("pipeline", "train")
+    if pipeline != "train":
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline={pipeline!r}; choose train or one of {sorted(PIPELINES)}")
+        module, function = PIPELINES[pipeline].split(":")
+        return getattr(importlib.import_module(module), function)(cfg)
     metrics, _ = train(cfg)
     name = cfg.get("optimized_metric")
     if name and name not in metrics:
