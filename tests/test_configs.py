@@ -12,8 +12,11 @@ from tests.conftest import CONF_DIR, compose_config, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # the ImageNet, Cityscapes and COCO experiments compose, instantiate and run 2 steps each in their own test files
-# (tests/test_{imagenet,cityscapes,coco}_experiments.py), on data written in their formats
-FAST_EXPERIMENTS = [e for e in EXPERIMENTS if not e.startswith(("imagenet_", "cityscapes_", "coco_"))]
+# (tests/test_{imagenet,cityscapes,coco}_experiments.py), on data written in their formats; the structured demos
+# build their data sets first (tests/test_demo_{detection,segmentation}.py)
+FAST_EXPERIMENTS = [
+    e for e in EXPERIMENTS if not e.startswith(("imagenet_", "cityscapes_", "coco_", "demo_detection", "demo_segm"))
+]
 
 
 def test_experiments_exist():
