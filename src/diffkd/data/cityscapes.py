@@ -416,7 +416,59 @@ class CityscapesFine(Cityscapes):
 # ------------------------------------------------------------------------------------------ datamodule
 
 
-class CityscapesDataModule(ImageFileChecks, L.LightningDataModule):
+class SegmentationLoaders:
+    """The loaders and ``example_batch`` of a segmentation datamodule whose ``train_set``/``val_set`` yield
+    ``(image (C, H, W), label (H, W))`` (Cityscapes, the segmentation folders): shuffled training batches (the last
+    incomplete one dropped with ``drop_last``), evaluation in order, the val split for testing."""
+
+    #: Seed of the augmentation draws of :meth:`example_batch`, so that it is the same batch every call.
+    example_seed: int = 0
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.val_set, self.val_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
+        """A real collated batch of the first ``size`` samples of ``split``, on the CPU.
+
+        ``"train"``: through the training transform (``crop_size`` crops), its draws from a fixed seed, so the batch
+        is the same every call; ``"val"`` (or ``"test"``): the evaluation transform (full images). Sets up the data
+        sets when needed; every global random state is the same afterwards as before.
+
+        Returns:
+            images float32 (size, C, H, W), labels int64 (size, H, W).
+        """
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"example_batch split must be 'train', 'val' or 'test', got {split!r}")
+        train = split == "train"
+        with preserved_rng_state():
+            self.setup("fit" if train else "validate")
+            dataset = self.train_set if train else self.val_set
+            if not 1 <= size <= len(dataset):
+                raise ValueError(f"example_batch size must be in 1..{len(dataset)} for split {split!r}, got {size}")
+            torch.default_generator.manual_seed(self.example_seed)  # CPU only: torch.manual_seed also seeds CUDA
+            return default_collate([dataset[i] for i in range(size)])
+
+
+class CityscapesDataModule(SegmentationLoaders, ImageFileChecks, L.LightningDataModule):
     """Cityscapes fine semantic segmentation; satisfies :class:`~diffkd.data.protocol.DistillDataModule`.
 
     ``setup`` checks the split folders and the image/label pairing from the file names, then builds the data sets.
@@ -451,8 +503,6 @@ class CityscapesDataModule(ImageFileChecks, L.LightningDataModule):
     num_classes: int = len(CLASS_NAMES)
     ignore_index: int = IGNORE_INDEX
     class_names: tuple[str, ...] = CLASS_NAMES
-    #: Seed of the augmentation draws of :meth:`example_batch`, so that it is the same batch every call.
-    example_seed: int = 0
 
     def __init__(
         self,
@@ -532,48 +582,3 @@ class CityscapesDataModule(ImageFileChecks, L.LightningDataModule):
         self.val_set = built.get("val", self.val_set)
         for split in dict.fromkeys(splits):
             log.info("Cityscapes %s: %d images", split, len(pairs[split]))
-
-    # ------------------------------------------------------------------------------------------- loaders
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return self._loader(self.val_set, self.val_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    # --------------------------------------------------------------------------------- protocol members
-    def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
-        """A real collated batch of the first ``size`` samples of ``split``, on the CPU.
-
-        ``"train"``: through the training transform (``crop_size`` crops), its draws from a fixed seed, so the batch
-        is the same every call; ``"val"`` (or ``"test"``): the evaluation transform (full images). Sets up the data
-        sets when needed; every global random state is the same afterwards as before.
-
-        Returns:
-            images float32 (size, 3, H, W), labels int64 (size, H, W).
-        """
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"example_batch split must be 'train', 'val' or 'test', got {split!r}")
-        train = split == "train"
-        with preserved_rng_state():
-            self.setup("fit" if train else "validate")
-            dataset = self.train_set if train else self.val_set
-            if not 1 <= size <= len(dataset):
-                raise ValueError(f"example_batch size must be in 1..{len(dataset)} for split {split!r}, got {size}")
-            torch.default_generator.manual_seed(self.example_seed)  # CPU only: torch.manual_seed also seeds CUDA
-            return default_collate([dataset[i] for i in range(size)])

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
-from diffkd.data.cityscapes import discrete_scales
-from diffkd.data.protocol import preserved_rng_state
+from diffkd.data.cityscapes import SegmentationLoaders, discrete_scales
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -275,7 +274,7 @@ class SegmentationFolder(Dataset):
         return issues
 
 
-class SegmentationFolderDataModule(ImageFileChecks, L.LightningDataModule):
+class SegmentationFolderDataModule(SegmentationLoaders, ImageFileChecks, L.LightningDataModule):
     """Semantic segmentation from ``<root>/{train,val}/{images,labels}/`` (see the module docstring); satisfies
     :class:`~diffkd.data.protocol.DistillDataModule`. The test loader is the validation split's.
 
@@ -300,8 +299,6 @@ class SegmentationFolderDataModule(ImageFileChecks, L.LightningDataModule):
     """
 
     checks_name = "Segmentation folder"
-    #: Seed of the augmentation draws of :meth:`example_batch`, so that it is the same batch every call.
-    example_seed: int = 0
 
     def __init__(
         self,
@@ -406,46 +403,3 @@ class SegmentationFolderDataModule(ImageFileChecks, L.LightningDataModule):
         self.val_set = built.get("val", self.val_set)
         for split in dict.fromkeys(splits):
             log.info("segmentation folder %s/%s: %d images", self.root, split, len(pairs[split]))
-
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        return self._loader(self.train_set, self.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return self._loader(self.val_set, self.val_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
-        """A real collated batch of the first ``size`` samples of ``split``, on the CPU.
-
-        ``"train"``: through the training transform, its draws from a fixed seed (the same batch every call);
-        ``"val"``/``"test"``: the evaluation transform. Sets up the data sets when needed; every global random
-        state is the same afterwards as before.
-
-        Returns:
-            images float32 (size, C, H, W), labels int64 (size, H, W).
-        """
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"example_batch split must be 'train', 'val' or 'test', got {split!r}")
-        train = split == "train"
-        with preserved_rng_state():
-            self.setup("fit" if train else "validate")
-            dataset = self.train_set if train else self.val_set
-            if not 1 <= size <= len(dataset):
-                raise ValueError(f"example_batch size must be in 1..{len(dataset)} for split {split!r}, got {size}")
-            torch.default_generator.manual_seed(self.example_seed)  # CPU only: torch.manual_seed also seeds CUDA
-            return default_collate([dataset[i] for i in range(size)])
