@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -26,7 +27,15 @@ from diffkd.training import train
 
 log = logging.getLogger("diffkd.demo")
 
-__all__ = ["cpu_supports_bf16", "demo_run_config", "run_demo"]
+__all__ = [
+    "cpu_supports_bf16",
+    "demo_precision",
+    "demo_run_config",
+    "demo_user_overrides",
+    "run_demo",
+    "save_student_as_teacher",
+    "train_demo_run",
+]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -84,6 +93,42 @@ def _command_line_overrides() -> list[str]:
     return []
 
 
+def demo_user_overrides(demo: DictConfig, overrides: Sequence[str] | None) -> list[str]:
+    """The command line's overrides for the demo's runs (default: the running Hydra app's), without ``distill=``
+    group choices: the demo runs ``demo.methods``, which is said in the log."""
+    user = _command_line_overrides() if overrides is None else list(overrides)
+    group_overrides = [o for o in user if _key(o) == "distill"]
+    if group_overrides:
+        log.warning("demo: %s ignored — the demo runs demo.methods=%s", group_overrides, list(demo.methods))
+    return [o for o in user if o not in group_overrides]
+
+
+def demo_precision(demo: DictConfig) -> str:
+    """``demo.precision``, with ``auto`` = bf16-mixed where the CPU has AMX, else 32-true."""
+    precision = demo.get("precision", "auto")
+    if precision == "auto":
+        return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    return str(precision)
+
+
+def train_demo_run(user: Sequence[str], method: str, fixed: Sequence[str]) -> tuple[dict[str, float], str, float]:
+    """One demo run: ``train.yaml`` with the user's overrides, ``distill=<method>`` and ``fixed``, trained and
+    tested. Returns (metrics, best checkpoint, seconds)."""
+    start = time.perf_counter()
+    metrics, objs = train(demo_run_config(user, method, ["pipeline=train", *fixed]))
+    return metrics, objs["best_ckpt"], time.perf_counter() - start
+
+
+def save_student_as_teacher(best_ckpt: str, teacher_file: Path, **extra: Any) -> None:
+    """The student of a run's checkpoint as a teacher file ``{"model": state_dict, **extra}``."""
+    import torch
+
+    ckpt = torch.load(best_ckpt, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
+    teacher_file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, **extra}, teacher_file)
+
+
 def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     """Teacher (trained or reused), then the student once per method; prints and returns the last accuracy.
 
@@ -92,14 +137,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         overrides: the overrides it was composed with (default: the running Hydra app's command line).
     """
     demo = cfg.demo
-    user = _command_line_overrides() if overrides is None else list(overrides)
-    group_overrides = [o for o in user if _key(o) == "distill"]
-    if group_overrides:
-        log.warning("demo: %s ignored — the demo runs demo.methods=%s", group_overrides, list(demo.methods))
-    user = [o for o in user if o not in group_overrides]
-    precision = demo.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    user = demo_user_overrides(demo, overrides)
+    precision = demo_precision(demo)
     out_root = Path(cfg.paths.output_dir)
     wall = time.perf_counter()
     teacher_file = Path(demo.teacher_weights)
@@ -108,20 +147,16 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     label_names = {"teacher": f"teacher {demo.teacher}", "none": "student alone"}
 
     def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> tuple[float, str]:
-        folder = out_root / label
         fixed = [
-            "pipeline=train",
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
             f"model.student.name={student}",
-            f"paths.output_dir={folder}",
+            f"paths.output_dir={out_root / label}",
             *extra,
         ]
-        run_cfg = demo_run_config(user, method, fixed)
-        start = time.perf_counter()
-        metrics, objs = train(run_cfg)
-        rows.append((label_names.get(label, label), metrics.get("test/acc", float("nan")), time.perf_counter() - start))
-        return rows[-1][1], objs["best_ckpt"]
+        metrics, best, seconds = train_demo_run(user, method, fixed)
+        rows.append((label_names.get(label, label), metrics.get("test/acc", float("nan")), seconds))
+        return rows[-1][1], best
 
     if teacher_file.exists() and meta_file.exists():
         meta = json.loads(meta_file.read_text())
@@ -129,12 +164,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         rows.append((f"teacher {demo.teacher} (reused)", meta["test_acc"], 0.0))
     else:
         acc, best = run("teacher", "none", demo.teacher_epochs, demo.teacher)
-        import torch
-
-        ckpt = torch.load(best, map_location="cpu", weights_only=True)
-        teacher_file.parent.mkdir(parents=True, exist_ok=True)
-        state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-        torch.save({"model": state, "test_acc": acc}, teacher_file)
+        save_student_as_teacher(best, teacher_file, test_acc=acc)
         meta_file.write_text(json.dumps({"test_acc": acc, "source": best, "epochs": demo.teacher_epochs}))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
     for method in demo.methods:

@@ -23,15 +23,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffkd.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTDataModule, read_idx
-from diffkd.demo import _command_line_overrides, _key, cpu_supports_bf16, demo_run_config
+from diffkd.demo import demo_precision, demo_user_overrides, save_student_as_teacher, train_demo_run
 from diffkd.demos.scenes import Scene, compose_scenes, scene_summary
 from diffkd.models import demo_detection  # noqa: F401  (registers demo_fcos_teacher / demo_fcos_student)
-from diffkd.training import train
 
 log = logging.getLogger("diffkd.demos.detection")
 
@@ -166,14 +164,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         overrides: the overrides it was composed with (default: the running Hydra app's command line).
     """
     demo = cfg.demo
-    user = _command_line_overrides() if overrides is None else list(overrides)
-    group_overrides = [o for o in user if _key(o) == "distill"]
-    if group_overrides:
-        log.warning("demo: %s ignored — the demo runs demo.methods=%s", group_overrides, list(demo.methods))
-    user = [o for o in user if o not in group_overrides]
-    precision = demo.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    user = demo_user_overrides(demo, overrides)
+    precision = demo_precision(demo)
     out_root = Path(cfg.paths.output_dir)
     wall = time.perf_counter()
     scene_root = build_scene_set(demo.scenes, cfg.paths.data_dir)
@@ -185,7 +177,6 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
 
     def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> tuple[dict, str]:
         fixed = [
-            "pipeline=train",
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
             f"model.student.name={student}",
@@ -193,11 +184,10 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
             f"data.root={scene_root}",
             *extra,
         ]
-        start = time.perf_counter()
-        metrics, objs = train(demo_run_config(user, method, fixed))
+        metrics, best, seconds = train_demo_run(user, method, fixed)
         ap = {suffix: metrics.get(f"test/{suffix}", float("nan")) for _, suffix in AP_COLUMNS}
-        rows.append((names.get(label, f"student + {label}"), ap, time.perf_counter() - start))
-        return ap, objs["best_ckpt"]
+        rows.append((names.get(label, f"student + {label}"), ap, seconds))
+        return ap, best
 
     params = _scene_params(demo.scenes)
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
@@ -209,10 +199,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         if meta is not None:
             log.info("the demo teacher of %s was trained on other scenes or is another model: retraining", meta_file)
         ap, best = run("teacher", "none", demo.teacher_epochs, demo.teacher)
-        ckpt = torch.load(best, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-        teacher_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": state}, teacher_file)
+        save_student_as_teacher(best, teacher_file)
         info = {"teacher": demo.teacher, "test": ap, "scenes": params, "epochs": demo.teacher_epochs, "source": best}
         meta_file.write_text(json.dumps(info, indent=1))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]

@@ -29,16 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
 from diffkd.data.fashion_mnist import FashionMNISTDataModule, read_idx
-from diffkd.demo import _command_line_overrides, _key, cpu_supports_bf16, demo_run_config
+from diffkd.demo import demo_precision, demo_user_overrides, save_student_as_teacher, train_demo_run
 from diffkd.demos.scenes import compose_scenes
-from diffkd.training import train
 
 log = logging.getLogger("diffkd.demos.segmentation")
 
@@ -180,11 +178,6 @@ def ensure_scenes(spec: Mapping[str, Any], source: Mapping[str, Any]) -> Path:
     return root
 
 
-def _teacher_state(best_ckpt: str) -> dict[str, Tensor]:
-    ckpt = torch.load(best_ckpt, map_location="cpu", weights_only=True)
-    return {k.removeprefix("student."): v for k, v in ckpt["state_dict"].items() if k.startswith("student.")}
-
-
 def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     """Scenes (built or reused), teacher (trained or reused), then the student once per method; prints the table.
 
@@ -196,14 +189,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         the last run's test mIoU in [0, 1].
     """
     demo = cfg.demo
-    user = _command_line_overrides() if overrides is None else list(overrides)
-    group_overrides = [o for o in user if _key(o) == "distill"]
-    if group_overrides:
-        log.warning("demo: %s ignored — the demo runs demo.methods=%s", group_overrides, list(demo.methods))
-    user = [o for o in user if o not in group_overrides]
-    precision = demo.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    user = demo_user_overrides(demo, overrides)
+    precision = demo_precision(demo)
     wall = time.perf_counter()
     scenes_root = ensure_scenes(demo.scenes, demo.fashion_mnist)
     scenes_params = json.loads((scenes_root / SCENES_FILE).read_text())["params"]
@@ -214,22 +201,19 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
 
     def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> dict[str, Any]:
         fixed = [
-            "pipeline=train",
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
             f"model.student.name={student}",
             f"paths.output_dir={out_root / label}",
             *extra,
         ]
-        start = time.perf_counter()
-        metrics, objs = train(demo_run_config(user, method, fixed))
-        result = {
+        metrics, best, seconds = train_demo_run(user, method, fixed)
+        return {
             "miou": metrics.get("test/miou", float("nan")),
             "pixel_acc": metrics.get("test/pixel_acc", float("nan")),
-            "seconds": time.perf_counter() - start,
-            "best_ckpt": objs["best_ckpt"],
+            "seconds": seconds,
+            "best_ckpt": best,
         }
-        return result
 
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() and teacher_file.is_file() else None
     if meta is not None and meta.get("scenes") != scenes_params:
@@ -240,8 +224,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         rows.append((f"teacher {demo.teacher} (reused)", meta["miou"], meta["pixel_acc"], 0.0))
     else:
         result = run("teacher", "none", demo.teacher_epochs, demo.teacher)
-        teacher_file.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": _teacher_state(result["best_ckpt"]), "miou": result["miou"]}, teacher_file)
+        save_student_as_teacher(result["best_ckpt"], teacher_file, miou=result["miou"])
         meta = {k: result[k] for k in ("miou", "pixel_acc")}
         meta |= {"source": result["best_ckpt"], "epochs": demo.teacher_epochs, "scenes": scenes_params}
         meta_file.write_text(json.dumps(meta, indent=1))
