@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import random
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_
 from torchvision.transforms import v2
 
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
+from diffkd.data.protocol import preserved_rng_state
 
 __all__ = [
     "COCO_URLS",
@@ -403,21 +403,6 @@ class GroupedBatchSampler(BatchSampler):
             set_epoch(epoch)
 
 
-@contextlib.contextmanager
-def _rng_states_kept() -> Iterator[None]:
-    """Restore the global random states (Python, NumPy, torch CPU, and CUDA when started) on exit."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
-
-
 # ------------------------------------------------------------------------------------------ the datamodule
 
 
@@ -741,6 +726,6 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         dataset = self.train_set if split == "train" else self.val_set
         if not 1 <= size <= len(dataset):
             raise ValueError(f"example_batch size must be in 1..{len(dataset)} (the {split} split), got {size}")
-        with _rng_states_kept():
+        with preserved_rng_state():
             torch.default_generator.manual_seed(self._seed())  # CPU only: torch.manual_seed would queue a CUDA seed
             return collate_detection([dataset[i] for i in range(size)])
