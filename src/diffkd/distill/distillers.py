@@ -149,8 +149,9 @@ class Distiller(nn.Module):
                     f"point {name!r}: unknown keys {unknown}; allowed: {sorted(PointSpec.__dataclass_fields__)}"
                 )
             self.specs[name] = PointSpec(**spec)
-        for spec in self.specs.values():
-            get_head(spec.head)  # unknown names fail here, with the registered ones listed
+        # looked up once (unknown names fail here, with the registered ones listed), not at every step
+        self._heads_of = {n: get_head(s.head) for n, s in self.specs.items()}
+        self._distances_of = {n: get_distance(s.distance["name"]) for n, s in self.specs.items()}
         self.task_weight = float(task_weight)
         self.head_defaults: dict[str, dict[str, Any]] = {"diffkd": dict(diffkd or {})}
         self.heads = nn.ModuleDict()
@@ -182,7 +183,7 @@ class Distiller(nn.Module):
 
     def inputs_needed(self) -> set[str]:
         """Batch inputs some distance requires (``labels``, ...)."""
-        return {k for s in self.specs.values() for k in get_distance(s.distance["name"]).needs}
+        return {k for entry in self._distances_of.values() for k in entry.needs}
 
     # ------------------------------------------------------------------ setup
     def build(
@@ -294,7 +295,7 @@ class Distiller(nn.Module):
             )
         head_key: str | None = config if spec.shared_head else name
         if head_key not in self.heads:
-            entry = get_head(spec.head)
+            entry = self._heads_of[config]
             kwargs = {**self.head_defaults.get(spec.head, {}), **spec.head_kwargs}
             try:
                 head = entry.build(int(s4[1]), int(t4[1]), vector=s_layout == "vector", **kwargs)
@@ -387,7 +388,7 @@ class Distiller(nn.Module):
                 s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
             ramp = min(epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
             if info.head is not None:
-                entry = get_head(spec.head)
+                entry = self._heads_of[info.config]
                 out = entry.apply(self.heads[info.head], s, t)
                 s, t = out.student, out.teacher
                 for term, value in out.losses.items():
@@ -396,13 +397,12 @@ class Distiller(nn.Module):
                 for stat, value in out.stats.items():
                     stats[f"{stat}/{name}"] = value
             distance = self.distances[info.config]
-            kwargs = self._distance_inputs(info.config, spec, inputs)
+            kwargs = self._distance_inputs(info.config, inputs)
             terms[f"{name}/kd"] = (spec.weight * ramp) * distance(s, t, **kwargs)
         return DistillOutput(terms, stats)
 
-    @staticmethod
-    def _distance_inputs(point: str, spec: PointSpec, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        entry = get_distance(spec.distance["name"])
+    def _distance_inputs(self, point: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        entry = self._distances_of[point]
         missing = [k for k in entry.needs if inputs.get(k) is None]
         if missing:
             raise ValueError(
