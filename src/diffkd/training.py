@@ -107,7 +107,8 @@ def _resume_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
         return
     import torch
 
-    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("diffkd", {}).get("wandb_id")
+    # memory-mapped: only the small dict is read here; Lightning reads the tensors when it restores
+    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("diffkd", {}).get("wandb_id")
     if stored:
         with open_dict(cfg):
             cfg.logger.wandb.id = stored

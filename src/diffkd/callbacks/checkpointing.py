@@ -33,6 +33,7 @@ class LastCheckpoint(L.Callback):
         self.every_n_train_steps = every_n_train_steps
         self.filename = filename
         self.last_model_path = ""
+        self._saved_step: int | None = None
 
     @property
     def path(self) -> Path:
@@ -57,7 +58,7 @@ class LastCheckpoint(L.Callback):
     def _new_step(self, trainer: L.Trainer) -> bool:
         # with gradient accumulation several batches end on the same optimizer step: write once
         step = trainer.global_step
-        if getattr(self, "_saved_step", None) == step:
+        if self._saved_step == step:
             return False
         self._saved_step = step
         return True

@@ -21,7 +21,7 @@ Hooks keep references only (no copies); the store is cleared at each forward of 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -355,8 +355,3 @@ def expand_address(run: DryRun, address: TapAddress) -> list[tuple[str, TapAddre
         raise ValueError(f"tap {address}: {prefix} is {_describe(value)}; '{EXPAND}' needs a dict, tuple or list")
     rest = address.selectors[star + 1 :]
     return [(k, TapAddress(address.path, (*prefix.selectors, k, *rest))) for k in keys]
-
-
-def expanded_names(point: str, keys: Sequence[str]) -> list[str]:
-    """Point names of an expansion: ``fpn`` over ``0, 1, pool`` → ``fpn_0, fpn_1, fpn_pool``."""
-    return [f"{point}_{k}" for k in keys]
