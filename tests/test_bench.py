@@ -194,3 +194,23 @@ def test_the_gpu_script_rehearses_every_part_on_the_cpu(tmp_path):
     steps = json.loads((out / "bench_eager.json").read_text())["steps"]
     assert {s["method"] for s in steps} == {"none", "kd", "diffkd", "official_kd", "official_diffkd"}
     assert all(s["error"] is None for s in steps)
+
+
+def test_small_pair_is_the_demos_pair_and_its_heads_are_a_modest_fraction(tmp_path):
+    from diffkd.bench import PAIRS
+    from tests.conftest import compose_config
+
+    demo = compose_config(["experiment=demo"])
+    small = PAIRS["small"]
+    assert (small["teacher"], small["student"], small["batch"]) == (
+        demo.demo.teacher,
+        demo.demo.student,
+        demo.data.batch_size,
+    )
+    out = tmp_path / "b.json"
+    main(["--pairs", "small", "--methods", "kd,diffkd", "--precision", "fp32", "--channels-last", "on",
+          "--no-heads", "--steps", "1", "--warmup", "1", "--batch", "16", "--out", str(out)])  # fmt: skip
+    steps = {s["method"]: s for s in json.loads(out.read_text())["steps"]}
+    assert all(s["error"] is None and s["finite"] for s in steps.values())
+    # the demo's design (conf/experiment/demo.yaml): the two DiffKD heads add well under a fifth of the KD step's FLOPs
+    assert 1.0 < steps["diffkd"]["gflop_per_step"] / steps["kd"]["gflop_per_step"] < 1.2

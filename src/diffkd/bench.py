@@ -88,6 +88,9 @@ def load_official_bench() -> ModuleType:
 
 
 PAIRS: dict[str, dict[str, Any]] = {
+    # small: the embedded demo's pair and batch (conf/experiment/demo.yaml), grey 28×28 Fashion-MNIST images
+    "small": {"teacher": "demo_cnn_teacher", "student": "demo_cnn_student", "classes": 10, "size": 28, "chans": 1,
+              "batch": 128},
     # official_points / official_channels: the official KD_MODULES entries (spec §C.1) for --official-dir
     "cifar": {"teacher": "wrn_40_2", "student": "wrn_16_2", "classes": 100, "size": 32, "batch": 64,
               "official_points": ("relu", "fc"), "official_channels": (128, 128)},
@@ -176,7 +179,7 @@ def _build_module(
         teacher=teacher,
         distiller=Distiller(points, task_weight=0.1 if method == "kd" else 1.0),
         optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        input_size=(3, pair["size"], pair["size"]),
+        input_size=(pair.get("chans", 3), pair["size"], pair["size"]),
         channels_last=channels_last,
         compile=compile,
         compile_mode=compile_mode,
@@ -221,7 +224,7 @@ def bench_step(
     torch.manual_seed(0)
     module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet", compile_mode=compile_mode)
     dev = torch.device(device)
-    x = torch.randn(bs, 3, pair["size"], pair["size"], device=dev)
+    x = torch.randn(bs, pair.get("chans", 3), pair["size"], pair["size"], device=dev)
     y = torch.randint(0, pair["classes"], (bs,), device=dev)
     batches = _Repeat((x, y), warmup + steps)
     marks: dict[str, float] = {}
@@ -286,7 +289,9 @@ def bench_head(point: str, precision: str, device: str, steps: int = 10, warmup:
 
     torch.manual_seed(0)
     dev = torch.device(device)
-    if point == "cifar":
+    if point == "small":  # the demo's feature point: demo_cnn_student 24 → demo_cnn_teacher 32 channels, 4 × 4
+        head, bs, cs, ct, hw = DiffKD(24, 32), 128, 24, 32, 4
+    elif point == "cifar":
         head, bs, cs, ct, hw = DiffKD(128, 128), 64, 128, 128, 8
     else:
         head, bs, cs, ct, hw = DiffKD(512, 512, use_ae=True, ae_channels=1024), 32, 512, 512, 7
@@ -439,7 +444,7 @@ def _check_official(official_dir: str | None) -> None:
 def main(argv: list[str] | None = None) -> list[BenchResult]:
     parser = argparse.ArgumentParser(prog="python -m diffkd.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--pairs", default="cifar,imagenet")
+    parser.add_argument("--pairs", default="small,cifar,imagenet", help="small (the demo's), cifar, imagenet")
     parser.add_argument("--methods", default="none,kd,diffkd")
     parser.add_argument("--precision", default="fp32,bf16")
     parser.add_argument("--channels-last", default="off,on")
@@ -502,7 +507,9 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         )
         # the official code has neither channels_last nor compile: one configuration per precision;
         # compile=teacher without a teacher would repeat compile=off
-        if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4])) and not (c[1] == "none" and c[4] == "teacher")
+        if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4]))
+        and not (c[1] == "none" and c[4] == "teacher")
+        and (c[1] not in OFFICIAL_METHODS or "official_points" in PAIRS[c[0]])  # no official setting for `small`
     ]
     malloc = f" | cpu_malloc={malloc_mode}" if malloc_mode else ""
     print(f"device: {_device_name(args.device)} | torch {torch.__version__}{malloc} | {len(combos)} configurations",
@@ -510,7 +517,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     heads = []
     if not args.no_heads:
         for point, prec in itertools.product(
-            ("cifar", "imagenet"), _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"})
+            _choices(args.pairs, {k: k for k in PAIRS}), _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"})
         ):
             h = bench_head(point, prec, args.device)
             heads.append(h)

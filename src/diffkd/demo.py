@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,9 +32,12 @@ __all__ = [
     "cpu_supports_bf16",
     "demo_precision",
     "demo_run_config",
+    "demo_table",
     "demo_user_overrides",
+    "mean_std",
     "run_demo",
     "save_student_as_teacher",
+    "spread_verdict",
     "train_demo_run",
 ]
 
@@ -129,8 +133,45 @@ def save_student_as_teacher(best_ckpt: str, teacher_file: Path, **extra: Any) ->
     torch.save({"model": state, **extra}, teacher_file)
 
 
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0.0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def spread_verdict(results: dict[str, Sequence[float]], unit: float = 100.0) -> str:
+    """One line saying which differences of means exceed the seed-to-seed spread.
+
+    A difference between two runs' means "exceeds the spread" when ``|mean_a − mean_b| > std_a + std_b`` (sample
+    standard deviations over the seeds) — a plain, documented rule, not a significance test. ``results`` maps a
+    run's name to its per-seed values (in [0, 1]; printed × ``unit``).
+    """
+    names = list(results)
+    if any(len(v) < 2 for v in results.values()):
+        return "one seed per run: no spread to compare the differences with (demo.seeds=[0,1,2] gives one)"
+    beyond, within = [], []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            (ma, sa), (mb, sb) = mean_std(results[a]), mean_std(results[b])
+            text = f"{b} − {a} {unit * (mb - ma):+.2f} (spread {unit * (sa + sb):.2f})"
+            (beyond if abs(mb - ma) > sa + sb else within).append(text)
+    return (
+        "differences beyond the seed spread (|Δ mean| > std₁ + std₂): "
+        + ("; ".join(beyond) or "none")
+        + " — within it: "
+        + ("; ".join(within) or "none")
+    )
+
+
 def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
-    """Teacher (trained or reused), then the student once per method; prints and returns the last accuracy.
+    """Teacher (trained or reused), then the student once per method and seed; prints the table with mean ± std
+    over ``demo.seeds`` and returns the last method's mean accuracy.
+
+    The protocol is the same for every method: ``demo.student_epochs`` epochs of the packaged recipe (SGD, cosine
+    to 0 stepped every iteration), one evaluation of the final weights on the 10 000 test images (no checkpoint is
+    chosen on them), one run per seed.
 
     Args:
         cfg: the composed demo config (``experiment=demo``).
@@ -140,47 +181,89 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     user = demo_user_overrides(demo, overrides)
     precision = demo_precision(demo)
     out_root = Path(cfg.paths.output_dir)
+    seeds = [int(s) for s in demo.get("seeds", [cfg.seed])]
+    if not seeds:
+        raise ValueError("demo.seeds is empty: give at least one seed, e.g. demo.seeds=[0,1,2]")
     wall = time.perf_counter()
     teacher_file = Path(demo.teacher_weights)
     meta_file = teacher_file.with_suffix(".json")
-    rows: list[tuple[str, float, float]] = []
-    label_names = {"teacher": f"teacher {demo.teacher}", "none": "student alone"}
+    metric = "val/acc"  # the final weights on Fashion-MNIST's test split (validated once, at the end)
 
-    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> tuple[float, str]:
+    def run(method: str, epochs: int, student: str, folder: Path, seed: int, extra: Sequence[str] = ()):
         fixed = [
+            f"seed={seed}",
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
             f"model.student.name={student}",
-            f"paths.output_dir={out_root / label}",
+            f"paths.output_dir={folder}",
             *extra,
         ]
         metrics, best, seconds = train_demo_run(user, method, fixed)
-        rows.append((label_names.get(label, label), metrics.get("test/acc", float("nan")), seconds))
-        return rows[-1][1], best
+        return metrics.get(metric, float("nan")), best, seconds
 
-    if teacher_file.exists() and meta_file.exists():
-        meta = json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text()) if teacher_file.is_file() and meta_file.is_file() else None
+    if meta is not None and meta.get("model", demo.teacher) != demo.teacher:
+        log.info("%s holds a %s, not %s: training the teacher again", teacher_file, meta.get("model"), demo.teacher)
+        meta = None
+    if meta is not None:
         log.info("reusing the demo teacher %s (test acc %.2f%%)", teacher_file, 100 * meta["test_acc"])
-        rows.append((f"teacher {demo.teacher} (reused)", meta["test_acc"], 0.0))
+        teacher_row = (f"teacher {demo.teacher} (reused)", meta["test_acc"], 0.0)
     else:
-        acc, best = run("teacher", "none", demo.teacher_epochs, demo.teacher)
+        acc, best, seconds = run("none", demo.teacher_epochs, demo.teacher, out_root / "teacher", int(cfg.seed))
         save_student_as_teacher(best, teacher_file, test_acc=acc)
-        meta_file.write_text(json.dumps({"test_acc": acc, "source": best, "epochs": demo.teacher_epochs}))
+        meta = {"test_acc": acc, "source": best, "epochs": demo.teacher_epochs, "model": demo.teacher}
+        meta_file.write_text(json.dumps(meta))
+        teacher_row = (f"teacher {demo.teacher}", acc, seconds)
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
-    for method in demo.methods:
-        label_names.setdefault(method, f"student + {method}")
-        run(method, method, demo.student_epochs, demo.student, teacher)
+    names = {"none": "student alone"}
+    results: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {}
+    for seed in seeds:  # seed-major: an interrupted demo has every method for the seeds it finished
+        for method in demo.methods:
+            acc, _, seconds = run(method, demo.student_epochs, demo.student, out_root / method / f"seed{seed}", seed,
+                                  teacher)  # fmt: skip
+            name = names.setdefault(method, f"student + {method}")
+            results.setdefault(name, []).append(acc)
+            times.setdefault(name, []).append(seconds)
     total = time.perf_counter() - wall
+    print("\n".join(demo_table(demo, precision, seeds, user, teacher_row, results, times, total, out_root)),
+          flush=True)  # fmt: skip
+    return mean_std(results[names[demo.methods[-1]]])[0]
+
+
+def demo_table(
+    demo: DictConfig,
+    precision: str,
+    seeds: Sequence[int],
+    user: Sequence[str],
+    teacher_row: tuple[str, float, float],
+    results: dict[str, list[float]],
+    times: dict[str, list[float]],
+    total: float,
+    out_root: Path,
+) -> list[str]:
+    """The demo's printed summary: one row per run (mean ± std and each seed's value, in %), the spread verdict
+    and where the runs, metrics and curves are."""
+    seed_cols = "".join(f"{f'seed {s}':>9}" for s in seeds)
     lines = [
         "",
-        f"Fashion-MNIST demo — {demo.student} distilled from {demo.teacher} "
-        f"(seed {cfg.seed}, {demo.student_epochs} student epochs, precision {precision})",
+        f"Fashion-MNIST demo — {demo.student} distilled from {demo.teacher}: test top-1 (%) of the final weights, "
+        f"{demo.student_epochs} student epochs, {len(seeds)} seed(s), precision {precision}",
     ]
     if user:
         lines.append(f"overrides: {' '.join(user)}")
-    lines.append(f"{'run':<34}{'test top-1':>12}{'time (s)':>11}")
-    lines += [f"{name:<34}{100 * acc:>11.2f}%{secs:>11.1f}" for name, acc, secs in rows]
-    lines.append(f"{'total wall time':<34}{'':>12}{total:>11.1f}")
-    lines.append(f"outputs: {out_root}")
-    print("\n".join(lines), flush=True)
-    return rows[-1][1]
+    lines.append(f"{'run':<32}{'mean ± std':>15}{seed_cols}{'s/run':>8}")
+    name, acc, secs = teacher_row
+    lines.append(f"{name:<32}{100 * acc:>15.2f}{'':>{9 * len(seeds)}}{secs:>8.1f}")
+    for name, accs in results.items():
+        mean, std = mean_std(accs)
+        per_seed = "".join(f"{100 * a:>9.2f}" for a in accs)
+        lines.append(f"{name:<32}{f'{100 * mean:.2f} ± {100 * std:.2f}':>15}{per_seed}{mean_std(times[name])[0]:>8.1f}")
+    lines.append(spread_verdict(results))
+    lines.append(f"total wall time {total:.0f} s")
+    lines.append(
+        f"runs: {out_root}/<method>/seed<k>/ — checkpoints/ (last.ckpt), csv/version_0/metrics.csv (every logged "
+        "loss term and metric); curves: pandas.read_csv(...) or rerun with logger=tensorboard and "
+        f"`tensorboard --logdir {out_root}`"
+    )
+    return lines

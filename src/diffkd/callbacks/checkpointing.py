@@ -44,7 +44,7 @@ class LastCheckpoint(L.Callback):
         if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state (resumable); said, not defaulted
         if trainer.is_global_zero:
             os.replace(tmp, self.path)
         trainer.strategy.barrier("last_checkpoint")

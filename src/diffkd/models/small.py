@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from diffkd.models.registry import register_model
 
-__all__ = ["ConvBNReLU", "SmallCNN", "smallcnn_student", "smallcnn_teacher"]
+__all__ = ["ConvBNReLU", "SmallCNN", "demo_cnn_student", "demo_cnn_teacher", "smallcnn_student", "smallcnn_teacher"]
 
 
 class ConvBNReLU(nn.Sequential):
@@ -93,3 +93,33 @@ def smallcnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: 
         raise ValueError("smallcnn_student has no published weights (train it, e.g. with the Fashion-MNIST demo)")
     kwargs.setdefault("in_chans", 1)
     return SmallCNN((16, 32, 48), (2, 2, 1), num_classes=num_classes, **kwargs)
+
+
+# The embedded demo's pair (conf/experiment/demo.yaml). Both end on a 4×4 map (strides 2·2·2: 28 → 14 → 7 → 4)
+# where DiffKD's feature head works: its cost grows with the tapped map's pixels × width², so a narrow, small last
+# map keeps the two heads at +7 % of a KD step's FLOPs — the paper's CIFAR pair adds 11 % (BENCHMARKS.md) — where
+# tapping smallcnn_teacher's 64 × 7 × 7 map made them cost more than the whole KD step (+115 %).
+
+
+@register_model(tags=("small",))
+def demo_cnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+    """Demo teacher: widths 32/64/96/96/32, strides 2/1/2/1/2 (185k params at 10 classes).
+
+    Last feature map: ``features``, (B, 32, 4, 4) for a 28×28 input.
+    """
+    if pretrained:
+        raise ValueError("demo_cnn_teacher has no published weights (train it, e.g. with the Fashion-MNIST demo)")
+    kwargs.setdefault("in_chans", 1)
+    return SmallCNN((32, 64, 96, 96, 32), (2, 1, 2, 1, 2), num_classes=num_classes, **kwargs)
+
+
+@register_model(tags=("small",))
+def demo_cnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+    """Demo student: widths 16/32/48/24, strides 2/2/1/2 (29k params at 10 classes).
+
+    Last feature map: ``features``, (B, 24, 4, 4) for a 28×28 input: DiffKD's ``trans`` bridges 24 → 32 channels.
+    """
+    if pretrained:
+        raise ValueError("demo_cnn_student has no published weights (train it, e.g. with the Fashion-MNIST demo)")
+    kwargs.setdefault("in_chans", 1)
+    return SmallCNN((16, 32, 48, 24), (2, 2, 1, 2), num_classes=num_classes, **kwargs)
