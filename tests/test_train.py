@@ -165,3 +165,13 @@ def test_sweep_config_lists_schedules_and_steps():
     params = cfg.hydra.sweeper.params
     assert params["distill.diffkd.beta_schedule"] == "linear,scaled_linear,squaredcos_cap_v2"
     assert params["distill.diffkd.inference_steps"] == "1,3,5,10"
+
+
+def test_per_iteration_schedule_on_a_run_counted_in_steps(cifar_cfg):
+    # max_epochs=-1 + max_steps: Lightning gives the step count without a loader; the schedule still gets its epoch
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=none", "optim=sgd_warmup_cosine", "trainer.max_epochs=-1",
+                    "trainer.max_steps=3", "trainer.limit_train_batches=2")  # fmt: skip
+    _, objs = train(cfg)
+    scheduler = objs["trainer"].lr_scheduler_configs[0].scheduler
+    assert scheduler.steps_per_epoch == 2 and scheduler.max_epochs == 1.5
+    assert objs["trainer"].global_step == 3

@@ -517,6 +517,9 @@ class DistillationModule(L.LightningModule):
             return {}
         total = self.trainer.estimated_stepping_batches  # sets up the train loader when needed
         batches = self.trainer.num_training_batches
+        if math.isinf(batches):  # max_epochs=-1: Lightning answers max_steps without setting the loader up
+            self.trainer.fit_loop.setup_data()
+            batches = self.trainer.num_training_batches
         if math.isinf(batches):
             raise ValueError(f"{wanted} need a train loader with a length (per-iteration schedules count epochs)")
         counts = {"steps_per_epoch": math.ceil(batches / self.trainer.accumulate_grad_batches), "total_steps": total}
