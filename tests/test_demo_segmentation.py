@@ -93,3 +93,10 @@ def test_demo_prints_four_rows_and_reuses_its_teacher(tmp_path, fmnist_root, cap
     assert "teacher demo_seg_teacher (reused)" in out and "student + diffkd" in out
     ckpt = torch.load(tmp_path / "out" / "diffkd_seg" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["diffkd"]["config"]["distill"]["diffkd"]["inference_steps"] == 2
+    overrides = _overrides(tmp_path, fmnist_root, "demo.methods=[none,kd_seg]", "demo.seeds=[3,4]")
+    run_demo(compose_config(overrides), overrides)
+    out = capsys.readouterr().out
+    assert "mIoU over 2 seeds (mean ± std)" in out and "differences beyond the seed spread" in out
+    for seed in (3, 4):
+        ckpt = torch.load(tmp_path / "out" / "kd_seg" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["diffkd"]["config"]["seed"] == seed

@@ -35,7 +35,14 @@ from PIL import Image
 from torch import Tensor
 
 from diffkd.data.fashion_mnist import FashionMNISTDataModule, read_idx
-from diffkd.demo import demo_precision, demo_user_overrides, save_student_as_teacher, train_demo_run
+from diffkd.demo import (
+    demo_precision,
+    demo_user_overrides,
+    mean_std,
+    save_student_as_teacher,
+    spread_verdict,
+    train_demo_run,
+)
 from diffkd.demos.scenes import compose_scenes
 
 log = logging.getLogger("diffkd.demos.segmentation")
@@ -186,7 +193,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         overrides: the overrides it was composed with (default: the running Hydra app's command line).
 
     Returns:
-        the last run's test mIoU in [0, 1].
+        the last method's test mIoU in [0, 1] (its mean over ``demo.seeds``).
     """
     demo = cfg.demo
     user = demo_user_overrides(demo, overrides)
@@ -230,22 +237,34 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         meta_file.write_text(json.dumps(meta, indent=1))
         rows.append((f"teacher {demo.teacher}", result["miou"], result["pixel_acc"], result["seconds"]))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
-    for method in demo.methods:
-        name = "student alone" if method == "none" else f"student + {method.removesuffix('_seg')}"
-        result = run(method, method, demo.student_epochs, demo.student, teacher)
-        rows.append((name, result["miou"], result["pixel_acc"], result["seconds"]))
+    seeds = [int(x) for x in (demo.get("seeds") or [cfg.seed])]
+    per_seed: dict[str, list[float]] = {}
+    for seed in seeds:  # seed-major: an interrupted demo has every method for the seeds it finished
+        for method in demo.methods:
+            name = "student alone" if method == "none" else f"student + {method.removesuffix('_seg')}"
+            label = method if len(seeds) == 1 else f"{method}/seed{seed}"
+            result = run(label, method, demo.student_epochs, demo.student, [*teacher, f"seed={seed}"])
+            rows.append((name, result["miou"], result["pixel_acc"], result["seconds"]))
+            per_seed.setdefault(name, []).append(result["miou"])
     total = time.perf_counter() - wall
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
     lines = [
         "",
         f"Segmentation demo — {demo.student} distilled from {demo.teacher} on Fashion-MNIST scenes "
         f"({scenes_params['train']} train / {scenes_params['val']} val, {scenes_params['canvas']}px, 11 classes; "
-        f"seed {cfg.seed}, {demo.student_epochs} student epochs, precision {precision})",
+        f"{seed_text}, {demo.student_epochs} student epochs, precision {precision})",
     ]
     if user:
         lines.append(f"overrides: {' '.join(user)}")
     lines.append(f"{'run':<34}{'mIoU':>9}{'pixel acc':>11}{'time (s)':>10}")
     lines += [f"{n:<34}{100 * m:>8.2f}%{100 * a:>10.2f}%{s:>10.1f}" for n, m, a, s in rows]
+    if len(seeds) > 1:
+        lines.append(f"mIoU over {len(seeds)} seeds (mean ± std):")
+        for name, values in per_seed.items():
+            mean, std = mean_std(values)
+            lines.append(f"  {name:<32}{100 * mean:>8.2f} ± {100 * std:.2f}")
+        lines.append(spread_verdict(per_seed))
     lines.append(f"{'total wall time':<34}{'':>20}{total:>10.1f}")
-    lines.append(f"outputs: {out_root}")
+    lines.append(f"outputs: {out_root}" + ("" if len(seeds) == 1 else " (<method>/seed<k>/)"))
     print("\n".join(lines), flush=True)
-    return rows[-1][1]
+    return mean_std(per_seed[name])[0]
