@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: help install demo test test-slow test-all lint format bench bench-gpu bench-gpu-rehearse fashion-mnist clean
+.PHONY: help install demo test test-slow test-all lint format bench bench-tasks bench-gpu bench-gpu-rehearse fashion-mnist notebooks clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-20s %s\n", $$1, $$2}'
@@ -64,11 +64,19 @@ bench: install ## CPU benchmark of a training step (student / KD / DiffKD [/ the
 	clone of hunto/DiffKD's head without its submodule?), so no official rows; see README, Speed" >&2
 	$(PY) -m diffkd.bench --compile off,teacher $(BENCH_OFFICIAL)
 
+bench-tasks: install ## CPU benchmark of DiffKD on Cityscapes logits and on the FPN (heads' FLOPs; student / KD|FitNet / DiffKD steps)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m diffkd.bench_tasks
+
 bench-gpu: install ## GPU benchmark + 1-GPU DDP smoke + timed CIFAR-shaped run
 	bash scripts/bench_gpu.sh
 
 bench-gpu-rehearse: install ## every part of bench-gpu at toy size on the CPU (checks the commands, no timings)
 	REHEARSE=cpu bash scripts/bench_gpu.sh
+
+notebooks: install fashion-mnist ## execute notebooks/*.ipynb into notebooks/executed/ (git-ignored) with their outputs
+	@$(PY) -c "import nbclient, nbformat, ipykernel, matplotlib, pandas" 2>/dev/null || \
+	  $(PY) -m pip install --quiet -e ".[dev,detection,notebooks]" $(TORCH_PINS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) notebooks/execute.py --out notebooks/executed
 
 clean: ## remove caches and run outputs (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache logs outputs multirun
