@@ -159,10 +159,17 @@ class DiffKD(nn.Module):
         """
         return self._refine(student_feat, noise)[0]
 
-    def _refine(self, student_feat: Tensor, noise: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _refine(
+        self, student_feat: Tensor, noise: Tensor | None, states: list[Tensor] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``refine`` plus γ; ``states`` (when given) receives the fp32 DDIM state after ``trans``, after the noise
+        mix (with ANM: then ε_T too, just before it) and after each step — ``diffkd.method.trajectory`` reads them
+        from here."""
         s = self.trans(to_bchw(student_feat, self.input_layout))
         g = self.gamma(s)
         x = s.float()  # the DDIM state and its arithmetic stay fp32, also under autocast
+        if states is not None:
+            states.append(x)
         if g is not None:
             eps = _randn_like(x) if noise is None else noise.float()
             g4 = g.view(-1, 1, 1, 1)
@@ -170,9 +177,13 @@ class DiffKD(nn.Module):
                 x = torch.lerp(eps, x, g4)  # γ·s + (1 − γ)·ε in one kernel
             else:
                 x = g4.sqrt() * x + (1 - g4).sqrt() * eps
+            if states is not None:
+                states += [eps, x]
         for step in self.schedule.steps:
             eps_hat = self._denoiser(x, step.t)
             x = (x * step.a).add_(eps_hat.float(), alpha=step.b)  # a·x + b·ε̂: two kernels, not three
+            if states is not None:
+                states.append(x)
         return channels_last_grad(self.proj(x)), g
 
     def _denoiser(self, x: Tensor, t: int) -> Tensor:

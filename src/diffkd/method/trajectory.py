@@ -1,7 +1,7 @@
 """The states of one DiffKD refinement, for looking at what the denoiser does to a student feature.
 
 :meth:`DiffKD.refine <diffkd.method.head.DiffKD.refine>` returns only the end point; :func:`trajectory` runs the
-same computation with the head's public pieces and keeps every state on the way::
+same refinement and keeps every state on the way::
 
     traj = trajectory(head, student_feat, noise=eps)
     traj.states          # [Z_s = trans(S), γ·Z_s + (1 − γ)·ε, after DDIM step 1, ..., after step N]
@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffkd.method.head import DiffKD, _randn_like
-from diffkd.method.layout import to_bchw
+from diffkd.method.head import DiffKD
 
 __all__ = ["Trajectory", "distances_to", "trajectory"]
 
@@ -49,36 +47,23 @@ class Trajectory:
 def trajectory(head: DiffKD, student_feat: Tensor, noise: Tensor | None = None) -> Trajectory:
     """Run ``head``'s refinement on ``student_feat`` and keep every intermediate state.
 
-    The arithmetic is that of :meth:`DiffKD.refine` (``trans``, γ, the mix, ``a·x + b·ε̂`` per step of
-    ``head.schedule.steps``, ``proj``), so ``trajectory(head, s, eps).refined`` equals ``head.refine(s, eps)`` in the
-    same train/eval mode (tests/test_trajectory.py). Gradients flow as in ``refine``; wrap the call in
-    ``torch.no_grad()`` to only look.
+    It is the head's own refinement (``DiffKD._refine`` with a list that keeps its states), so
+    ``trajectory(head, s, eps).refined`` equals ``head.refine(s, eps)`` in the same train/eval mode. Gradients
+    flow as in ``refine``; wrap the call in ``torch.no_grad()`` to only look.
 
     Args:
         head: a DiffKD point (e.g. ``module.distiller.heads["feature"]``).
         student_feat: the student feature (B, C_s, H, W) (or logits (B, C_s), tokens, ... as ``refine`` takes).
         noise: ε_T (B, C, H, W) of the noise mix; default: drawn as ``refine`` draws it.
     """
-    s = head.trans(to_bchw(student_feat, head.input_layout))
-    x = s.float()
-    states, labels = [x], ["student latent"]
-    g = head.gamma(s)
+    recorded: list[Tensor] = []
+    refined, g = head._refine(student_feat, noise, recorded)  # the head's own arithmetic, states kept
     eps = None
-    if g is not None:
-        eps = _randn_like(x) if noise is None else noise.float()
-        g4 = g.view(-1, 1, 1, 1)
-        if head.anm_mix == "linear":
-            x = torch.lerp(eps, x, g4)
-        else:
-            x = g4.sqrt() * x + (1 - g4).sqrt() * eps
-        states.append(x)
-        labels.append("noise mix")
-    for i, step in enumerate(head.schedule.steps, start=1):
-        eps_hat = head.model(x, step.t)
-        x = (x * step.a).add_(eps_hat.float(), alpha=step.b)
-        states.append(x)
-        labels.append(f"step {i} (t={step.t})")
-    return Trajectory(states=states, labels=labels, refined=head.proj(x), gamma=g, noise=eps)
+    if g is not None:  # [latent, ε_T, mix, steps...]
+        eps = recorded.pop(1)
+    labels = ["student latent", *(["noise mix"] if g is not None else [])]
+    labels += [f"step {i} (t={step.t})" for i, step in enumerate(head.schedule.steps, start=1)]
+    return Trajectory(states=recorded, labels=labels, refined=refined, gamma=g, noise=eps)
 
 
 def distances_to(teacher_latent: Tensor, state: Tensor) -> dict[str, float]:
