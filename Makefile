@@ -65,7 +65,7 @@ bench: install ## CPU benchmark of a training step (student / KD / DiffKD [/ the
 	$(PY) -m diffkd.bench --compile off,teacher $(BENCH_OFFICIAL)
 
 bench-tasks: install ## CPU benchmark of DiffKD on Cityscapes logits and on the FPN (heads' FLOPs; student / KD|FitNet / DiffKD steps)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m diffkd.bench_tasks
+	$(PY) -m diffkd.bench_tasks  # on a CPU shared with other jobs: OMP_WAIT_POLICY=PASSIVE make bench-tasks
 
 bench-gpu: install ## GPU benchmark + 1-GPU DDP smoke + timed CIFAR-shaped run
 	bash scripts/bench_gpu.sh
@@ -76,7 +76,7 @@ bench-gpu-rehearse: install ## every part of bench-gpu at toy size on the CPU (c
 notebooks: install fashion-mnist ## execute notebooks/*.ipynb into notebooks/executed/ (git-ignored) with their outputs
 	@$(PY) -c "import nbclient, nbformat, ipykernel, matplotlib, pandas" 2>/dev/null || \
 	  $(PY) -m pip install --quiet -e ".[dev,detection,notebooks]" $(TORCH_PINS)
-	OMP_WAIT_POLICY=PASSIVE $(PY) notebooks/execute.py --out notebooks/executed
+	$(PY) notebooks/execute.py --out notebooks/executed
 
 clean: ## remove caches and run outputs (keeps .venv and data/)
 	rm -rf .pytest_cache .ruff_cache logs outputs multirun

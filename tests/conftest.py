@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 # Before torch loads: spin-waiting OpenMP threads make tests 10-50x slower when anything else is busy on a
@@ -38,6 +39,17 @@ def fmnist_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fmnist")
     write_fashion_mnist(root, n_train=256, n_test=64, layout="torchvision")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _restore_logger_levels():
+    """CLI entry points (``diffkd.bench.main``, ``diffkd.bench_tasks.main``) quiet these loggers for their run; a
+    test that calls one must not silence the log records later tests read."""
+    names = ("diffkd", "lightning", "lightning.pytorch", "lightning.fabric")
+    levels = {n: logging.getLogger(n).level for n in names}
+    yield
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
 
 
 def tiny_overrides(tmp_path: Path, data_dir: Path) -> list[str]:

@@ -28,9 +28,11 @@ The head shapes come from the real models run on ``meta`` tensors at the stated 
 Detection's FitNet and DiffKD steps both include the experiment's RoI box-regression KD (``regression_kd_weight=1``,
 the teacher's box head on the student's proposals); the student-alone step has no teacher at all.
 
-On a CPU shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE`` (``make bench-tasks`` does; it must be set
-before torch loads): OpenMP threads that spin-wait for a descheduled partner make every small operation — and
-DiffKD's heads are many small operations — several times slower.
+OpenMP's wait policy matters for DiffKD's heads, which are thousands of small operations: on a CPU shared with other
+jobs, spin-waiting threads (the default) wait for a descheduled partner and every small operation gets several times
+slower, so run with ``OMP_WAIT_POLICY=PASSIVE`` there (set before torch loads); on an idle CPU leave it unset —
+passive threads sleep between operations and wake late (the demo's DiffKD step: 50 → 121 ms on 2 idle cores,
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -828,10 +830,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     omp = os.environ.get("OMP_WAIT_POLICY")
-    if not gpu and omp is None:
+    if not gpu:
         say(
-            "note: OMP_WAIT_POLICY is unset: on a CPU shared with other jobs OpenMP threads that spin-wait make small"
-            " operations many times slower; run with OMP_WAIT_POLICY=PASSIVE (as make bench-tasks does)"
+            f"note: OMP_WAIT_POLICY={omp or 'unset (spin-wait)'}: spin-waiting suits an idle CPU; on one shared with"
+            " other jobs it makes small operations many times slower (there use OMP_WAIT_POLICY=PASSIVE, which in turn"
+            " slows them on an idle CPU)"
         )
     say(
         f"device: {_device_name(args.device)} | torch {torch.__version__} | cpu_malloc={malloc_mode} | "

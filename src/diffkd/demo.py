@@ -260,6 +260,8 @@ def demo_table(
         per_seed = "".join(f"{100 * a:>9.2f}" for a in accs)
         lines.append(f"{name:<32}{f'{100 * mean:.2f} ± {100 * std:.2f}':>15}{per_seed}{mean_std(times[name])[0]:>8.1f}")
     lines.append(spread_verdict(results))
+    if demo.get("note"):
+        lines.append(f"protocol: {demo.note}")
     lines.append(f"total wall time {total:.0f} s")
     lines.append(
         f"runs: {out_root}/<method>/seed<k>/ — checkpoints/ (last.ckpt), csv/version_0/metrics.csv (every logged "

@@ -82,9 +82,21 @@ SPEC: dict[str, tuple[int, str, tuple[int, int, int], tuple[str, ...]]] = {
         (48, 7, 7),
         ("features.conv1.conv.weight", "features.conv3.bn.weight", "fc.weight"),
     ),
+    "demo_cnn_teacher": (
+        130_154,
+        "features",
+        (32, 4, 4),
+        ("features.conv1.conv.weight", "features.conv4.bn.weight", "fc.weight"),
+    ),
+    "demo_cnn_student": (
+        29_434,
+        "features",
+        (24, 4, 4),
+        ("features.conv1.conv.weight", "features.conv4.bn.weight", "fc.weight"),
+    ),
 }
 
-SMALL = ("smallcnn_teacher", "smallcnn_student")
+SMALL = ("smallcnn_teacher", "smallcnn_student", "demo_cnn_teacher", "demo_cnn_student")
 CIFAR_TEACHERS = {"resnet56", "resnet110", "resnet32x4", "ResNet50", "wrn_40_2", "vgg13"}
 
 

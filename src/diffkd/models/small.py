@@ -97,20 +97,20 @@ def smallcnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: 
 
 # The embedded demo's pair (conf/experiment/demo.yaml). Both end on a 4×4 map (strides 2·2·2: 28 → 14 → 7 → 4)
 # where DiffKD's feature head works: its cost grows with the tapped map's pixels × width², so a narrow, small last
-# map keeps the two heads at +7 % of a KD step's FLOPs — the paper's CIFAR pair adds 11 % (BENCHMARKS.md) — where
+# map keeps the two heads at +13 % of a KD step's FLOPs — the paper's CIFAR pair adds 11 % (BENCHMARKS.md) — where
 # tapping smallcnn_teacher's 64 × 7 × 7 map made them cost more than the whole KD step (+115 %).
 
 
 @register_model(tags=("small",))
 def demo_cnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
-    """Demo teacher: widths 32/64/96/96/32, strides 2/1/2/1/2 (185k params at 10 classes).
+    """Demo teacher: widths 32/64/128/32, strides 2/2/1/2 (130k params at 10 classes).
 
     Last feature map: ``features``, (B, 32, 4, 4) for a 28×28 input.
     """
     if pretrained:
         raise ValueError("demo_cnn_teacher has no published weights (train it, e.g. with the Fashion-MNIST demo)")
     kwargs.setdefault("in_chans", 1)
-    return SmallCNN((32, 64, 96, 96, 32), (2, 1, 2, 1, 2), num_classes=num_classes, **kwargs)
+    return SmallCNN((32, 64, 128, 32), (2, 2, 1, 2), num_classes=num_classes, **kwargs)
 
 
 @register_model(tags=("small",))
