@@ -225,3 +225,27 @@ def test_a_trained_teacher_checkpoint_teaches(tmp_path, coco_data):
         teacher.head.regression_head.bbox_reg.weight, trained["student.head.regression_head.bbox_reg.weight"]
     )
     assert math.isfinite(metrics["train/loss"])
+
+
+def test_torchvision_teacher_pair_composes_and_trains(tmp_path, coco_data):
+    cfg = compose_config(["experiment=coco_retina_r50v2_r50", f"paths.root_dir={tmp_path}"])
+    assert cfg.model.teacher.name == "retinanet_resnet50_fpn_v2" and cfg.model.teacher.pretrained is True
+    assert cfg.model.teacher.weights is None and cfg.model.student.name == "retinanet_resnet50_fpn"
+    assert cfg.distill.points.fpn.student == "backbone.fpn:*" and cfg.distill.points.fpn.weight == 5.0
+    # the COCO weights are a download: here the same architecture, untrained, teaches for two steps
+    overrides = _overrides(tmp_path, coco_data, "coco_retina_r50v2_r50", "model.teacher.pretrained=false",
+                           "distill.diffkd.inference_steps=1")  # fmt: skip
+    metrics, objs = train(compose_config(overrides))
+    module = objs["module"]
+    assert objs["trainer"].global_step == 2
+    for level in ("0", "1", "2", "p6", "p7"):  # v2's P6/P7 (from C5) pair with v1's (from P5) level by level
+        assert math.isfinite(metrics[f"train/loss/fpn_{level}/kd"]), level
+    teacher_norms = {type(m).__name__ for m in module.teacher.head.modules()}
+    assert "GroupNorm" in teacher_norms  # the v2 architecture, not v1's
+
+
+def test_v2_coco_weights_need_coco_classes():
+    from diffkd.models import create_model
+
+    with pytest.raises(ValueError, match="91 classes"):
+        create_model("retinanet_resnet50_fpn_v2", num_classes=5, pretrained=True)

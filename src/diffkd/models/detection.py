@@ -4,7 +4,9 @@ Registered names (tags ``"detection"``, ``"coco"``, ``"torchvision"``), ``<detec
 
 * ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_resnet101_fpn``, ``fasterrcnn_resnext101_64x4d_fpn``;
 * ``retinanet_resnet50_fpn``, ``retinanet_resnet101_fpn``, ``retinanet_resnext101_64x4d_fpn``;
-* ``fcos_resnet50_fpn``, ``fcos_resnet101_fpn``, ``fcos_resnext101_64x4d_fpn``.
+* ``fcos_resnet50_fpn``, ``fcos_resnet101_fpn``, ``fcos_resnext101_64x4d_fpn``;
+* ``retinanet_resnet50_fpn_v2``: torchvision's own v2 RetinaNet (GroupNorm heads, P6 from C5, GIoU box loss), whose
+  COCO weights (``pretrained=True``: box AP 41.5) make a teacher that needs no training (``coco_retina_r50v2_r50``).
 
 Every entry point is ``fn(num_classes=91, pretrained=False, weights=None, weights_backbone=None, min_size=800,
 max_size=1333, trainable_layers=3, frozen_bn=True, **kwargs)``; ``**kwargs`` go to torchvision's ``FasterRCNN``,
@@ -224,3 +226,46 @@ for _detector in DETECTORS:
     for _backbone in BACKBONES:
         _register(_detector, _backbone)
 del _detector, _backbone
+
+
+@register_model(tags=_TAGS)
+def retinanet_resnet50_fpn_v2(
+    num_classes: int = _COCO_CLASSES,
+    pretrained: bool = False,
+    weights: str | None = None,
+    weights_backbone: str | None = None,
+    min_size: int | tuple[int, ...] = 800,
+    max_size: int = 1333,
+    trainable_layers: int = 3,
+    **kwargs: Any,
+) -> nn.Module:
+    """torchvision's ``retinanet_resnet50_fpn_v2`` (the improvements it takes from the ATSS paper: GroupNorm in the
+    heads, P6/P7 from C5, GIoU loss); FPN levels '0', '1', '2', 'p6', 'p7' = P3–P7, 256 channels, like the v1
+    student's.
+
+    ``pretrained=True`` loads its COCO weights (``weights``, default ``"COCO_V1"``: box AP 41.5), for which
+    ``num_classes`` must be 91. Without any weights torchvision trains all 5 stages with plain BatchNorm (its rule for
+    an untrained backbone); ``trainable_layers`` applies only with weights.
+    """
+    import torchvision
+
+    label = "retinanet_resnet50_fpn_v2"
+    w = None
+    if pretrained:
+        if num_classes != _COCO_CLASSES:
+            raise ValueError(f"{label}: the COCO weights have {_COCO_CLASSES} classes, num_classes={num_classes}")
+        enum = torchvision.models.get_model_weights(label)
+        try:
+            w = enum.verify(weights or "COCO_V1")
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"unknown weights {weights!r} for {label}; {enum.__name__} has: COCO_V1, DEFAULT") from err
+    wb = None if pretrained else _backbone_weights("resnet50", weights_backbone, label)
+    if w is not None or wb is not None:
+        kwargs["trainable_backbone_layers"] = trainable_layers
+    try:
+        return torchvision.models.get_model(
+            label, weights=w, weights_backbone=wb, num_classes=num_classes, min_size=min_size, max_size=max_size,
+            **kwargs,
+        )  # fmt: skip
+    except OSError as err:
+        raise _download_error(w or wb, label, err) from err
