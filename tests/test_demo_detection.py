@@ -115,3 +115,10 @@ def test_detection_demo_prints_four_rows_and_reuses_its_teacher(tmp_path, fmnist
     assert "teacher demo_fcos_teacher (reused)" in capsys.readouterr().out
     ckpt = torch.load(next((tmp_path / "out" / "diffkd_det" / "checkpoints").glob("last.ckpt")), weights_only=True)
     assert ckpt["diffkd"]["config"]["distill"]["points"]["fpn"]["student"] == "backbone.fpn:*"
+    overrides = _overrides(tmp_path, fmnist_root, "demo.methods=[none,fitnet_fpn]", "demo.seeds=[3,4]")
+    run_demo(compose_config(overrides), overrides)
+    out = capsys.readouterr().out
+    assert "AP over 2 seeds (mean ± std)" in out and "differences beyond the seed spread" in out
+    for seed in (3, 4):
+        last = tmp_path / "out" / "fitnet_fpn" / f"seed{seed}" / "checkpoints" / "last.ckpt"
+        assert torch.load(last, weights_only=True)["diffkd"]["config"]["seed"] == seed

@@ -27,7 +27,14 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from diffkd.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTDataModule, read_idx
-from diffkd.demo import demo_precision, demo_user_overrides, save_student_as_teacher, train_demo_run
+from diffkd.demo import (
+    demo_precision,
+    demo_user_overrides,
+    mean_std,
+    save_student_as_teacher,
+    spread_verdict,
+    train_demo_run,
+)
 from diffkd.demos.scenes import Scene, compose_scenes, scene_summary
 from diffkd.models import demo_detection  # noqa: F401  (registers demo_fcos_teacher / demo_fcos_student)
 
@@ -157,7 +164,7 @@ def _fmt(value: float) -> str:
 
 def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     """Scenes (written or reused), teacher (trained or reused), then the student once per method; prints the AP
-    table and returns the last run's AP (COCO box mAP in [0, 1]).
+    table and returns the last method's AP (COCO box mAP in [0, 1]; its mean over ``demo.seeds``).
 
     Args:
         cfg: the composed demo config (``experiment=demo_detection``).
@@ -203,22 +210,36 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         info = {"teacher": demo.teacher, "test": ap, "scenes": params, "epochs": demo.teacher_epochs, "source": best}
         meta_file.write_text(json.dumps(info, indent=1))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
-    for method in demo.methods:
-        run(method, method, demo.student_epochs, demo.student, teacher)
+    seeds = [int(x) for x in (demo.get("seeds") or [cfg.seed])]
+    per_seed: dict[str, list[float]] = {}
+    for seed in seeds:  # seed-major: an interrupted demo has every method for the seeds it finished
+        for method in demo.methods:
+            base = names.get(method, f"student + {method}")
+            label = method if len(seeds) == 1 else f"{method}/seed{seed}"
+            names.setdefault(label, base if len(seeds) == 1 else f"{base}, seed {seed}")
+            ap, _ = run(label, method, demo.student_epochs, demo.student, [*teacher, f"seed={seed}"])
+            per_seed.setdefault(base, []).append(ap["map"])
     total = time.perf_counter() - wall
     counts = f"{params['train']} train / {params['val']} val scenes of {params['canvas']} px"
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
     lines = [
         "",
         f"Detection demo — {demo.student} distilled from {demo.teacher} on Fashion-MNIST scenes ({counts}; "
-        f"seed {cfg.seed}, {demo.student_epochs} student epochs, precision {precision}); COCO box AP (%) on val",
+        f"{seed_text}, {demo.student_epochs} student epochs, precision {precision}); COCO box AP (%) on val",
     ]
     if user:
         lines.append(f"overrides: {' '.join(user)}")
     lines.append(f"{'run':<40}" + "".join(f"{title:>7}" for title, _ in AP_COLUMNS) + f"{'time (s)':>10}")
     for name, ap, secs in rows:
         lines.append(f"{name:<40}" + "".join(f"{_fmt(ap.get(s)):>7}" for _, s in AP_COLUMNS) + f"{secs:>10.1f}")
+    if len(seeds) > 1:
+        lines.append(f"AP over {len(seeds)} seeds (mean ± std):")
+        for name, values in per_seed.items():
+            mean, std = mean_std(values)
+            lines.append(f"  {name:<38}{100 * mean:>7.1f} ± {100 * std:.1f}")
+        lines.append(spread_verdict(per_seed))
     lines.append(f"{'scenes (written or reused)':<40}{'':>42}{scene_secs:>10.1f}")
     lines.append(f"{'total wall time':<40}{'':>42}{total:>10.1f}")
-    lines.append(f"outputs: {out_root}")
+    lines.append(f"outputs: {out_root}" + ("" if len(seeds) == 1 else " (<method>/seed<k>/)"))
     print("\n".join(lines), flush=True)
-    return rows[-1][1]["map"]
+    return mean_std(next(reversed(per_seed.values())))[0]

@@ -244,7 +244,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
             name = "student alone" if method == "none" else f"student + {method.removesuffix('_seg')}"
             label = method if len(seeds) == 1 else f"{method}/seed{seed}"
             result = run(label, method, demo.student_epochs, demo.student, [*teacher, f"seed={seed}"])
-            rows.append((name, result["miou"], result["pixel_acc"], result["seconds"]))
+            row_name = name if len(seeds) == 1 else f"{name}, seed {seed}"
+            rows.append((row_name, result["miou"], result["pixel_acc"], result["seconds"]))
             per_seed.setdefault(name, []).append(result["miou"])
     total = time.perf_counter() - wall
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
