@@ -40,7 +40,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES, configure_cpu_malloc
 
-__all__ = ["OFFICIAL_METHODS", "PAIRS", "BenchResult", "bench_head", "bench_step", "load_official_bench", "main"]
+__all__ = [
+    "OFFICIAL_METHODS",
+    "PAIRS",
+    "BenchResult",
+    "bench_head",
+    "bench_step",
+    "device_name",
+    "load_official_bench",
+    "main",
+]
 
 OFFICIAL_METHODS = ("official_kd", "official_diffkd")  # rows timed by benchmarks/official.py (source checkout only)
 BENCHMARKS_DIR_ENV = "DIFFKD_BENCHMARKS_DIR"
@@ -145,7 +154,8 @@ class _Repeat:
         return self.n
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
+    """The benchmarked device in words: a GPU's name, or the CPU's model, cores and torch threads."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     name = platform.processor() or platform.machine()
@@ -512,7 +522,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         and (c[1] not in OFFICIAL_METHODS or "official_points" in PAIRS[c[0]])  # no official setting for `small`
     ]
     malloc = f" | cpu_malloc={malloc_mode}" if malloc_mode else ""
-    print(f"device: {_device_name(args.device)} | torch {torch.__version__}{malloc} | {len(combos)} configurations",
+    print(f"device: {device_name(args.device)} | torch {torch.__version__}{malloc} | {len(combos)} configurations",
           flush=True)  # fmt: skip
     heads = []
     if not args.no_heads:
@@ -555,7 +565,7 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     out = Path(args.out or f"bench_results/{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "device": _device_name(args.device),
+        "device": device_name(args.device),
         "torch": torch.__version__,
         "argv": sys.argv[1:] if argv is None else argv,
         "compile_mode": args.compile_mode,

@@ -43,7 +43,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -58,6 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffkd.bench import device_name
 from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES, configure_cpu_malloc
 
 __all__ = [
@@ -689,16 +689,6 @@ def ratio_lines(ratios: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")]
-    name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
 # ------------------------------------------------------------------------------------------------ command line
 
 
@@ -837,7 +827,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             " slows them on an idle CPU)"
         )
     say(
-        f"device: {_device_name(args.device)} | torch {torch.__version__} | cpu_malloc={malloc_mode} | "
+        f"device: {device_name(args.device)} | torch {torch.__version__} | cpu_malloc={malloc_mode} | "
         f"steps {args.steps} after {args.warmup} warm-up, {args.repeat} round(s)" + (" | tiny" if args.tiny else "")
     )
     heads: dict[str, Any] = {}
@@ -868,7 +858,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "meta": {
-            "device": _device_name(args.device),
+            "device": device_name(args.device),
             "torch": torch.__version__,
             "argv": sys.argv[1:] if argv is None else argv,
             "cpu_count": os.cpu_count(),

@@ -32,11 +32,13 @@ __all__ = [
     "cpu_supports_bf16",
     "demo_precision",
     "demo_run_config",
+    "demo_seeds",
     "demo_table",
     "demo_user_overrides",
     "mean_std",
     "run_demo",
     "save_student_as_teacher",
+    "seed_summary",
     "spread_verdict",
     "train_demo_run",
 ]
@@ -141,6 +143,27 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def demo_seeds(demo: DictConfig, default: int) -> list[int]:
+    """``demo.seeds`` as ints; ``null`` (or absent) = ``[default]`` (the run's ``seed``)."""
+    seeds = demo.get("seeds")
+    seeds = [default] if seeds is None else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("demo.seeds is empty: give at least one seed, e.g. demo.seeds=[0,1,2]")
+    return seeds
+
+
+def seed_summary(per_seed: dict[str, list[float]], metric: str, digits: int) -> list[str]:
+    """Lines for a demo table with several seeds: each run's mean ± std of ``metric`` (in %) and the spread
+    verdict; nothing for a single seed."""
+    if len(next(iter(per_seed.values()), [])) < 2:
+        return []
+    lines = [f"{metric} over {len(next(iter(per_seed.values())))} seeds (mean ± std):"]
+    for name, values in per_seed.items():
+        mean, std = mean_std(values)
+        lines.append(f"  {name:<38}{100 * mean:>8.{digits}f} ± {100 * std:.{digits}f}")
+    return [*lines, spread_verdict(per_seed)]
+
+
 def spread_verdict(results: dict[str, Sequence[float]], unit: float = 100.0) -> str:
     """One line saying which differences of means exceed the seed-to-seed spread.
 
@@ -181,9 +204,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     user = demo_user_overrides(demo, overrides)
     precision = demo_precision(demo)
     out_root = Path(cfg.paths.output_dir)
-    seeds = [int(s) for s in demo.get("seeds", [cfg.seed])]
-    if not seeds:
-        raise ValueError("demo.seeds is empty: give at least one seed, e.g. demo.seeds=[0,1,2]")
+    seeds = demo_seeds(demo, int(cfg.seed))
     wall = time.perf_counter()
     teacher_file = Path(demo.teacher_weights)
     meta_file = teacher_file.with_suffix(".json")

@@ -29,10 +29,11 @@ from PIL import Image
 from diffkd.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTDataModule, read_idx
 from diffkd.demo import (
     demo_precision,
+    demo_seeds,
     demo_user_overrides,
     mean_std,
     save_student_as_teacher,
-    spread_verdict,
+    seed_summary,
     train_demo_run,
 )
 from diffkd.demos.scenes import Scene, compose_scenes, scene_summary
@@ -210,7 +211,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         info = {"teacher": demo.teacher, "test": ap, "scenes": params, "epochs": demo.teacher_epochs, "source": best}
         meta_file.write_text(json.dumps(info, indent=1))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
-    seeds = [int(x) for x in (demo.get("seeds") or [cfg.seed])]
+    seeds = demo_seeds(demo, int(cfg.seed))
     per_seed: dict[str, list[float]] = {}
     for seed in seeds:  # seed-major: an interrupted demo has every method for the seeds it finished
         for method in demo.methods:
@@ -232,12 +233,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     lines.append(f"{'run':<40}" + "".join(f"{title:>7}" for title, _ in AP_COLUMNS) + f"{'time (s)':>10}")
     for name, ap, secs in rows:
         lines.append(f"{name:<40}" + "".join(f"{_fmt(ap.get(s)):>7}" for _, s in AP_COLUMNS) + f"{secs:>10.1f}")
-    if len(seeds) > 1:
-        lines.append(f"AP over {len(seeds)} seeds (mean ± std):")
-        for name, values in per_seed.items():
-            mean, std = mean_std(values)
-            lines.append(f"  {name:<38}{100 * mean:>7.1f} ± {100 * std:.1f}")
-        lines.append(spread_verdict(per_seed))
+    lines += seed_summary(per_seed, "AP", digits=1)
     lines.append(f"{'scenes (written or reused)':<40}{'':>42}{scene_secs:>10.1f}")
     lines.append(f"{'total wall time':<40}{'':>42}{total:>10.1f}")
     lines.append(f"outputs: {out_root}" + ("" if len(seeds) == 1 else " (<method>/seed<k>/)"))

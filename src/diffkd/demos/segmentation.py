@@ -37,10 +37,11 @@ from torch import Tensor
 from diffkd.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from diffkd.demo import (
     demo_precision,
+    demo_seeds,
     demo_user_overrides,
     mean_std,
     save_student_as_teacher,
-    spread_verdict,
+    seed_summary,
     train_demo_run,
 )
 from diffkd.demos.scenes import compose_scenes
@@ -237,7 +238,7 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         meta_file.write_text(json.dumps(meta, indent=1))
         rows.append((f"teacher {demo.teacher}", result["miou"], result["pixel_acc"], result["seconds"]))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
-    seeds = [int(x) for x in (demo.get("seeds") or [cfg.seed])]
+    seeds = demo_seeds(demo, int(cfg.seed))
     per_seed: dict[str, list[float]] = {}
     for seed in seeds:  # seed-major: an interrupted demo has every method for the seeds it finished
         for method in demo.methods:
@@ -259,13 +260,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
         lines.append(f"overrides: {' '.join(user)}")
     lines.append(f"{'run':<34}{'mIoU':>9}{'pixel acc':>11}{'time (s)':>10}")
     lines += [f"{n:<34}{100 * m:>8.2f}%{100 * a:>10.2f}%{s:>10.1f}" for n, m, a, s in rows]
-    if len(seeds) > 1:
-        lines.append(f"mIoU over {len(seeds)} seeds (mean ± std):")
-        for name, values in per_seed.items():
-            mean, std = mean_std(values)
-            lines.append(f"  {name:<32}{100 * mean:>8.2f} ± {100 * std:.2f}")
-        lines.append(spread_verdict(per_seed))
+    lines += seed_summary(per_seed, "mIoU", digits=2)
     lines.append(f"{'total wall time':<34}{'':>20}{total:>10.1f}")
     lines.append(f"outputs: {out_root}" + ("" if len(seeds) == 1 else " (<method>/seed<k>/)"))
     print("\n".join(lines), flush=True)
-    return mean_std(per_seed[name])[0]
+    return mean_std(next(reversed(per_seed.values())))[0]

@@ -96,6 +96,19 @@ def _download_error(weights: Any, label: str, err: OSError) -> WeightsDownloadEr
     )
 
 
+def _coco_weights(arch: str, weights: str | None, num_classes: int, label: str) -> Any:
+    """torchvision's COCO weights enum member of ``arch`` (default ``"COCO_V1"``), for 91 classes only."""
+    import torchvision
+
+    if num_classes != _COCO_CLASSES:
+        raise ValueError(f"{label}: the COCO weights have {_COCO_CLASSES} classes, num_classes={num_classes}")
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        return enum.verify(weights or "COCO_V1")
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"unknown weights {weights!r} for {label}; {enum.__name__} has: COCO_V1, DEFAULT") from err
+
+
 def _pretrained_coco(
     detector: str, backbone: str, weights: str | None, num_classes: int, p6_input: str, label: str, **kwargs: Any
 ) -> nn.Module:
@@ -107,16 +120,10 @@ def _pretrained_coco(
             f"{label}: torchvision has no COCO weights for {BACKBONES[backbone]} detectors (only ResNet-50); train "
             "a teacher (experiment=coco_teacher_*) or pass a checkpoint: create_teacher(name, weights=<file>)"
         )
-    if num_classes != _COCO_CLASSES:
-        raise ValueError(f"{label}: the COCO weights have {_COCO_CLASSES} classes, num_classes={num_classes}")
     if detector == "retinanet" and p6_input != "p5":
         raise ValueError(f"{label}: torchvision's COCO RetinaNet computes P6 from P5; use p6_input='p5'")
     arch = f"{detector}_resnet50_fpn"
-    enum = torchvision.models.get_model_weights(arch)
-    try:
-        w = enum.verify(weights or "COCO_V1")
-    except (KeyError, ValueError) as err:
-        raise ValueError(f"unknown weights {weights!r} for {label}; {enum.__name__} has: COCO_V1, DEFAULT") from err
+    w = _coco_weights(arch, weights, num_classes, label)
     try:
         return torchvision.models.get_model(arch, weights=w, weights_backbone=None, num_classes=num_classes, **kwargs)
     except OSError as err:
@@ -250,15 +257,7 @@ def retinanet_resnet50_fpn_v2(
     import torchvision
 
     label = "retinanet_resnet50_fpn_v2"
-    w = None
-    if pretrained:
-        if num_classes != _COCO_CLASSES:
-            raise ValueError(f"{label}: the COCO weights have {_COCO_CLASSES} classes, num_classes={num_classes}")
-        enum = torchvision.models.get_model_weights(label)
-        try:
-            w = enum.verify(weights or "COCO_V1")
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"unknown weights {weights!r} for {label}; {enum.__name__} has: COCO_V1, DEFAULT") from err
+    w = _coco_weights(label, weights, num_classes, label) if pretrained else None
     wb = None if pretrained else _backbone_weights("resnet50", weights_backbone, label)
     if w is not None or wb is not None:
         kwargs["trainable_backbone_layers"] = trainable_layers
