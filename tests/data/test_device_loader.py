@@ -353,7 +353,14 @@ def test_train_entry_point_with_gpu_preload(tmp_path, fmnist_root):
     from diffkd.train import train
     from tests.conftest import tiny_overrides
 
-    overrides = ["experiment=demo", "pipeline=train", "distill=diffkd", "test=true", "data.debian_dir=null", "data.download=false"]
+    overrides = [
+        "experiment=demo",
+        "pipeline=train",
+        "distill=diffkd",
+        "test=true",
+        "data.debian_dir=null",
+        "data.download=false",
+    ]
     overrides += ["data.gpu_preload=true", "model.channels_last=true", *tiny_overrides(tmp_path, fmnist_root)]
     metrics, objects = train(compose_config(overrides))
     dm, trainer = objects["datamodule"], objects["trainer"]
