@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader
 from omegaconf import OmegaConf
 from torch import Tensor
-from torch.utils.data import DistributedSampler, RandomSampler, SequentialSampler, default_collate
+from torch.utils.data import SequentialSampler, default_collate
 from torchvision.datasets import Cityscapes
 
 from diffkd.data import DistillDataModule, require_protocol
@@ -29,6 +30,7 @@ from diffkd.data.cityscapes import (
     discrete_scales,
     map_label_ids,
 )
+from diffkd.data.resumable import EpochShuffleSampler
 from tests.helpers.fake_cityscapes import FakeCityscapes, write_fake_cityscapes
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "cityscapes.yaml"
@@ -216,7 +218,7 @@ def test_flip_flips_image_and_label_together(fake: FakeCityscapes) -> None:
 def test_loader_batches(fake: FakeCityscapes) -> None:
     dm = _dm(fake.root, batch_size=2)
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler) and train.drop_last
+    assert isinstance(train.sampler, EpochShuffleSampler) and train.drop_last
     batches = list(train)
     assert len(batches) == 2
     for images, labels in batches:
@@ -228,10 +230,35 @@ def test_loader_batches(fake: FakeCityscapes) -> None:
     images, labels = next(iter(val))
     assert images.shape == (1, 3, *fake.size) and labels.shape == (1, *fake.size)
     assert len(dm.test_dataloader()) == 3
-    # what Lightning does under DDP: the same loader rebuilt around a DistributedSampler
-    ddp = _update_dataloader(train, DistributedSampler(dm.train_set, num_replicas=2, rank=1, shuffle=True))
+    # what Lightning does under DDP: the same loader rebuilt around its wrapper of the epoch sampler
+    shard = DistributedSamplerWrapper(train.sampler, num_replicas=2, rank=1, shuffle=False)
+    ddp = _update_dataloader(train, shard)
     [(images, labels)] = list(ddp)
     assert images.shape == (2, 3, 32, 64) and ddp.drop_last
+
+
+def _epoch_batches(dm: CityscapesDataModule, epoch: int, done: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """The batches of ``epoch`` that a loader made now yields when ``done`` of them were already trained, with the
+    global generators seeded with ``seed`` first (a resumed process starts from other random states)."""
+    dm._resume_position = lambda: (epoch, done)  # what the trainer's restored progress says
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    return list(dm.train_dataloader())
+
+
+def _same(a: list[tuple[Tensor, Tensor]], b: list[tuple[Tensor, Tensor]]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) and torch.equal(u, v) for (x, u), (y, v) in zip(a, b))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_resumed_epoch_sees_the_rest_of_the_uninterrupted_one(fake: FakeCityscapes, num_workers: int) -> None:
+    # random scale, crop and flip: what each sample draws must depend on (seed, epoch, index) only
+    dm = _dm(fake.root, batch_size=1, num_workers=num_workers)
+    full = _epoch_batches(_dm(fake.root, batch_size=1), epoch=1, done=0, seed=0)
+    assert len(full) == 4
+    assert _same(_epoch_batches(dm, epoch=1, done=2, seed=123), full[2:])
+    assert _same(_epoch_batches(dm, epoch=1, done=0, seed=7), full)
+    other = _epoch_batches(dm, epoch=2, done=0, seed=0)
+    assert not _same(other, full)  # another epoch, other draws
 
 
 def test_example_batch_is_real_fixed_and_leaves_rng_alone(fake: FakeCityscapes) -> None:

@@ -37,6 +37,7 @@ from diffkd.data.coco import (
     aspect_ratio_group_ids,
     has_valid_annotation,
 )
+from diffkd.data.resumable import EpochCodedBatchSampler
 from tests.helpers.fake_coco import CATEGORIES, TRAIN_IMAGES, VAL_IMAGES, FakeCoco, write_fake_coco
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "coco.yaml"
@@ -402,17 +403,61 @@ def test_ddp_sharding_without_distributed_sampler_injection(coco: FakeCoco) -> N
     assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(len(dm.train_set)))
 
 
-def test_ungrouped_loader_is_left_alone_by_lightning(coco: FakeCoco) -> None:
+def test_ungrouped_loader_is_resharded_like_the_grouped_one(coco: FakeCoco) -> None:
     shards = []
+    n = len(TRAIN_IMAGES) - 2
     for rank in range(2):
         dm = _dm(coco.root, aspect_ratio_group_factor=-1)
         hooked, loader = _lightning_train_loader(dm, _ddp_trainer(rank))
-        assert loader is hooked and dm.train_group_ids is None
-        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.rank == rank
+        assert dm.train_group_ids is None
+        assert type(loader.batch_sampler) is EpochCodedBatchSampler and loader.batch_sampler.size == n
+        injected = loader.batch_sampler.sampler
+        assert isinstance(injected, DistributedSampler) and (injected.num_replicas, injected.rank) == (2, rank)
+        assert list(injected) == list(hooked.batch_sampler.sampler)  # the module's shard and order
         batches = list(loader.batch_sampler)
         assert [len(b) for b in batches] == [2, 2, 2]
         shards.append({i for b in batches for i in b})
+        dm._resume_position = lambda: (2, 0)  # the trainer in epoch 2: coded 2·N + index by the re-created sampler
+        assert {c // n for b in loader.batch_sampler for c in b} == {2}
+        assert {c % n for b in loader.batch_sampler for c in b} == set(injected)
     assert shards[0].isdisjoint(shards[1]) and len(shards[0] | shards[1]) == len(dm.train_set)
+
+
+def _epoch_batches(dm: COCODataModule, epoch: int, done: int, seed: int) -> list[tuple[list[int], list[tuple]]]:
+    """The batches of ``epoch`` that a loader made now yields when ``done`` of them were already trained, with the
+    global generators seeded with ``seed`` first (a resumed process starts from other random states)."""
+    dm._resume_position = lambda: (epoch, done)  # what the trainer's restored progress says
+    loader = dm.train_dataloader()
+    _set_sampler_epoch(loader, epoch)  # what the fit loop does at the start of the epoch
+    torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+    out = []
+    for images, targets in loader:
+        ids = [t["image_id"] for t in targets]
+        out.append((ids, [(img.shape, img.sum().item(), t["boxes"].tolist()) for img, t in zip(images, targets)]))
+    return out
+
+
+@pytest.mark.parametrize("group_factor", [3, -1], ids=["grouped", "ungrouped"])
+def test_a_resumed_epoch_sees_the_rest_of_the_uninterrupted_one(coco: FakeCoco, group_factor: int) -> None:
+    # random flips and multiscale resizing: what each sample draws must depend on (seed, epoch, index) only
+    dm = _dm(coco.root, hflip_prob=0.5, multiscale=True, aspect_ratio_group_factor=group_factor, seed=0)
+    full = _epoch_batches(dm, epoch=1, done=0, seed=0)
+    assert len(full) == len(dm.train_dataloader()) >= 3
+    resumed = _epoch_batches(dm, epoch=1, done=2, seed=123)
+    assert resumed == full[2:]
+    again = _epoch_batches(dm, epoch=1, done=0, seed=7)
+    assert again == full
+    other = _epoch_batches(dm, epoch=2, done=0, seed=0)
+    assert [b[0] for b in other] != [b[0] for b in full]  # another epoch: another order ...
+    drawn = {i: d for ids, ds in full for i, d in zip(ids, ds)}
+    redrawn = {i: d for ids, ds in other for i, d in zip(ids, ds)}
+    assert any(drawn[i] != redrawn[i] for i in drawn)  # ... and other flips and sizes
+
+
+def test_workers_draw_what_the_main_process_draws(coco: FakeCoco) -> None:
+    main = _epoch_batches(_dm(coco.root, hflip_prob=0.5, multiscale=True), epoch=1, done=1, seed=0)
+    workers = _epoch_batches(_dm(coco.root, hflip_prob=0.5, multiscale=True, num_workers=2), epoch=1, done=1, seed=5)
+    assert workers == main
 
 
 def test_val_loader_is_sequential(coco: FakeCoco) -> None:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from diffkd.data.device_loader import DeviceTensorLoader
 from diffkd.data.protocol import preserved_rng_state
-from diffkd.data.resumable import EpochShuffleSampler, ResumableDataLoader, SeededSamples, resume_position
+from diffkd.data.resumable import resume_position, seeded_train_loader
 from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
 
 __all__ = [
@@ -567,13 +567,7 @@ class ClassificationDataModule(L.LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, shuffle=False, **common)
-        # the order from (seed, epoch), each sample's augmentation from (seed, epoch, index), and a resumed epoch
-        # starting after the batches it had trained: exact resume, whatever the ranks and workers
-        position = self._resume_position
-        sampler = EpochShuffleSampler(len(dataset), shuffle=True, epoch_fn=lambda: position()[0])
-        return ResumableDataLoader(
-            SeededSamples(dataset), sampler=sampler, drop_last=self.drop_last, position_fn=position, **common
-        )
+        return seeded_train_loader(dataset, position_fn=self._resume_position, drop_last=self.drop_last, **common)
 
     def _resume_position(self) -> tuple[int, int]:
         return resume_position(self.trainer)

@@ -36,6 +36,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
+from diffkd.data.resumable import resume_position, seeded_train_loader
 
 __all__ = [
     "CIRKD_MEAN_BGR",
@@ -258,7 +259,7 @@ class CityscapesTransform:
     antialiasing, as cv2's ``INTER_LINEAR``; label nearest), padding at the bottom and right up to ``crop_size``
     (image 0 after normalisation, label 255), a uniformly placed ``crop_size`` crop, and a horizontal flip of both
     with probability ``hflip_prob``. The draws come from torch's default generator (in that order: scale, top, left,
-    flip), which the ``DataLoader`` seeds per worker.
+    flip), which the training loader seeds per sample from (seed, epoch, index).
 
     Args:
         train: augment (training) or not (evaluation: (H', W') = (H, W)).
@@ -419,21 +420,27 @@ class CityscapesFine(Cityscapes):
 class SegmentationLoaders:
     """The loaders and ``example_batch`` of a segmentation datamodule whose ``train_set``/``val_set`` yield
     ``(image (C, H, W), label (H, W))`` (Cityscapes, the segmentation folders): shuffled training batches (the last
-    incomplete one dropped with ``drop_last``), evaluation in order, the val split for testing."""
+    incomplete one dropped with ``drop_last``) that resume exactly, also mid-epoch
+    (:func:`~diffkd.data.resumable.seeded_train_loader`), evaluation in order, the val split for testing."""
 
     #: Seed of the augmentation draws of :meth:`example_batch`, so that it is the same batch every call.
     example_seed: int = 0
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and self.drop_last,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if not train:
+            return DataLoader(dataset, shuffle=False, **common)
+        # exactly resumable (diffkd.data.resumable): the order from (seed, epoch), each crop, scale and flip from
+        # (seed, epoch, index), and a run resumed mid-epoch starting after the batches it had trained
+        return seeded_train_loader(dataset, position_fn=self._resume_position, drop_last=self.drop_last, **common)
+
+    def _resume_position(self) -> tuple[int, int]:
+        return resume_position(getattr(self, "trainer", None))
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +42,14 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
+from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, SeededSamples, resume_position
 
 __all__ = [
     "COCO_URLS",
@@ -326,7 +327,7 @@ def collate_detection(samples: Sequence[tuple[Tensor, Target]]) -> Batch:
 # ------------------------------------------------------------------------------------------ sampling
 
 
-class GroupedBatchSampler(BatchSampler):
+class GroupedBatchSampler(EpochCodedBatchSampler):
     """Batches whose images all come from one aspect-ratio group, in (nearly) the order of ``sampler``.
 
     Indices from ``sampler`` are buffered per group, and a group's buffer is yielded as soon as it holds
@@ -352,12 +353,22 @@ class GroupedBatchSampler(BatchSampler):
         group_ids: group of every dataset index (``group_ids[i]`` for index ``i``).
         batch_size: indices per batch.
         drop_last: the end-of-pass rule above.
+        epoch_codes: yield :class:`~diffkd.data.resumable.SeededSamples` codes ``epoch × len(group_ids) + index``
+            instead of indices — for a data set wrapped in ``SeededSamples``.
+        epoch_fn: the trainer's epoch, handed to ``sampler.set_epoch`` when a pass starts (see
+            :class:`~diffkd.data.resumable.EpochCodedBatchSampler`).
     """
 
     def __init__(
-        self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, drop_last: bool = False
+        self,
+        sampler: Sampler[int],
+        group_ids: Sequence[int],
+        batch_size: int,
+        drop_last: bool = False,
+        epoch_codes: bool = False,
+        epoch_fn: Callable[[], int] | None = None,
     ) -> None:
-        super().__init__(sampler, batch_size, drop_last)
+        super().__init__(sampler, batch_size, drop_last, size=len(group_ids), codes=epoch_codes, epoch_fn=epoch_fn)
         self.group_ids = [int(g) for g in group_ids]
         self.num_groups = len(set(self.group_ids))
 
@@ -367,7 +378,7 @@ class GroupedBatchSampler(BatchSampler):
             return n // b
         return min(n, (n + self.num_groups * (b - 1)) // b)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def batches(self) -> Iterator[list[int]]:
         b, target = self.batch_size, len(self)
         buffers: dict[int, list[int]] = defaultdict(list)
         seen: dict[int, list[int]] = defaultdict(list)
@@ -395,12 +406,6 @@ class GroupedBatchSampler(BatchSampler):
             count += 1
         for i in range(target - count):
             yield list(first[i % len(first)])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Pass the epoch on to ``sampler`` (a ``DistributedSampler`` reshuffles with ``seed + epoch``)."""
-        set_epoch = getattr(self.sampler, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
 
 
 # ------------------------------------------------------------------------------------------ the datamodule
@@ -439,8 +444,13 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
       ``None`` (``PL_GLOBAL_SEED``): same shards, same order, same grouping. An explicit ``seed`` is replaced by
       ``PL_GLOBAL_SEED`` there.
     - ``use_distributed_sampler=False``: the loader is used as built (the module's shard, its ``seed``).
-    - Without grouping (``aspect_ratio_group_factor < 0``) the loader's ``sampler`` is the ``DistributedSampler``
-      itself, which Lightning leaves alone.
+    - Without grouping (``aspect_ratio_group_factor < 0``) the same with plain batches
+      (:class:`~diffkd.data.resumable.EpochCodedBatchSampler`).
+
+    Exact resume: the batch samplers hand the data set codes ``epoch × N + index``, and ``SeededSamples`` seeds each
+    sample's flip and scale from ``(seed, epoch, index)``; a run resumed from a mid-epoch checkpoint skips (without
+    loading them) the batches it had already trained. Killed and resumed, a run sees the batches of the
+    uninterrupted one.
 
     Evaluation loaders are sequential and ungrouped; Lightning shards them in DDP (its ``DistributedSampler`` pads
     the last shard with repeated images when the split does not divide evenly).
@@ -684,20 +694,37 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """The training loader: this rank's shuffled shard in aspect-ratio-grouped batches (or plain ones), and
+        exactly resumable — each sample's flip and scale drawn from (seed, epoch, index) (``SeededSamples``, the
+        batch sampler passing ``epoch × N + index``), a run resumed mid-epoch starting after the batches it had
+        trained (``ResumableDataLoader``)."""
         self.setup("fit")
         sampler = self.train_sampler()
-        common = {
-            "collate_fn": collate_detection,
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-        }
+        n = len(self.train_set)
+        epoch = self._resume_epoch
         if self.train_group_ids is None:
-            return DataLoader(
-                self.train_set, batch_size=self.batch_size, sampler=sampler, drop_last=self.drop_last, **common
+            batches: EpochCodedBatchSampler = EpochCodedBatchSampler(
+                sampler, self.batch_size, self.drop_last, size=n, epoch_fn=epoch
             )
-        batch_sampler = GroupedBatchSampler(sampler, self.train_group_ids, self.batch_size, drop_last=self.drop_last)
-        return DataLoader(self.train_set, batch_sampler=batch_sampler, **common)
+        else:
+            batches = GroupedBatchSampler(
+                sampler, self.train_group_ids, self.batch_size, self.drop_last, epoch_codes=True, epoch_fn=epoch
+            )
+        return ResumableDataLoader(
+            SeededSamples(self.train_set, seed=self._seed()),
+            batch_sampler=batches,
+            collate_fn=collate_detection,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            position_fn=self._resume_position,
+        )
+
+    def _resume_position(self) -> tuple[int, int]:
+        return resume_position(getattr(self, "trainer", None))
+
+    def _resume_epoch(self) -> int:
+        return self._resume_position()[0]
 
     def val_dataloader(self) -> DataLoader:
         self.setup("validate")

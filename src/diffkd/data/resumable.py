@@ -9,6 +9,9 @@ number of (persistent) workers.
 - :class:`ResumableDataLoader` resumes mid-epoch: when the trainer restarts inside an epoch it skips, at the index
   level (nothing is loaded), the batches the checkpointed run had already trained on. It declares
   ``state_dict``/``load_state_dict`` (Lightning's resumable-loader protocol); its state is Lightning's own progress.
+- :func:`seeded_train_loader` puts the three together (classification, segmentation);
+  :class:`EpochCodedBatchSampler` is the batch-sampler form of the epoch codes, for loaders whose batches a batch
+  sampler forms (COCO's aspect-ratio groups).
 
 Under DDP Lightning wraps the sampler in a ``DistributedSamplerWrapper``: every rank computes the same epoch
 permutation and takes its shard, and the skip applies to the shard's batches.
@@ -22,11 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
 
 from diffkd.utils.seeding import lightning_seed, mix_seed
 
-__all__ = ["EpochShuffleSampler", "ResumableDataLoader", "SeededSamples", "resume_position"]
+__all__ = [
+    "EpochCodedBatchSampler",
+    "EpochShuffleSampler",
+    "ResumableDataLoader",
+    "SeededSamples",
+    "resume_position",
+    "seeded_train_loader",
+]
 
 
 def resume_position(trainer: Any) -> tuple[int, int]:
@@ -166,3 +176,85 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
+
+
+class EpochCodedBatchSampler(BatchSampler):
+    """``BatchSampler`` whose batches hold :class:`SeededSamples` codes ``epoch × size + index`` instead of indices.
+
+    For loaders that form batches with a batch sampler over a plain index sampler (a ``DistributedSampler``, which
+    Lightning may swap for its own). With ``epoch_fn`` (the trainer's epoch) each pass first hands that epoch to
+    ``sampler.set_epoch``, so order and codes follow the trainer's progress whenever the iterator is made — a resumed
+    run makes it before Lightning's own ``set_epoch`` call. Without it the epoch is the sampler's ``epoch`` (a
+    ``DistributedSampler``'s) or the one given to :meth:`set_epoch`. Subclasses form batches in :meth:`batches` and
+    leave the coding to ``__iter__``.
+
+    Args:
+        sampler: dataset indices in ``[0, size)``.
+        batch_size, drop_last: as ``BatchSampler``.
+        size: N, the data set's length (not the shard's: under data parallelism ``len(sampler)`` is a shard).
+        codes: ``False`` yields the plain indices (a data set not wrapped in ``SeededSamples``).
+        epoch_fn: the current epoch, read when a pass starts.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool,
+        size: int,
+        codes: bool = True,
+        epoch_fn: Callable[[], int] | None = None,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.size = int(size)
+        self.codes = codes
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+
+    def batches(self) -> Iterator[list[int]]:
+        """Batches of dataset indices (``BatchSampler``'s own by default)."""
+        return super().__iter__()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.epoch_fn is not None:
+            self.set_epoch(int(self.epoch_fn()))
+        epoch = getattr(self.sampler, "epoch", self.epoch)
+        base = int(epoch) * self.size if self.codes else 0
+        for batch in self.batches():
+            yield [base + int(i) for i in batch]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass ``epoch`` on to ``sampler`` (a ``DistributedSampler`` reshuffles), and code the coming pass with it
+        when the sampler keeps no epoch of its own."""
+        self.epoch = int(epoch)
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
+def seeded_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    position_fn: Callable[[], tuple[int, int]],
+    drop_last: bool = False,
+    **loader_kwargs: Any,
+) -> ResumableDataLoader:
+    """The exactly resumable training loader: order from ``(seed, epoch)`` (:class:`EpochShuffleSampler`), each
+    sample's augmentation from ``(seed, epoch, index)`` (:class:`SeededSamples`), a resumed epoch starting after the
+    batches it had trained (:class:`ResumableDataLoader`) — whatever the ranks and workers.
+
+    Args:
+        dataset: the training set (its random transforms draw from the global generators).
+        batch_size, drop_last: as ``DataLoader``.
+        position_fn: ``(epoch, batches already trained in it)``, usually :func:`resume_position` of the trainer.
+        loader_kwargs: the rest of the ``DataLoader`` arguments (workers, collate_fn, pin_memory, ...).
+    """
+    sampler = EpochShuffleSampler(len(dataset), shuffle=True, epoch_fn=lambda: position_fn()[0])  # type: ignore[arg-type]
+    return ResumableDataLoader(
+        SeededSamples(dataset),
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        position_fn=position_fn,
+        **loader_kwargs,
+    )

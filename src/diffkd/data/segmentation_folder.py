@@ -13,8 +13,9 @@ A batch is ``(images, labels)``: images float32 (B, C, H, W) normalised as ``(x 
 RGB, 1 for grey, ``in_chans``), labels int64 (B, H, W). Training can augment (all optional): a random scale from
 ``scale_range`` (bilinear image, nearest label), padding to ``crop_size`` (image 0 after normalisation, label
 ``ignore_index``), a random ``crop_size`` crop and a horizontal flip; the draws come from torch's default generator,
-which the ``DataLoader`` seeds per worker. Evaluation normalises only, so evaluation images must share one size to
-be batched (or use ``val_batch_size: 1``).
+which the training loader seeds per sample from (seed, epoch, index), so a resumed run draws what the uninterrupted
+one drew. Evaluation normalises only, so evaluation images must share one size to be batched (or use
+``val_batch_size: 1``).
 """
 
 from __future__ import annotations

@@ -348,7 +348,8 @@ class DistillationModule(L.LightningModule):
             if "student" in self.compile_parts:
                 self.student.compile(**kwargs)
             if "teacher" in self.compile_parts and self.teacher is not None:
-                self.teacher.compile(**kwargs)
+                for part in self.teacher_compile_targets():
+                    part.compile(**kwargs)
             if "heads" in self.compile_parts:
                 # the heads share one forward: without dynamic=False the second head's other channel count would
                 # turn the graph dynamic ("automatic dynamic shapes"), slower and worse for CUDA graphs
@@ -356,6 +357,11 @@ class DistillationModule(L.LightningModule):
                     head.compile(dynamic=False, **kwargs)
         except Exception as err:
             log.warning("torch.compile failed (%s: %s); training continues in eager mode", type(err).__name__, err)
+
+    def teacher_compile_targets(self) -> list[nn.Module]:
+        """The teacher modules ``model.compile=teacher`` compiles: those the task calls (``torch.compile`` of a
+        module compiles its ``__call__`` only). The whole teacher by default."""
+        return [self.teacher] if self.teacher is not None else []
 
     def _teacher_compile_context(self) -> contextlib.AbstractContextManager:
         """Inductor freezing while the compiled teacher runs (its graphs compile lazily, at their first call).
@@ -375,7 +381,17 @@ class DistillationModule(L.LightningModule):
             torch.compiler.cudagraph_mark_step_begin()
         assert self.student_taps is not None, "setup() has not run"
         batch = self.prepare_batch(batch)
-        s_out, s_feats = self.student_taps.collect(self.student_forward(batch))
+        try:
+            s_out, s_feats = self.student_taps.collect(self.student_forward(batch))
+        except ValueError as err:
+            if "Expected more than 1 value per channel when training" not in str(err):
+                raise
+            raise ValueError(
+                f"{err}: the student's BatchNorm saw one value per channel, i.e. a training batch of one sample on "
+                "this device reached a layer that pools away the spatial size (e.g. the image-pooling branch of "
+                "DeepLabV3's ASPP). Use at least 2 samples per device: data.batch_size is per device (CIRKD: 2 on "
+                "each of 8 GPUs), and keep data.drop_last=true so that no last batch of one is left"
+            ) from err
         terms: dict[str, Tensor] = {}
         stats: dict[str, Tensor] = {}
         if self.distiller.needs_teacher:
@@ -523,7 +539,26 @@ class DistillationModule(L.LightningModule):
         if math.isinf(batches):
             raise ValueError(f"{wanted} need a train loader with a length (per-iteration schedules count epochs)")
         counts = {"steps_per_epoch": math.ceil(batches / self.trainer.accumulate_grad_batches), "total_steps": total}
+        self._forget_early_train_loader()
         return {k: counts[k] for k in wanted}
+
+    def _forget_early_train_loader(self) -> None:
+        """Drop the train loader that counting the steps set up, when the run resumes from a checkpoint.
+
+        ``configure_optimizers`` runs before Lightning restores a checkpoint's loop progress, and setting the loader
+        up creates its iterator there and then: a run resumed mid-epoch would start that epoch from its first batch
+        (the resumable loaders read where to start when their iterator is created), and Lightning would not restore
+        a stateful loader's state either. Forgotten, the loader is set up again by the fit loop, after the restore.
+        """
+        trainer = self.trainer
+        if not trainer.ckpt_path:
+            return
+        fit_loop = trainer.fit_loop
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            fetcher.teardown()  # stops the early iterator's worker processes
+        fit_loop._data_fetcher = None
+        fit_loop._combined_loader = None
 
 
 def _multi_call(run: DryRun) -> set[str]:
