@@ -281,3 +281,21 @@ def test_warmup_multistep_schedule():
     assert lrs[8:12] == pytest.approx([0.002] * 4) and lrs[12:] == pytest.approx([0.0002] * 2)  # epochs 2, 3
     with pytest.raises(ValueError, match="steps_per_epoch"):
         WarmupMultiStepLR(opt, milestones=[16, 22])
+
+
+# ------------------------------------------------------------------------------------------------ compile
+
+
+@pytest.mark.parametrize("teacher_runs", ["backbone", "heads"])
+def test_compile_teacher_compiles_what_the_task_calls(monkeypatch, teacher_runs):
+    """model.compile=teacher: the detector's forward never runs for the teacher (its backbone + FPN do, on the
+    student's batch), so compiling the detector would compile nothing that runs."""
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: compiled.append(self))
+    student, teacher = faster_rcnn(0), faster_rcnn(1)
+    points = {"fpn": {"student": "backbone.fpn:0", "teacher": "backbone.fpn:0", "distance": {"name": "mse"}}}
+    module = DetectionModule(student=student, teacher=teacher, distiller=Distiller(points), optimizer=sgd(),
+                             compile="teacher", teacher_runs=teacher_runs)  # fmt: skip
+    module.build(detection_batch())
+    heads = [teacher.rpn.head] if teacher_runs == "heads" else []
+    assert compiled == [teacher.backbone, *heads]

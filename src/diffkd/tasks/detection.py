@@ -230,6 +230,13 @@ class DetectionModule(DistillationModule):
             return {"features": features, "head": _dense_head(self.teacher)(levels)}
         return features
 
+    def teacher_compile_targets(self) -> list[nn.Module]:
+        """The teacher's backbone + FPN (what :meth:`teacher_forward` calls), and its dense head when the teacher runs
+        its heads; compiling the detector itself would compile a forward this task never calls."""
+        if self.teacher is None:
+            return []
+        return [self.teacher.backbone, *([_dense_head(self.teacher)] if self.teacher_runs == "heads" else [])]
+
     def _teacher_box_regression(self, features: dict[str, Tensor]) -> Tensor:
         """(R, 4·num_classes): the teacher's box head on the student's sampled proposals."""
         proposals, image_shapes = self._kept["proposals"]
