@@ -152,6 +152,13 @@ def test_experiment_trains_two_steps_and_validates(experiment, tmp_path, citysca
     assert "traffic light" in out and "mIoU" in out  # the per-class table, with Cityscapes' names
 
 
+def test_one_image_per_device_is_refused_with_the_fix(tmp_path, cityscapes_data):
+    experiment = EXPERIMENTS[0]
+    cfg = compose_config(_overrides(tmp_path, cityscapes_data, experiment, "data.batch_size=1"))
+    with pytest.raises(ValueError, match=r"one value per channel.*data\.batch_size is per device"):
+        train(cfg)
+
+
 @pytest.mark.parametrize(
     ("distill", "distance"),
     [("kd_seg", "pixel_kd"), ("cwd", "cwd"), ("diffkd_seg", "dist")],
