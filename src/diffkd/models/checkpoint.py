@@ -69,7 +69,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             "and plain containers. If you trust the file, allow those classes with "
             f"torch.serialization.add_safe_globals([...]) and retry.\n{e}"
         ) from e
-    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as e:  # zip or pickle framing of other bytes
+    # zip or pickle framing of other bytes: the unpickler stumbles in many ways (IndexError on an empty stack, ...)
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, OSError) as e:
         raise NotACheckpointError(f"'{path}' is not a checkpoint: torch.load cannot read it ({e})") from None
     if not isinstance(obj, Mapping):
         raise RuntimeError(f"'{path}' holds a {type(obj).__name__}, not a dict of weights")
