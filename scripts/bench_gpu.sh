@@ -5,13 +5,15 @@
 #   2. eager matrix, CIFAR pair: student alone / KD / DiffKD (+ the official code's KD and DiffKD steps when a
 #      clone is present) × fp32, bf16 × channels_last off, on
 #   3. compiled, CIFAR pair, bf16 + channels_last: DiffKD with compile=teacher and compile=on, then compile=on
-#      with CUDA graphs (compile_mode=reduce-overhead)
+#      with CUDA graphs (compile_mode=reduce-overhead); the demo's small pair (fp32, channels_last): student / KD /
+#      DiffKD eager and with the heads compiled into CUDA graphs — its DiffKD/KD time ratio against the FLOP ratio
+#      (issue 15's target: within 1.1x; the heads' thousands of tiny kernels are launch-bound on a GPU)
 #   4. ResNet-34 → ResNet-18 at 224², bf16 + channels_last: KD, DiffKD (+ official DiffKD)
 #   5. a 1-GPU DDP smoke run (bf16, channels_last)
 #   6. a timed CIFAR-shaped run on the GPU-resident data path (bf16 teacher, channels_last, compile), projected
-#      to 240 epochs
+#      to 240 epochs from its steady epochs
 # Uses the real CIFAR-100 under $DATA_DIR when present, else writes a CIFAR-shaped random data set.
-# Env: PY (python), DATA_DIR, OUT (results folder), EPOCHS (timed run, default 3), COMPILE_MODE (timed run's
+# Env: PY (python), DATA_DIR, OUT (results folder), EPOCHS (timed run, default 2), COMPILE_MODE (timed run's
 #      model.compile_mode, default null), OFFICIAL_DIR (a clone of https://github.com/hunto/DiffKD; default
 #      .official/DiffKD when present), REHEARSE=cpu (every part at toy size on the CPU: checks that the commands
 #      still run, on a machine without a GPU; its timings mean nothing; the slow test suite does this).
@@ -29,7 +31,7 @@ if [ "${REHEARSE:-}" = cpu ]; then
 elif [ -n "${REHEARSE:-}" ]; then
   echo "REHEARSE must be 'cpu' or unset, got '$REHEARSE'" >&2; exit 2
 else
-  DEVICE=cuda EPOCHS=${EPOCHS:-3} SCALE=1 TINY_BENCH=() ON_DEVICE=() DATA_SIZE=()
+  DEVICE=cuda EPOCHS=${EPOCHS:-2} SCALE=1 TINY_BENCH=() ON_DEVICE=() DATA_SIZE=()
 fi
 mkdir -p "$OUT"
 status() { printf '%-52s %s\n' "$1" "$2" | tee -a "$OUT/summary.txt"; }
@@ -58,12 +60,15 @@ timeout $((80 * SCALE)) "${BENCH[@]}" --pairs cifar --methods "$METHODS" --preci
 status "2. eager matrix, CIFAR pair" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_eager.txt)"
 
 # 3. compiled
-timeout $((110 * SCALE)) "${BENCH[@]}" --pairs cifar --methods diffkd --precision bf16 --channels-last on \
+timeout $((90 * SCALE)) "${BENCH[@]}" --pairs cifar --methods diffkd --precision bf16 --channels-last on \
   --compile teacher,on --out "$OUT/bench_compile.json" 2>&1 | tee "$OUT/bench_compile.txt"
 status "3a. compile teacher / all, CIFAR pair, bf16 + cl" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_compile.txt)"
 timeout $((90 * SCALE)) "${BENCH[@]}" --pairs cifar --methods diffkd --precision bf16 --channels-last on --compile on \
   --compile-mode reduce-overhead --out "$OUT/bench_cudagraphs.json" 2>&1 | tee "$OUT/bench_cudagraphs.txt"
 status "3b. compile all + CUDA graphs, CIFAR pair" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_cudagraphs.txt)"
+timeout $((60 * SCALE)) "${BENCH[@]}" --pairs small --methods none,kd,diffkd --precision fp32 --channels-last on \
+  --compile off,heads --compile-mode reduce-overhead --out "$OUT/bench_small.json" 2>&1 | tee "$OUT/bench_small.txt"
+status "3c. demo pair, eager / heads in CUDA graphs" "$(verdict "${PIPESTATUS[0]}") ($OUT/bench_small.txt)"
 
 # 4. ImageNet-sized pair
 IMETHODS=kd,diffkd
@@ -82,7 +87,7 @@ status "5. 1-GPU DDP smoke (bf16, channels_last)" "$(verdict $?) ($OUT/ddp_smoke
 
 # 6. timed CIFAR-shaped run, GPU-resident data, bf16 teacher, channels_last, compile
 start=$(date +%s)
-timeout $((140 * SCALE)) $PY -m diffkd.train "${COMMON[@]}" trainer=gpu trainer.max_epochs="$EPOCHS" data.gpu_preload=true \
+timeout $((100 * SCALE)) $PY -m diffkd.train "${COMMON[@]}" trainer=gpu trainer.max_epochs="$EPOCHS" data.gpu_preload=true \
     data.num_workers=0 model.channels_last=true model.compile=true model.compile_mode="${COMPILE_MODE:-null}" \
     model.teacher_dtype=bfloat16 test=false hydra.run.dir="$OUT/timed_run" "${ON_DEVICE[@]}" > "$OUT/timed_run.txt" 2>&1
 rc=$?

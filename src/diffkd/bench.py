@@ -516,9 +516,9 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
             _choices(args.compile, {**onoff, "teacher": "teacher", "heads": "heads"}),
         )
         # the official code has neither channels_last nor compile: one configuration per precision;
-        # compile=teacher without a teacher would repeat compile=off
+        # compile=teacher or heads without a teacher or heads would repeat compile=off
         if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4]))
-        and not (c[1] == "none" and c[4] == "teacher")
+        and not (c[1] == "none" and c[4] in ("teacher", "heads"))
         and (c[1] not in OFFICIAL_METHODS or "official_points" in PAIRS[c[0]])  # no official setting for `small`
     ]
     malloc = f" | cpu_malloc={malloc_mode}" if malloc_mode else ""
