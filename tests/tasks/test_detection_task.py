@@ -299,3 +299,17 @@ def test_compile_teacher_compiles_what_the_task_calls(monkeypatch, teacher_runs)
     module.build(detection_batch())
     heads = [teacher.rpn.head] if teacher_runs == "heads" else []
     assert compiled == [teacher.backbone, *heads]
+
+
+def test_input_size_gives_a_dry_run_without_data():
+    """model.input_size: the dry run needs no datamodule (two random images with one box each)."""
+    points = {"fpn": {"student": "backbone.fpn:0", "teacher": "backbone.fpn:0", "distance": {"name": "mse"}}}
+    module = DetectionModule(student=faster_rcnn(0), teacher=faster_rcnn(1), distiller=Distiller(points),
+                             optimizer=sgd(), input_size=[3, 64, 80])  # fmt: skip
+    state = torch.get_rng_state()
+    images, targets = module.example_batch()
+    assert torch.equal(torch.get_rng_state(), state)  # no random state consumed
+    assert [tuple(i.shape) for i in images] == [(3, 64, 80)] * 2
+    assert targets[0]["boxes"].tolist() == [[20.0, 16.0, 60.0, 48.0]] and targets[1]["labels"].tolist() == [1]
+    module.setup("fit")  # no trainer, no datamodule: the dry run takes the synthetic batch
+    assert module.distiller.points["fpn"].student_shape == module.distiller.points["fpn"].teacher_shape

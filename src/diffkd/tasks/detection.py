@@ -214,6 +214,15 @@ class DetectionModule(DistillationModule):
         images, targets = batch
         return (list(images), [dict(t) for t in targets]), {}
 
+    def synthetic_batch(self, input_size: tuple[int, ...]) -> Any:
+        """Two random (C, H, W) images in [0, 1], each with one box of label 1 in its middle (a training-mode
+        detector needs targets): ``model.input_size`` for a dry run without a datamodule."""
+        _, height, width = input_size
+        box = torch.tensor([[width / 4, height / 4, 3 * width / 4, 3 * height / 4]], dtype=torch.float32)
+        images = [torch.rand(*input_size) for _ in range(2)]
+        targets = [{"boxes": box.clone(), "labels": torch.ones(1, dtype=torch.int64), "image_id": i} for i in range(2)]
+        return images, targets
+
     def teacher_forward(self, batch: Any) -> Any:
         """The teacher's backbone (+ dense head, + box head on the student's proposals) on the student's
         transformed batch."""
