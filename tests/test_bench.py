@@ -188,12 +188,22 @@ def test_the_gpu_script_rehearses_every_part_on_the_cpu(tmp_path):
            "OFFICIAL_DIR": str(_stand_in_official(tmp_path / "DiffKD"))}  # fmt: skip
     subprocess.run(["bash", str(repo / "scripts" / "bench_gpu.sh")], env=env, cwd=repo, timeout=900, check=True)
     summary = (out / "summary.txt").read_text().splitlines()
-    assert len(summary) == 7, summary
+    assert len(summary) == 8, summary
     assert all(" ok" in line for line in summary), summary
     assert "CIFAR-shaped random data" in summary[-1] and "rehearsal: no projection" in summary[-1]
     steps = json.loads((out / "bench_eager.json").read_text())["steps"]
     assert {s["method"] for s in steps} == {"none", "kd", "diffkd", "official_kd", "official_diffkd"}
     assert all(s["error"] is None for s in steps)
+    # 3c, the demo's pair: eager and with the heads compiled (CUDA graphs on a GPU), nothing repeated
+    small = json.loads((out / "bench_small.json").read_text())["steps"]
+    assert sorted((s["method"], str(s["compile"])) for s in small) == [
+        ("diffkd", "False"),
+        ("diffkd", "heads"),
+        ("kd", "False"),
+        ("kd", "heads"),
+        ("none", "False"),
+    ]
+    assert all(s["error"] is None for s in small)
 
 
 def test_small_pair_is_the_demos_pair_and_its_heads_are_a_modest_fraction(tmp_path):

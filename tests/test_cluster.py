@@ -181,8 +181,11 @@ def test_local_launcher_config_composes():
 
 def _run_cli(args: list[str], cwd: Path, timeout: int, path_prefix: Path | None = None) -> None:
     # this tree's diffkd (src/) and tests (the preemption callback below), whatever is installed
+    # a DDP run earlier in this pytest process leaves MASTER_PORT (and friends) in os.environ: inherited, every
+    # array job would take that one port instead of its own (SLURM_JOB_ID's) and the jobs' ranks would cross-join
+    ddp_vars = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in ddp_vars},
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "WANDB_MODE": "offline",
         "OMP_NUM_THREADS": "1",
