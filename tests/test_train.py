@@ -24,6 +24,8 @@ def test_each_distiller_trains_and_logs_its_terms(cifar_cfg, distill):
     terms = {k for k in metrics if k.startswith("train/loss/")}
     expected = {"train/loss/ce"} | {f"train/loss/{t}" for t in _terms(module)}
     assert terms == expected
+    # the logged terms are the summands of the loss (KD's CE logged at its weight 0.1, as the distillation terms are)
+    assert metrics["train/loss"] == pytest.approx(sum(metrics[k] for k in terms), rel=1e-5, abs=1e-6)
     if distill == "none":
         assert module.teacher is None  # no teacher built, no teacher work
     else:

@@ -399,17 +399,19 @@ class DistillationModule(L.LightningModule):
             terms, stats = self.distiller(s_feats, t_feats, self.distill_inputs(batch), epoch=self.current_epoch + 1)
         losses = self.task_losses(s_out, batch)
         self._check_task_weights(losses)
-        task: Tensor | None = None
-        for name, value in losses.items():
-            weight = self.task_weights.get(name, 1.0)
-            value = value if weight == 1.0 else weight * value
-            task = value if task is None else task + value
-        if task is None:
+        if not losses:
             raise ValueError(f"{type(self).__name__}.task_losses returned no loss")
-        loss = self.distiller.task_weight * task
-        for term in terms.values():
-            loss = loss + term
-        all_terms = {**losses, **terms}
+        # every logged term is a summand of train/loss: a task loss times its model.task_weights entry and the
+        # distiller's task_weight (KD's 0.1 on CE), a distillation term times its own weight
+        weighted: dict[str, Tensor] = {}
+        for name, value in losses.items():
+            weight = self.task_weights.get(name, 1.0) * self.distiller.task_weight
+            weighted[name] = value if weight == 1.0 else weight * value
+        loss: Tensor | None = None
+        for term in (*weighted.values(), *terms.values()):
+            loss = term if loss is None else loss + term
+        assert loss is not None
+        all_terms = {**weighted, **terms}
         self.nonfinite.track(all_terms, self.global_step, self._where())
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/loss/{k}": v.detach() for k, v in all_terms.items()})
