@@ -216,7 +216,6 @@ def bench_step(
     ``official_kd`` / ``official_diffkd`` time the official implementation's step instead (``benchmarks/official.py``
     of the source checkout, running the official code of ``official_dir``); it has neither channels_last nor compile.
     """
-    import lightning as L
 
     pair = PAIRS[pair_name]
     bs = batch or pair["batch"]
@@ -237,10 +236,45 @@ def bench_step(
     x = torch.randn(bs, pair.get("chans", 3), pair["size"], pair["size"], device=dev)
     y = torch.randint(0, pair["classes"], (bs,), device=dev)
     batches = _Repeat((x, y), warmup + steps)
+    # FLOPs are counted in the first warm-up step, eagerly: compiled graphs bypass the counting dispatch mode
+    timed = time_training_steps(
+        module, batches, steps, warmup, device, "bf16-mixed" if precision == "bf16" else "32-true", not compile
+    )
+    seconds = timed.seconds
+    return BenchResult(
+        pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, timed.peak_mb, device,
+        finite=timed.finite, gflop_per_step=_gflop(timed.flops),
+    )  # fmt: skip
+
+
+@dataclass
+class TimedSteps:
+    """What :func:`time_training_steps` measured."""
+
+    seconds: float  # per timed step
+    flops: int | None  # of the first warm-up step (forward + backward), when counted
+    finite: bool | None  # the last step's loss
+    peak_mb: float | None  # CUDA peak memory of the timed steps
+    losses: dict[str, float]  # the last step's logged train/loss* values
+
+
+def time_training_steps(
+    module: Any,
+    loader: Any,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str = "32-true",
+    count_flops: bool = True,
+) -> TimedSteps:
+    """``warmup`` + ``steps`` real Lightning training steps of ``module`` over ``loader`` (``warmup + steps``
+    batches, with a length); the device is synchronised around the timed steps only."""
+    import lightning as L
+
+    dev = torch.device(device)
     marks: dict[str, float] = {}
     last_loss: list[torch.Tensor] = []
-    # FLOPs are counted in the first warm-up step, eagerly: compiled graphs bypass the counting dispatch mode
-    counter = FlopCounterMode(display=False) if warmup > 0 and not compile else None
+    counter = FlopCounterMode(display=False) if count_flops and warmup > 0 else None
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -267,8 +301,9 @@ def bench_step(
     trainer = L.Trainer(
         accelerator="gpu" if dev.type == "cuda" else "cpu",
         devices=1,
-        precision="bf16-mixed" if precision == "bf16" else "32-true",
+        precision=precision,
         max_steps=warmup + steps,
+        max_epochs=1,  # not -1 (Lightning's default with max_steps): the train loader's length must be read
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -277,14 +312,14 @@ def bench_step(
         num_sanity_val_steps=0,
         callbacks=[Timer()],
     )
-    trainer.fit(module, train_dataloaders=batches)
-    seconds = (marks["end"] - marks["start"]) / steps
-    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
-    finite = bool(torch.isfinite(last_loss[0]).item()) if last_loss else None
-    return BenchResult(
-        pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, peak, device,
-        finite=finite, gflop_per_step=_gflop(counter.get_total_flops()) if counter is not None else None,
-    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=loader)
+    return TimedSteps(
+        seconds=(marks["end"] - marks["start"]) / steps,
+        flops=counter.get_total_flops() if counter is not None else None,
+        finite=bool(torch.isfinite(last_loss[0]).item()) if last_loss else None,
+        peak_mb=torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+        losses={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")},
+    )
 
 
 def _gflop(flops: int | None) -> float | None:

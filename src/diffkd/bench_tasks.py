@@ -57,7 +57,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffkd.bench import device_name
+from diffkd.bench import device_name, time_training_steps
 from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES, configure_cpu_malloc
 
 __all__ = [
@@ -308,56 +308,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(module: Any, batch: Any, steps: int, warmup: int, count_flops: bool, device: str) -> dict[str, Any]:
-    """``warmup`` + ``steps`` Lightning training steps of ``module`` on ``batch``; seconds per timed step, FLOPs of
-    the first warm-up step, the last step's loss terms."""
-    import lightning as L
-
-    dev = torch.device(device)
-    marks: dict[str, float] = {}
-    last: list[Tensor] = []
-    counter = FlopCounterMode(display=False) if count_flops and warmup > 0 else None
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 0 and counter is not None:
-                counter.__enter__()
-            if batch_idx == warmup:
-                _sync(dev)
-                marks["start"] = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 0 and counter is not None:
-                counter.__exit__(None, None, None)
-            if batch_idx == warmup + steps - 1:
-                _sync(dev)
-                marks["end"] = time.perf_counter()
-                last.append(outputs["loss"].detach())
-
-    trainer = L.Trainer(
-        accelerator="gpu" if dev.type == "cuda" else "cpu",
-        devices=1,
-        precision="32-true",
-        max_steps=warmup + steps,
-        max_epochs=1,  # not -1 (Lightning's default with max_steps): the train loader's length must be read
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Timer()],
-    )
-    trainer.fit(module, train_dataloaders=_loader(batch, warmup + steps))
-    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")}
-    return {
-        "seconds": (marks["end"] - marks["start"]) / steps,
-        "flops": counter.get_total_flops() if counter is not None else None,
-        "finite": bool(torch.isfinite(last[0]).item()) if last else None,
-        "losses": losses,
-    }
-
-
 def _input_label(task: str, hw: tuple[int, int], batch: int) -> str:
     h, w = hw
     return f"{batch}×3×{h}×{w}" if task == "segmentation" else f"{batch} images {h}×{w}"
@@ -395,11 +345,11 @@ def bench_task_step(
         module = build_task_module(task, cfg, _first_sample(data), data)
         module.to(device)
     data = move_data_to_device(data, torch.device(device))
-    out = _time_steps(module, data, steps, warmup, count_flops, device)
+    out = time_training_steps(module, _loader(data, warmup + steps), steps, warmup, device, count_flops=count_flops)
     result = StepResult(
-        task, method, batch, _input_label(task, hw, batch), 1000 * out["seconds"], device,
-        gflop_per_step=out["flops"] / 1e9 if out["flops"] is not None else None, finite=out["finite"],
-        losses=out["losses"],
+        task, method, batch, _input_label(task, hw, batch), 1000 * out.seconds, device,
+        gflop_per_step=out.flops / 1e9 if out.flops is not None else None, finite=out.finite,
+        losses=out.losses,
     )  # fmt: skip
     return result, module
 

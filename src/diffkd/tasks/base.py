@@ -407,10 +407,10 @@ class DistillationModule(L.LightningModule):
         for name, value in losses.items():
             weight = self.task_weights.get(name, 1.0) * self.distiller.task_weight
             weighted[name] = value if weight == 1.0 else weight * value
-        loss: Tensor | None = None
-        for term in (*weighted.values(), *terms.values()):
-            loss = term if loss is None else loss + term
-        assert loss is not None
+        first, *rest = (*weighted.values(), *terms.values())
+        loss = first
+        for term in rest:
+            loss = loss + term
         all_terms = {**weighted, **terms}
         self.nonfinite.track(all_terms, self.global_step, self._where())
         self.log("train/loss", loss, prog_bar=True)
