@@ -14,7 +14,15 @@ and leaves to a task subclass only the *forward contract* — how a batch reache
 - ``task_losses(student_output, batch)`` → ``{name: loss}`` (a detector's own loss dict; classification
   ``{"ce": ...}``), each logged as ``train/loss/<name>``, weighted by ``task_weights`` and guarded;
 - ``distill_inputs(batch)`` → what the distances may declare they need (``labels``, ``valid_mask``, ...);
-- evaluation steps and metrics.
+- evaluation steps and metrics: ``validation_step``, ``log_validation_epoch`` (the epoch's metrics), and for the
+  validation contract ``validation_values()`` (the epoch's validation loss) and ``watched_outputs()`` (the modules
+  whose outputs must stay finite; default the student).
+
+The validation contract, the same for every task: in a fit, every validation epoch checks the task's validation
+loss and the watched outputs for NaN/inf *before* its metrics are logged and before any checkpoint is written, and
+every checkpoint (best, periodic, ``last.ckpt``) is written only from weights that are finite, whose losses so far
+were finite and whose outputs on the dry run's batch are finite; "the last good checkpoint" named in the stop
+message is the newest such file on disk.
 
 Memory format (``channels_last``), the teacher's dtype and ``torch.compile`` apply to whatever the task passes
 (every 4-D float tensor of the inputs, at any depth). The dry run that sizes the heads runs this same contract on a
@@ -29,6 +37,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -42,7 +51,7 @@ from diffkd.distill import Distiller, FeatureTaps, dry_run
 from diffkd.distill.taps import AUTO_FEATURE, DryRun, TapAddress
 from diffkd.method.profile import format_count
 from diffkd.optim.lr_scaling import global_batch_size, scale_learning_rate
-from diffkd.tasks.nonfinite import NonFiniteGuard, NonFiniteLossError
+from diffkd.tasks.nonfinite import ADVICE, NonFiniteGuard, NonFiniteLossError, OutputWatch
 from diffkd.utils.seeding import lightning_seed, seed_step
 
 __all__ = ["DistillationModule", "NonFiniteLossError", "map_tensors"]
@@ -157,6 +166,8 @@ class DistillationModule(L.LightningModule):
         self.compile_mode = compile_mode
         self.teacher_dtype = getattr(torch, teacher_dtype) if teacher_dtype else None
         self.nonfinite = NonFiniteGuard(nonfinite_check_every)
+        self.output_watch = OutputWatch()
+        self._probe_batch: Any = None  # the dry run's batch: a checkpoint's weights must give finite outputs on it
         self.reseed_every_step = reseed_every_step
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, stored in checkpoints
         self.student_taps: FeatureTaps | None = None
@@ -196,6 +207,25 @@ class DistillationModule(L.LightningModule):
 
     def on_dry_run(self, student_output: Any) -> None:
         """Task hook: what the student's dry-run output tells (e.g. the number of classes)."""
+
+    def validation_values(self) -> dict[str, Tensor]:
+        """The finished validation epoch's values that are finite in a healthy run, ``{"val/loss": ...}``
+        (synchronised over the ranks); ``{}`` for a task without a validation loss (its outputs are watched)."""
+        return {}
+
+    def watched_outputs(self) -> dict[str, nn.Module]:
+        """``{name: module}`` whose outputs must be finite in validation and on the probe batch (default: the
+        student's own output)."""
+        return {"student": self.student}
+
+    def probe_forward(self, batch: Any) -> None:
+        """The student's evaluation call on ``batch`` (eval mode, no grad) whose watched outputs are checked before
+        a checkpoint is written."""
+        args, kwargs = self.to_memory_format(self.student_inputs(batch))
+        self.student(*args, **kwargs)
+
+    def log_validation_epoch(self) -> None:
+        """Task hook: log the validation epoch's metrics (after the validation contract's checks passed)."""
 
     # ------------------------------------------------------------------ calling the models
     def to_memory_format(self, obj: Any) -> Any:
@@ -268,7 +298,10 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.student_taps is not None:
             return
-        self.build(self.example_batch("train" if stage == "fit" else "val"))
+        example = self.example_batch("train" if stage == "fit" else "val")
+        self.build(example)
+        if stage == "fit":
+            self._probe_batch = example
 
     def build(self, example: Any) -> None:
         """Infer shapes and layouts, create the heads and the taps (called once, from ``setup`` or by hand).
@@ -443,20 +476,72 @@ class DistillationModule(L.LightningModule):
         return f"global step {self.global_step} (epoch {self.current_epoch})"
 
     def _last_good_checkpoint(self) -> str:
+        """The newest checkpoint file of this run that passed the checks when it was written (every checkpoint
+        written by a fit did), or the one this run resumed from; ``"none yet"``."""
         trainer = self._trainer
         if trainer is None:
             return "none yet"
-        for cb in trainer.callbacks:
-            path = getattr(cb, "last_model_path", "")
-            if path:
-                return path
-        return "none yet"
+        paths = [getattr(cb, attr, "") for cb in trainer.callbacks for attr in ("last_model_path", "best_model_path")]
+        paths.append(trainer.ckpt_path or "")
+        existing = {Path(p) for p in paths if p and Path(p).is_file()}
+        if not existing:
+            return "none yet"
+        return str(max(existing, key=lambda p: p.stat().st_mtime))
 
     def _check_nonfinite(self, when: str) -> None:
         """Loss terms since the last check, then every trainable parameter."""
         last = self._last_good_checkpoint()
         self.nonfinite.check(self._where(), last)
         self.nonfinite.check_parameters(self.trainable_parameters(), f"{when} at {self._where()}", last)
+
+    def _raise_bad_outputs(self, bad: list[str], during: str) -> None:
+        names = ", ".join(bad)
+        raise NonFiniteLossError(
+            f"the student's outputs ({names}) held NaN/inf {during} after {self._where()}, although its weights are "
+            "finite: they are too large (a blow-up), so its metrics mean nothing. "
+            + ADVICE.format(last=self._last_good_checkpoint())
+        )
+
+    def _check_probe_outputs(self) -> None:
+        """The student's evaluation outputs on the dry run's batch are finite (before a checkpoint is written)."""
+        if self._probe_batch is None:
+            return
+        watched = self.watched_outputs()
+        was_training = self.student.training
+        self.output_watch.start(watched)
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                self.student.eval()
+                self.probe_forward(self._probe_batch)
+        finally:
+            self.student.train(was_training)
+            self.output_watch.stop()
+        bad = self.output_watch.bad(watched)
+        if bad:
+            self._raise_bad_outputs(bad, "on the dry run's batch, before writing a checkpoint,")
+
+    def _in_fit(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+
+    def on_validation_epoch_start(self) -> None:
+        if self._in_fit():
+            self.output_watch.start(self.watched_outputs())
+
+    def on_validation_epoch_end(self) -> None:
+        """The validation contract (fit only), then the task's metrics (:meth:`log_validation_epoch`)."""
+        if self._in_fit():
+            where = f"after {self._where()}"
+            for name, value in self.validation_values().items():
+                self.nonfinite.check_value(name, value, where, self._last_good_checkpoint())
+            watched = list(self.watched_outputs())
+            self.output_watch.stop()
+            bad = self.output_watch.bad(watched)
+            if bad:
+                self._raise_bad_outputs(bad, "in validation")
+        self.log_validation_epoch()
+
+    def teardown(self, stage: str) -> None:
+        self.output_watch.stop()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.nonfinite.step_done(self._last_good_checkpoint())
@@ -474,6 +559,7 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self._trainer is not None and self.trainer.state.fn == "fit":
             self._check_nonfinite("before writing a checkpoint")
+            self._check_probe_outputs()
         checkpoint["diffkd"] = {
             "points": self.distiller.describe(),
             "config": self.run_config,

@@ -347,7 +347,24 @@ class DetectionModule(DistillationModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, self.val_map)
 
-    def on_validation_epoch_end(self) -> None:
+    def watched_outputs(self) -> dict[str, nn.Module]:
+        """The backbone (+ FPN) and the heads: a detector's predictions cannot show NaN/inf (scores below the
+        threshold are dropped, boxes clipped), the raw outputs can."""
+        student = self.student
+        watched = {"backbone": student.backbone}
+        if hasattr(student, "rpn"):
+            watched["rpn.head"] = student.rpn.head
+        elif hasattr(student, "head"):
+            watched["head"] = student.head
+        predictor = getattr(getattr(student, "roi_heads", None), "box_predictor", None)
+        if predictor is not None:
+            watched["roi_heads.box_predictor"] = predictor
+        return watched
+
+    def probe_forward(self, batch: Any) -> None:
+        self.student(list(batch[0]))
+
+    def log_validation_epoch(self) -> None:
         value = self._log_map(self.val_map, "val")
         if self.trainer.sanity_checking:
             return

@@ -1,25 +1,38 @@
-"""The non-finite guard: a loss term, a parameter or the validation loss that turns NaN/inf stops the run, naming
-what went bad first and at which step, before any checkpoint of the bad weights is written — without a host sync
-in the training step.
+"""The non-finite guard: a loss term, a parameter, a model output or the validation loss that turns NaN/inf stops
+the run, naming what went bad first and at which step, before any checkpoint of the bad weights is written —
+without a host sync in the training step.
 
 Loss-term flags accumulate on the device (one ``isfinite`` over the stacked scalar terms per step, and the first
 bad step of each term) and are read every ``check_every`` steps; parameters are checked (one max-abs per tensor,
-one sync) before validation, at the end of each epoch and before every checkpoint.
+one sync) before validation, at the end of each epoch and before every checkpoint. :class:`OutputWatch` flags, on
+the device, the watched modules whose outputs hold NaN/inf — weights can stay finite (1e37) while the outputs they
+give overflow. Under DDP every read is reduced over the ranks, so that all ranks stop together.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-__all__ = ["NonFiniteGuard", "NonFiniteLossError"]
+__all__ = ["ADVICE", "NonFiniteGuard", "NonFiniteLossError", "OutputWatch", "any_rank"]
 
-_ADVICE = (
+ADVICE = (
     "Training stopped and no checkpoint of these weights was written; the last good checkpoint is {last}. Try a lower "
     "learning rate, gradient clipping (trainer.gradient_clip_val=5) or check the inputs."
 )
+
+
+def any_rank(flags: Tensor, op: str = "max") -> Tensor:
+    """``flags`` reduced over the DDP ranks (``max``: any rank's; ``min``), unchanged in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN)
+    return flags
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,7 +77,9 @@ class NonFiniteGuard:
         first, and the step."""
         if self.first_bad is None:
             return
-        first = self.first_bad.tolist()
+        never = torch.iinfo(torch.long).max  # -1 ("never") must lose the ranks' min
+        merged = any_rank(torch.where(self.first_bad < 0, never, self.first_bad), op="min")
+        first = torch.where(merged == never, -1, merged).tolist()
         self.first_bad = None
         self.steps_since_check = 0
         bad = {n: s for n, s in zip(self.names, first) if s >= 0}
@@ -75,7 +90,7 @@ class NonFiniteGuard:
             also = f" ({', '.join(later)} followed)" if later else ""
             raise NonFiniteLossError(
                 f"loss term(s) {', '.join(firsts)} became NaN/inf first, at global step {step}{also}. "
-                + _ADVICE.format(last=last_good)
+                + ADVICE.format(last=last_good)
             )
 
     @staticmethod
@@ -85,20 +100,80 @@ class NonFiniteGuard:
         if not named:
             return
         norms = torch._foreach_norm([p.detach() for _, p in named], float("inf"))
-        bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+        bad = any_rank((~torch.isfinite(torch.stack([n.float() for n in norms]))).int()).bool()
         if bool(bad.any()):
             names = [n for (n, _), b in zip(named, bad.tolist()) if b]
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise NonFiniteLossError(
                 f"parameter(s) {shown} became NaN/inf {where}: the last optimizer step blew the weights up. "
-                + _ADVICE.format(last=last_good)
+                + ADVICE.format(last=last_good)
             )
 
     @staticmethod
     def check_value(name: str, value: Tensor, where: str, last_good: str) -> None:
-        """Raise when a logged evaluation value (the validation loss) is NaN/inf."""
+        """Raise when an evaluation value (the validation loss, synchronised over the ranks) is NaN/inf."""
         if not bool(torch.isfinite(value.detach()).all()):
             raise NonFiniteLossError(
                 f"{name} is {value.item()} {where}: the student's outputs are not finite, so its metrics mean "
-                "nothing. " + _ADVICE.format(last=last_good)
+                "nothing. " + ADVICE.format(last=last_good)
             )
+
+
+def _floats(obj: Any) -> list[Tensor]:
+    """The floating-point tensors of a nested output (tensors, tuples, lists, dicts, ImageLists...)."""
+    if isinstance(obj, Tensor):
+        return [obj] if obj.is_floating_point() else []
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _floats(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _floats(v)]
+    return []
+
+
+class OutputWatch:
+    """Forward hooks that flag, on the device, every watched module whose output held a NaN/inf.
+
+    A detector's evaluation output cannot show it (torchvision drops NaN scores below its score threshold and clips
+    infinite boxes: the mAP of blown weights reads 0.0, a plausible number), so the task watches its backbone and
+    heads instead; classification and segmentation watch the student's logits.
+    """
+
+    def __init__(self) -> None:
+        self.flags: dict[str, Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self, modules: Mapping[str, nn.Module]) -> None:
+        """Watch ``{name: module}`` from now on (flags cleared)."""
+        self.stop()
+        self.flags = {}
+        for name, module in modules.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable[[nn.Module, Any, Any], None]:
+        def see(module: nn.Module, inputs: Any, output: Any) -> None:
+            tensors = _floats(output)
+            if not tensors:
+                return
+            bad = torch.stack([~torch.isfinite(t.detach()).all() for t in tensors]).any()
+            self.flags[name] = bad if name not in self.flags else self.flags[name] | bad
+
+        return see
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def bad(self, names: Iterable[str]) -> list[str]:
+        """The watched ``names`` that produced a NaN/inf on any rank since :meth:`start` (one host sync)."""
+        names = list(names)
+        if not names:
+            return []
+        device = next(iter(self.flags.values())).device if self.flags else torch.device("cpu")
+        flags = torch.stack([self.flags.get(n, torch.zeros((), dtype=torch.bool, device=device)) for n in names])
+        flags = any_rank(flags.int()).bool()
+        return [n for n, f in zip(names, flags.tolist()) if f]

@@ -287,7 +287,10 @@ class SegmentationModule(DistillationModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
-    def on_validation_epoch_end(self) -> None:
+    def validation_values(self) -> dict[str, Tensor]:
+        return {"val/loss": self.val_loss.compute()}
+
+    def log_validation_epoch(self) -> None:
         self._log_epoch("val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
