@@ -6,6 +6,10 @@ The method core (``diffkd.method``) is plain PyTorch::
 """
 
 from diffkd.method import DIST, DKD, MSE, DiffKD, DiffKDOutput, KLDivergence, to_bchw
+from diffkd.utils.precision import register_resolvers
+
+# conf/trainer/default.yaml's precision is ${diffkd.auto_precision:...}: any config of ours resolves once diffkd is in
+register_resolvers()
 
 __version__ = "0.1.0"
 
