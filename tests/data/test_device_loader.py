@@ -281,7 +281,7 @@ def test_datamodules_preload_once_and_log(cifar, fmnist, caplog):
     assert len(loader) == 1 and loader.transform.padding == 2 and loader.transform.fused_normalize
     assert next(iter(loader))[0].shape == (32, 1, 32, 32)
     # off by default: the CPU loaders
-    assert isinstance(_fmnist_dm(fmnist).train_dataloader(), DataLoader)
+    assert isinstance(_fmnist_dm(fmnist, batch_size=32).train_dataloader(), DataLoader)
 
 
 def test_hydra_option(fmnist, tmp_path):

@@ -35,6 +35,7 @@ from diffkd.data.device_loader import DeviceTensorLoader
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
 from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
+from diffkd.data.usable import SameSizeCollate, require_a_batch, world_size
 
 __all__ = [
     "BadImagesError",
@@ -534,6 +535,20 @@ class ClassificationDataModule(L.LightningDataModule):
         """How the loaders (and :meth:`example_batch`) turn a list of samples into a batch."""
         return default_collate
 
+    def checked_collate(self, split: Literal["train", "val"], batch_size: int) -> Callable[[list[Any]], Any]:
+        """:meth:`collate_fn`, raising :class:`~diffkd.data.usable.MixedSizeError` (the sizes, the split, the fix)
+        instead of torch's bare "stack expects each tensor to be equal size" when the transform gives samples of
+        several sizes."""
+        key = "data.batch_size" if split == "train" else "data.val_batch_size"
+        fix = (
+            f"make data.{split}_transform give one size, e.g. end it with Resize([{self.image_size}, "
+            f"{self.image_size}]) or CenterCrop({self.image_size}) (data.image_size), or set it to null for the "
+            "default transform"
+        )
+        if split == "val":
+            fix += ", or set data.val_batch_size=1"
+        return SameSizeCollate(self.collate_fn(), split, f"{key}={batch_size}", fix)
+
     def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
         """The first ``size`` samples of ``split`` (``train`` through the train transform, ``val`` through the
         val transform) and :meth:`collate_fn`, on the CPU.
@@ -549,7 +564,8 @@ class ClassificationDataModule(L.LightningDataModule):
             self.setup("fit" if split == "train" else "validate")
             dataset = self.train_set if split == "train" else self.val_set
             self._check_example_size(size, len(dataset), split)
-            loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=self.collate_fn())
+            collate = self.checked_collate(split, size)  # type: ignore[arg-type]
+            loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
             return next(iter(loader))
 
     def _check_example_size(self, size: int, available: int, split: str = "train") -> None:
@@ -563,7 +579,7 @@ class ClassificationDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
-            "collate_fn": self.collate_fn(),
+            "collate_fn": self.checked_collate("train" if train else "val", batch_size),
         }
         if not train:
             return DataLoader(dataset, shuffle=False, **common)
@@ -572,8 +588,18 @@ class ClassificationDataModule(L.LightningDataModule):
     def _resume_position(self) -> tuple[int, int]:
         return resume_position(self.trainer)
 
+    def require_a_train_batch(self) -> None:
+        """Raise :class:`~diffkd.data.usable.EmptySplitError` when the training split gives no batch on this
+        process (``drop_last`` and fewer samples than ``batch_size``): Lightning would skip training with a
+        warning."""
+        where = str(getattr(self, "train_dir", None) or self.data_dir)
+        samples = len(self.train_set)
+        name = type(self).__name__
+        require_a_batch(name, "train", where, samples, self.batch_size, self.drop_last, world_size(self))
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        self.require_a_train_batch()
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -735,6 +761,7 @@ class PreloadableDataModule(ClassificationDataModule):
         if not self.gpu_preload:
             return super().train_dataloader()
         self.setup("fit")
+        self.require_a_train_batch()
         return self.device_loader("train", self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader | DeviceTensorLoader:

@@ -9,11 +9,18 @@ on a thread pool (PIL decodes outside the GIL):
   on load).
 * Cityscapes labels: the labelIds PNG must decode, be single-channel 8-bit and have its image's size (errors).
 * COCO annotations: an image whose size differs from its json ``width``/``height``, and boxes reaching more than
-  1 px outside their image, are warnings (training clamps or drops such boxes; evaluation keeps them).
+  1 px outside their image, are warnings (training clamps or drops such boxes; evaluation keeps them). What the
+  training split leaves out is counted, one note per reason: boxes dropped (crowd, zero width or height, outside
+  the image, too small), images left out, images kept without a box (training logs the same counts at setup).
 * in-memory data sets (CIFAR-100, Fashion-MNIST): nothing to decode; ``setup`` has read every sample already.
 
+Setting the datamodule up applies the rules training applies (:mod:`diffkd.data.usable`): a split with no usable
+sample (a COCO json without annotations, every box dropped) and evaluation images of several sizes batched together
+fail the check as they would fail training, with the same message.
+
 Exit status: 0 when nothing is bad (notes allowed), 1 when there is an error or a warning (or the data set is not
-found), 2 for a usage error. The last line is the summary; ``--json out.json`` writes the whole report.
+found or not usable), 2 for a usage error. The last line is the summary; ``--json out.json`` writes the whole
+report.
 
 Examples::
 
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from diffkd.data.base import DataIssue
+from diffkd.data.usable import EmptySplitError, MixedSizeError
 
 __all__ = ["CheckReport", "SplitReport", "check_datamodule", "check_dataset", "default_workers", "main"]
 
@@ -112,7 +120,8 @@ class CheckReport:
     target: str
     settings: dict[str, Any]
     splits: list[SplitReport] = field(default_factory=list)
-    failure: str | None = None  # the data set could not be set up (not found, malformed)
+    failure: str | None = None  # the data set could not be set up (not found, malformed, not usable)
+    failure_reason: str | None = None  # the summary's words for it, when more is known than "could not be set up"
 
     def count(self, severity: str) -> int:
         return sum(len(s.of(severity)) for s in self.splits)
@@ -124,6 +133,8 @@ class CheckReport:
     def summary(self) -> str:
         """The last line of the output."""
         if self.failure is not None:
+            if self.failure_reason is not None:
+                return f"FAILED: {self.data}: {self.failure_reason} (see above)"
             return f"FAILED: {self.data} could not be set up (see above)"
         samples = sum(s.samples for s in self.splits)
         names = ", ".join(s.split for s in self.splits)
@@ -168,7 +179,8 @@ def check_dataset(
     workers: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> SplitReport:
-    """Check every sample of ``dataset`` with its ``check_sample(i)`` on ``workers`` threads.
+    """Check every sample of ``dataset`` with its ``check_sample(i)`` on ``workers`` threads, and add what its
+    ``split_issues()`` reports about the split as a whole (COCO: what training drops).
 
     Args:
         dataset: a data set of image files (``check_sample(i) -> list[DataIssue]``); one without ``check_sample``
@@ -201,6 +213,9 @@ def check_dataset(
                 last = now
                 progress(f"{split}: {done}/{n} samples checked, {bad} bad, {done / (now - start):.0f}/s")
     issues.sort(key=lambda i: (i.index if i.index is not None else -1, i.path))
+    split_issues = getattr(dataset, "split_issues", None)
+    if callable(split_issues):
+        issues += split_issues()
     return SplitReport(split, _where(dataset), n, issues=issues, seconds=time.monotonic() - start)
 
 
@@ -392,9 +407,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         report.splits = check_datamodule(
             dm, splits, args.workers, progress=lambda line: print(line, file=sys.stderr, flush=True)
         )
+    except (EmptySplitError, MixedSizeError) as err:  # found, but training would refuse it: the message has the fix
+        report.failure = f"{type(err).__name__}: {err}"
+        if isinstance(err, EmptySplitError):
+            report.failure_reason = f"no usable sample in {', '.join(err.splits)}"
+        else:
+            report.failure_reason = "samples of several sizes in one batch"
+        print(err, file=sys.stderr)
+        print(report.summary())
+        _write_json(args.json_path, report)
+        return 1
     except (DataNotFoundError, ValueError, OSError) as err:  # missing files, malformed lists or annotations
         report.failure = f"{type(err).__name__}: {err}"
-        print(f"{err}\n(point to the data with --data-dir / --root)", file=sys.stderr)
+        hint = "\n(point to the data with --data-dir / --root)" if isinstance(err, FileNotFoundError) else ""
+        print(f"{err}{hint}", file=sys.stderr)
         print(report.summary())
         _write_json(args.json_path, report)
         return 1

@@ -37,6 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
+from diffkd.data.usable import SameSizeCollate, require_a_batch, require_one_size, world_size
 
 __all__ = [
     "CIRKD_MEAN_BGR",
@@ -115,6 +116,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 Normalization = Literal["cirkd", "imagenet"]
 NORMALIZATIONS: tuple[str, ...] = ("cirkd", "imagenet")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+#: What to change when evaluation images differ in size: they are used at their own size, so one per batch.
+VAL_SIZE_FIX = "set data.val_batch_size=1 (evaluation uses every image at its own size)"
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -425,6 +428,24 @@ class SegmentationLoaders:
 
     #: Seed of the augmentation draws of :meth:`example_batch`, so that it is the same batch every call.
     example_seed: int = 0
+    #: What to change when training samples differ in size (a subclass whose training samples can).
+    train_size_fix: str = "set data.batch_size=1"
+    #: The data set's name in :class:`~diffkd.data.usable.EmptySplitError`.
+    checks_name: str = "segmentation"
+
+    def collate(self, train: bool) -> SameSizeCollate:
+        """``default_collate``, with a :class:`~diffkd.data.usable.MixedSizeError` naming the sizes and the fix
+        instead of torch's bare "stack expects each tensor to be equal size"."""
+        if train:
+            return SameSizeCollate(default_collate, "train", f"data.batch_size={self.batch_size}", self.train_size_fix)
+        batch = f"data.val_batch_size={self.val_batch_size}"
+        return SameSizeCollate(default_collate, "val", batch, VAL_SIZE_FIX)
+
+    def require_one_val_size(self, pairs: Sequence[tuple[Path, Path]]) -> None:
+        """Evaluation uses every image at its own size: raise :class:`~diffkd.data.usable.MixedSizeError` at
+        setup when they differ and ``val_batch_size`` > 1 would stack them (reads the file headers only)."""
+        files = [image for image, _ in pairs]
+        require_one_size("val", files, self.val_batch_size, "data.val_batch_size", VAL_SIZE_FIX)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
         common = {
@@ -432,6 +453,7 @@ class SegmentationLoaders:
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,
+            "collate_fn": self.collate(train),
         }
         if not train:
             return DataLoader(dataset, shuffle=False, **common)
@@ -444,6 +466,9 @@ class SegmentationLoaders:
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        where = str(getattr(self, "root", "")) + f" ({self.train_split})"
+        n = len(self.train_set)
+        require_a_batch(self.checks_name, "train", where, n, self.batch_size, self.drop_last, world_size(self))
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -472,7 +497,7 @@ class SegmentationLoaders:
             if not 1 <= size <= len(dataset):
                 raise ValueError(f"example_batch size must be in 1..{len(dataset)} for split {split!r}, got {size}")
             torch.default_generator.manual_seed(self.example_seed)  # CPU only: torch.manual_seed also seeds CUDA
-            return default_collate([dataset[i] for i in range(size)])
+            return self.collate(train)([dataset[i] for i in range(size)])
 
 
 class CityscapesDataModule(SegmentationLoaders, ImageFileChecks, L.LightningDataModule):
@@ -583,6 +608,7 @@ class CityscapesDataModule(SegmentationLoaders, ImageFileChecks, L.LightningData
         if want_train:
             built["train"] = CityscapesFine(self.root, self.train_split, pairs[self.train_split], self.transform(True))
         if want_val:
+            self.require_one_val_size(pairs[self.val_split])
             built["val"] = CityscapesFine(self.root, self.val_split, pairs[self.val_split], self.transform(False))
         built = self.guard_image_sets(built)  # data.verify checks both splits before raising
         self.train_set = built.get("train", self.train_set)

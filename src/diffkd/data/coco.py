@@ -34,6 +34,7 @@ import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ from torchvision.transforms import v2
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, SeededSamples, resume_position
+from diffkd.data.usable import SplitProblem, raise_problems, require_a_batch
 
 __all__ = [
     "COCO_URLS",
@@ -125,24 +127,70 @@ def load_coco_annotations(path: str | Path) -> dict[str, Any]:
     for entry in data["images"]:
         if not isinstance(entry, dict) or any(k not in entry for k in ("id", "file_name", "width", "height")):
             raise fail(f"image entry {str(entry)[:200]} lacks one of id, file_name, width, height")
-    category_ids = set()
     for entry in data["categories"]:
         if not isinstance(entry, dict) or "id" not in entry:
             raise fail(f"category entry {str(entry)[:200]} has no id")
-        category_ids.add(entry["id"])
+    _require_unique_ids(path, "categories", data["categories"], "category")
+    _require_unique_ids(path, "images", data["images"], "image")
+    category_ids = {entry["id"] for entry in data["categories"]}
     image_ids = {entry["id"] for entry in data["images"]}
     for ann in data["annotations"]:
         if not isinstance(ann, dict) or any(k not in ann for k in ("image_id", "category_id", "bbox")):
             raise fail(f"annotation {str(ann)[:200]} lacks one of image_id, category_id, bbox")
-        if not isinstance(ann["bbox"], list) or len(ann["bbox"]) != 4:
-            raise fail(f"annotation {str(ann)[:200]} has a bbox that is not [x, y, w, h]")
+        bbox = ann["bbox"]
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise fail(f"annotation {str(ann)[:200]} has a bbox that is not [x, y, w, h] (four numbers)")
         if ann["category_id"] not in category_ids:
             raise fail(f"annotation {str(ann)[:200]} has category_id {ann['category_id']}, not in 'categories'")
         if ann["image_id"] not in image_ids:
             raise fail(f"annotation {str(ann)[:200]} refers to image_id {ann['image_id']}, not in 'images'")
         ann.setdefault("iscrowd", 0)
         ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+    _number_annotations(path, data["annotations"])
     return data
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_unique_ids(path: Path, key: str, entries: Sequence[Mapping[str, Any]], what: str) -> None:
+    """Raise :class:`AnnotationFormatError` naming the first id that more than one entry of ``key`` has: pycocotools
+    keeps one entry per id, so a duplicate would silently lose the others."""
+    seen: dict[Any, int] = {}
+    for position, entry in enumerate(entries):
+        first = seen.setdefault(entry["id"], position)
+        if first == position:
+            continue
+        count = sum(e["id"] == entry["id"] for e in entries)
+        shown = " and ".join(str(_brief(e)) for e in (entries[first], entry))
+        fix = {
+            "image": "give every image entry its own id and point each annotation's image_id at its image",
+            "category": "give every category its own id",
+            "annotation": "give every annotation its own id (or leave 'id' out: missing ids are numbered)",
+        }[what]
+        raise AnnotationFormatError(
+            f"{path}: {what} id {entry['id']!r} is duplicated: {count} entries of {key!r} have it (entries "
+            f"{first} and {position}: {shown}); ids must be unique. Fix: {fix}."
+        )
+
+
+def _brief(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The identifying fields of a json entry, for a message."""
+    keys = ("id", "file_name", "name", "image_id", "category_id", "bbox")
+    return {k: entry[k] for k in keys if k in entry}
+
+
+def _number_annotations(path: Path, annotations: list[dict[str, Any]]) -> None:
+    """Check the annotation ids are unique, and number those without one after the largest (pycocotools indexes
+    annotations by id; custom COCO-format sets often leave it out)."""
+    _require_unique_ids(path, "annotations", [a for a in annotations if "id" in a], "annotation")
+    numbers = [a["id"] for a in annotations if _is_number(a.get("id"))]
+    next_id = int(max(numbers, default=0)) + 1
+    for ann in annotations:
+        if "id" not in ann:
+            ann["id"] = next_id
+            next_id += 1
 
 
 def _coco_index(data: dict[str, Any]) -> Any:
@@ -204,6 +252,11 @@ class CocoImages(CocoDetection):
         VisionDataset.__init__(self, root, transforms=transforms)  # CocoDetection.__init__ would re-read the json
         self.coco = coco
         self.ids = [int(i) for i in (sorted(coco.imgs) if ids is None else ids)]
+        self.usage: BoxUsage | None = None
+
+    def split_issues(self) -> list[DataIssue]:
+        """What the training box rule drops, as notes for ``python -m diffkd.data.check`` (none for evaluation)."""
+        return self.usage.issues() if self.usage is not None else []
 
     def _load_image(self, id: int) -> Image.Image:
         path = os.path.join(self.root, self.coco.imgs[id]["file_name"])
@@ -251,6 +304,176 @@ def _box_inside(bbox: Sequence[float], width: int, height: int, tolerance: float
     return x >= -tolerance and y >= -tolerance and x + w <= width + tolerance and y + h <= height + tolerance
 
 
+# ------------------------------------------------------------------------------------------ the training box rule
+
+#: Why a training box is dropped, by the code :func:`box_drop_codes` gives (0: kept), in the order they are tested.
+BOX_DROP_REASONS: dict[int, str] = {
+    1: "crowd region (iscrowd=1: never trained on, evaluation keeps it)",
+    2: "coordinates not finite",
+    3: "zero or negative width or height",
+    4: "outside the image",
+    5: "at most data.min_box_size px wide or tall (after clamping to the image)",
+}
+#: The reason of a box that passes the box rule but whose image is left out of training.
+IMAGE_LEFT_OUT = "its image is left out (no annotation box > 1 px; data.remove_images_without_annotations)"
+
+
+def box_drop_codes(
+    boxes: Tensor, iscrowd: Tensor, width: Tensor | float, height: Tensor | float, min_box_size: float
+) -> Tensor:
+    """Which training boxes are kept (0) and why the others are dropped (a key of :data:`BOX_DROP_REASONS`).
+
+    The one rule of the training targets: :class:`DetectionTransform` keeps the boxes with code 0, and the setup
+    report (:func:`box_usage`, printed by ``python -m diffkd.data.check``) counts the others by code. A box is kept
+    when it is not a crowd, is finite, and, clamped to its image, is wider and taller than ``min_box_size``.
+
+    Args:
+        boxes: (N, 4) xyxy in pixels, as the json's ``[x, y, w, h]`` gives them (``x + w``, ``y + h``).
+        iscrowd: (N,) the json's ``iscrowd``.
+        width, height: the image size in pixels, one for all boxes or one per box ((N,) tensors).
+        min_box_size: the size a kept box must exceed on both axes (>= 0).
+
+    Returns:
+        (N,) int64 codes.
+    """
+    boxes = boxes.reshape(-1, 4)
+    width = torch.as_tensor(width, dtype=boxes.dtype)
+    height = torch.as_tensor(height, dtype=boxes.dtype)
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    zero = torch.zeros((), dtype=boxes.dtype)
+    clamped_w = x2.maximum(zero).minimum(width) - x1.maximum(zero).minimum(width)
+    clamped_h = y2.maximum(zero).minimum(height) - y1.maximum(zero).minimum(height)
+    codes = torch.where((clamped_w > min_box_size) & (clamped_h > min_box_size), 0, 5)
+    codes = torch.where((clamped_w <= 0) | (clamped_h <= 0), 4, codes)
+    codes = torch.where((x2 - x1 <= 0) | (y2 - y1 <= 0), 3, codes)
+    codes = torch.where(torch.isfinite(boxes).all(dim=-1), codes, 2)
+    return torch.where(torch.as_tensor(iscrowd).reshape(-1) != 0, 1, codes).to(torch.int64)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith(('s', 'x')) else 's'}"
+
+
+@dataclass
+class BoxUsage:
+    """What training makes of one split's annotations: the boxes it trains on, those it drops (by reason), the
+    images it leaves out and those it keeps without a box (see :func:`box_usage`).
+
+    Attributes:
+        split: the split's name (``train2017``).
+        path: its annotation json.
+        images: image entries in the json.
+        annotations: annotations in the json.
+        train_images: images in the training set.
+        usable: training images with at least one box to train on.
+        boxes: boxes trained on.
+        dropped: reason → boxes dropped for it (a value of :data:`BOX_DROP_REASONS`, or :data:`IMAGE_LEFT_OUT`).
+        examples: reason → ``(image id, annotation id)`` of the first box dropped for it.
+        left_out: image ids in the json that are not in the training set, in id order.
+        no_box: training image ids without a box to train on, in id order.
+    """
+
+    split: str
+    path: str
+    images: int
+    annotations: int
+    train_images: int
+    usable: int
+    boxes: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, tuple[int, int]] = field(default_factory=dict)
+    left_out: list[int] = field(default_factory=list)
+    no_box: list[int] = field(default_factory=list)
+
+    @property
+    def any_dropped(self) -> bool:
+        """Whether anything besides crowd regions is not trained on (crowds never are, by design)."""
+        crowd = BOX_DROP_REASONS[1]
+        return bool(self.left_out or self.no_box or any(r != crowd for r in self.dropped))
+
+    def parts(self) -> list[str]:
+        """One phrase per count: each drop reason, the images left out, the images without a box."""
+        out = [
+            f"{_plural(n, 'box')} dropped: {reason} (e.g. image id {self.examples[reason][0]}, annotation "
+            f"{self.examples[reason][1]})"
+            for reason, n in self.dropped.items()
+        ]
+        if self.left_out:
+            out.append(
+                f"{len(self.left_out)} of {_plural(self.images, 'image')} left out of training: no annotation box "
+                f"> 1 px wide and tall (e.g. image id {self.left_out[0]}; data.remove_images_without_annotations)"
+            )
+        if self.no_box:
+            out.append(
+                f"{_plural(len(self.no_box), 'training image')} with no box to train on (e.g. image id "
+                f"{self.no_box[0]})"
+            )
+        return out
+
+    def summary(self) -> str:
+        """One line: the split, the file, what is trained on and every count."""
+        head = (
+            f"COCO {self.split} ({self.path}): {self.boxes} of {_plural(self.annotations, 'annotation')} trained on, "
+            f"in {self.usable} of {self.train_images} training images"
+        )
+        return "; ".join([head, *self.parts()])
+
+    def issues(self) -> list[DataIssue]:
+        """The counts as notes of a check, one per reason (``python -m diffkd.data.check`` prints them)."""
+        kinds = ["dropped box"] * len(self.dropped)
+        kinds += ["image left out"] * bool(self.left_out) + ["image without box"] * bool(self.no_box)
+        return [
+            DataIssue(self.path, kind, f"training ({self.split}): {part}", "note")
+            for kind, part in zip(kinds, self.parts(), strict=True)
+        ]
+
+
+def box_usage(coco: Any, train_ids: Sequence[int], split: str, path: str | Path, min_box_size: float) -> BoxUsage:
+    """Apply the training box rule (:func:`box_drop_codes`) to every annotation of ``coco`` at once.
+
+    Args:
+        coco: the split's ``pycocotools`` index.
+        train_ids: the image ids of the training set (after ``remove_images_without_annotations``).
+        split: the split's name, for the report.
+        path: its annotation json, for the report.
+        min_box_size: as :class:`DetectionTransform`.
+    """
+    anns = coco.dataset["annotations"]
+    sizes = {image_id: (float(info["width"]), float(info["height"])) for image_id, info in coco.imgs.items()}
+    # float32 x + w, as torchvision's dataset wrapper converts [x, y, w, h] for the transform
+    xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+    boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+    width, height = torch.tensor([sizes[a["image_id"]] for a in anns], dtype=torch.float32).reshape(-1, 2).unbind(1)
+    iscrowd = torch.tensor([int(a["iscrowd"]) for a in anns], dtype=torch.int64)
+    codes = box_drop_codes(boxes, iscrowd, width, height, min_box_size).tolist()
+    in_training = set(train_ids)
+    dropped: Counter[str] = Counter()
+    examples: dict[str, tuple[int, int]] = {}
+    with_box: set[int] = set()
+    for ann, code in zip(anns, codes, strict=True):
+        image_id = ann["image_id"]
+        if code == 0 and image_id in in_training:
+            with_box.add(image_id)
+            continue
+        reason = BOX_DROP_REASONS[code] if code else IMAGE_LEFT_OUT
+        dropped[reason] += 1
+        examples.setdefault(reason, (image_id, ann["id"]))
+    order = [*BOX_DROP_REASONS.values(), IMAGE_LEFT_OUT]
+    return BoxUsage(
+        split=split,
+        path=str(path),
+        images=len(coco.imgs),
+        annotations=len(anns),
+        train_images=len(in_training),
+        usable=len(with_box),
+        boxes=sum(1 for ann, code in zip(anns, codes, strict=True) if code == 0 and ann["image_id"] in in_training),
+        dropped={reason: dropped[reason] for reason in order if dropped[reason]},
+        examples=examples,
+        left_out=sorted(set(coco.imgs) - in_training),
+        no_box=sorted(in_training - with_box),
+    )
+
+
 class DetectionTransform:
     """``(PIL image, wrapped COCO target)`` → ``(float image (3, H, W) in [0, 1], detection target)``.
 
@@ -258,7 +481,8 @@ class DetectionTransform:
     ``image_id, boxes, labels, area, iscrowd`` (only ``image_id`` for an image without annotations).
 
     Training (``train=True``): boxes are clamped to the image; crowd boxes and boxes at most ``min_box_size`` px
-    wide or tall are removed (the detectors' losses must not see them); then the geometric augmentation runs on
+    wide or tall are removed (the detectors' losses must not see them; the rule is :func:`box_drop_codes`, which
+    the datamodule's setup report counts with); then the geometric augmentation runs on
     image and boxes together. Evaluation keeps every annotation as in the json, crowds with ``iscrowd=1``, for
     COCO evaluation. ``area`` is the json's (original image scale) either way.
 
@@ -280,6 +504,8 @@ class DetectionTransform:
         category_to_label: Mapping[int, int] | None = None,
         min_box_size: float = 1.0,
     ) -> None:
+        if not min_box_size >= 0:
+            raise ValueError(f"data.min_box_size must be >= 0 (pixels), got {min_box_size}")
         self.train = train
         self.category_to_label = dict(category_to_label) if category_to_label is not None else None
         self.min_box_size = float(min_box_size)
@@ -303,10 +529,9 @@ class DetectionTransform:
             labels, iscrowd = torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
             area = torch.zeros(0)
         if self.train:
+            keep = box_drop_codes(boxes, iscrowd, width, height, self.min_box_size) == 0
             boxes[:, 0::2].clamp_(0, width)
             boxes[:, 1::2].clamp_(0, height)
-            size = boxes[:, 2:] - boxes[:, :2]
-            keep = (iscrowd == 0) & (size > self.min_box_size).all(dim=1)
             boxes, labels, area, iscrowd = boxes[keep], labels[keep], area[keep], iscrowd[keep]
         if self.category_to_label is not None:
             labels = torch.tensor([self.category_to_label[c] for c in labels.tolist()], dtype=torch.int64)
@@ -532,6 +757,7 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.train_group_ids: list[int] | None = None
+        self.box_usage: BoxUsage | None = None
         self.category_ids: list[int] = []
         self.category_names: dict[int, str] = {}
         self._categories_from: Path | None = None
@@ -621,11 +847,13 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
     # ---------------------------------------------------------------- data sets
 
     def _build(self, split: str, data: dict[str, Any], train: bool) -> tuple[Dataset, CocoImages]:
-        """The data set of ``split``, wrapped for transforms v2, and the ``CocoImages`` inside it."""
+        """The data set of ``split``, wrapped for transforms v2, and the ``CocoImages`` inside it (its ``usage``:
+        the :class:`BoxUsage` of a training split, ``None`` for evaluation)."""
         coco = _coco_index(data)
         ids = sorted(coco.imgs)
         if train and self.remove_images_without_annotations:
             ids = [i for i in ids if has_valid_annotation(coco.imgToAnns.get(i, []))]
+        path = self.split_paths(split)[1]
         transform = DetectionTransform(
             train=train,
             hflip_prob=self.hflip_prob,
@@ -635,6 +863,8 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
             min_box_size=self.min_box_size,
         )
         images = CocoImages(self.split_paths(split)[0], coco, ids, transforms=transform)
+        if train:
+            images.usage = box_usage(coco, ids, split, path, self.min_box_size)
         keys = ("image_id", "boxes", "labels", "area", "iscrowd")  # what DetectionTransform reads
         dataset = wrap_dataset_for_transforms_v2(images, target_keys=keys)
         log.info(
@@ -663,10 +893,18 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
             loaded[split] = load_coco_annotations(path)
             self._set_categories(loaded[split], path)
         built: dict[str, Dataset] = {}
+        problems: list[SplitProblem | None] = []
         if want_val:
-            built["val"], _ = self._build(self.val_split, loaded[self.val_split], train=False)
+            built["val"], val_images = self._build(self.val_split, loaded[self.val_split], train=False)
+            problems.append(self._val_problem(val_images))
         if want_train:
             built["train"], images = self._build(self.train_split, loaded[self.train_split], train=True)
+            problems.append(self._train_problem(images.usage))
+        raise_problems("COCO", problems)  # both splits looked at first; before data.verify decodes anything
+        if want_train:
+            self.box_usage = images.usage
+            log_usage = log.warning if images.usage.any_dropped else log.info
+            log_usage("%s", images.usage.summary())
         built = self.guard_image_sets(built)  # data.verify checks both splits before raising
         self.val_set = built.get("val", self.val_set)
         self.train_set = built.get("train", self.train_set)
@@ -675,6 +913,38 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
             self.train_group_ids = aspect_ratio_group_ids(sizes, self.aspect_ratio_group_factor)
             counts = sorted(Counter(self.train_group_ids).items())
             log.info("COCO %s: images per aspect-ratio group %s", self.train_split, counts)
+
+    def _train_problem(self, usage: BoxUsage) -> SplitProblem | None:
+        """Why the training split has nothing to train on (no image with a box after the box rule), or None."""
+        if usage.usable:
+            return None
+        where = f"{self.train_split}, {usage.path}"
+        split_keys = "data.annotation_file / data.train_split"
+        if not usage.images:
+            return SplitProblem("train", where, "the file lists no images", f"point {split_keys} at the right json")
+        if not usage.annotations:
+            why = f"the file lists {_plural(usage.images, 'image')} but no annotations"
+            return SplitProblem("train", where, why, f"point {split_keys} at the json with this split's boxes")
+        why = f"none of its {usage.images} images has a box to train on ({'; '.join(usage.parts())})"
+        fix = (
+            "boxes must be [x, y, width, height] in pixels of their image (the json's width/height): check how the "
+            f"json was written, or lower data.min_box_size (now {self.min_box_size:g})"
+        )
+        return SplitProblem("train", where, why, fix)
+
+    def _val_problem(self, images: CocoImages) -> SplitProblem | None:
+        """Why the evaluation split has nothing to evaluate against (no image, or no non-crowd annotation), or
+        None. Evaluation keeps every box, so any non-crowd annotation is a ground truth to score."""
+        where = f"{self.val_split}, {self.split_paths(self.val_split)[1]}"
+        fix = "point data.annotation_file / data.val_split at the json with this split's images and boxes"
+        if not images.coco.imgs:
+            return SplitProblem("val", where, "the file lists no images", fix)
+        if not any(not ann["iscrowd"] for ann in images.coco.anns.values()):
+            crowds = len(images.coco.anns)
+            what = f"only {_plural(crowds, 'crowd region')}" if crowds else "no annotations"
+            why = f"the file lists {_plural(len(images.coco.imgs), 'image')} but {what}: COCO mAP has nothing to score"
+            return SplitProblem("val", where, why, fix)
+        return None
 
     # ---------------------------------------------------------------- loaders
 
@@ -701,6 +971,8 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         self.setup("fit")
         sampler = self.train_sampler()
         n = len(self.train_set)
+        where = f"{self.train_split}, {self.split_paths(self.train_split)[1]}"
+        require_a_batch("COCO", "train", where, n, self.batch_size, self.drop_last, sampler.num_replicas)
         epoch = self._resume_epoch
         if self.train_group_ids is None:
             batches: EpochCodedBatchSampler = EpochCodedBatchSampler(

@@ -15,7 +15,8 @@ RGB, 1 for grey, ``in_chans``), labels int64 (B, H, W). Training can augment (al
 ``ignore_index``), a random ``crop_size`` crop and a horizontal flip; the draws come from torch's default generator,
 which the training loader seeds per sample from (seed, epoch, index), so a resumed run draws what the uninterrupted
 one drew. Evaluation normalises only, so evaluation images must share one size to be batched (or use
-``val_batch_size: 1``).
+``val_batch_size: 1``); without ``crop_size`` training images must too (or ``batch_size: 1``). ``setup`` reads
+the image headers and stops with the sizes found and the fix when they do not.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.cityscapes import SegmentationLoaders, discrete_scales
+from diffkd.data.usable import require_one_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -300,6 +302,7 @@ class SegmentationFolderDataModule(SegmentationLoaders, ImageFileChecks, L.Light
     """
 
     checks_name = "Segmentation folder"
+    train_size_fix = "set data.crop_size=[height, width] (training crops of one size), or data.batch_size=1"
 
     def __init__(
         self,
@@ -396,8 +399,12 @@ class SegmentationFolderDataModule(SegmentationLoaders, ImageFileChecks, L.Light
         pairs = find_segmentation_pairs(self.root, splits)
         built: dict[str, Dataset] = {}
         if want_train:
+            if self.crop_size is None:  # whole images: one size only if the files have one
+                files = [image for image, _ in pairs[self.train_split]]
+                require_one_size("train", files, self.batch_size, "data.batch_size", self.train_size_fix)
             built["train"] = self._dataset(pairs[self.train_split], train=True)
         if want_val:
+            self.require_one_val_size(pairs[self.val_split])
             built["val"] = self._dataset(pairs[self.val_split], train=False)
         built = self.guard_image_sets(built)
         self.train_set = built.get("train", self.train_set)
