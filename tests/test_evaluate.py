@@ -16,7 +16,7 @@ import torch
 
 from diffkd.callbacks import EMA
 from diffkd.evaluate import main
-from diffkd.export import export_student, student_state_dict
+from diffkd.export import export_student, read_export_meta, student_state_dict
 from diffkd.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers.fake_imagenet import write_tiny_imagenet
@@ -90,14 +90,14 @@ def test_flags_and_set_override_the_stored_config(run, capsys):
     settings = result.settings  # read back from the datamodule
     assert (settings["crop_pct"], settings["interpolation"], settings["image_size"]) == (0.95, "bicubic", 40)
     assert settings["batch_size"] == 2
-    assert result.overrides == [
-        "data.image_size=40 (--image-size)",
+    assert result.overrides == [  # each flag wins over the stored config, and says what it replaced
+        "data.image_size=40 (--image-size; the checkpoint's was 32)",
         "data.val_batch_size=2 (--batch-size)",
-        "data.crop_pct=0.95 (--set)",
-        "data.interpolation=bicubic (--set)",  # relative to data, as before
+        "data.crop_pct=0.95 (--set; the checkpoint's was 0.875)",
+        "data.interpolation=bicubic (--set; the checkpoint's was bilinear)",  # relative to data, as before
     ]
     printed = capsys.readouterr().out
-    assert "image_size=40" in printed and "data.crop_pct=0.95 (--set)" in printed
+    assert "image_size=40" in printed and "data.crop_pct=0.95 (--set; the checkpoint's was 0.875)" in printed
 
 
 def test_ema_weights_of_the_checkpoint(run, tmp_path):
@@ -111,12 +111,43 @@ def test_ema_weights_of_the_checkpoint(run, tmp_path):
     assert ema.metrics["val/loss"] != run.metrics["val/loss"]  # decay 0.5 over 2 steps: not the trained weights
 
 
-def test_exported_weights_and_a_checkpoint_without_config(run, tmp_path, capsys):
-    for path in export_student(run.ckpt, tmp_path / "r8"):  # .pth and .safetensors
-        result = main([str(path), "--model", "resnet8", *_exported_flags(run)])
-        assert {k: result.metrics[k] for k in VAL} == {k: run.metrics[k] for k in VAL}
-        assert (result.weights, result.data, result.settings["image_size"]) == (path.name, "imagenet", 32)
-        assert "composed from" in capsys.readouterr().out and result.config.startswith("composed from")
+def test_an_export_evaluates_as_its_checkpoint_from_its_meta(run, tmp_path, capsys):
+    from_ckpt = main([str(run.ckpt), *CPU])
+    for path in export_student(run.ckpt, tmp_path / "r8"):  # .pth and .safetensors; no --model, no data flags
+        result = main([str(path), *CPU])
+        assert result.metrics == from_ckpt.metrics
+        assert (result.model, result.data, result.settings["image_size"]) == ("resnet8", "imagenet", 32)
+        assert result.settings["data_dir"] == str(run.data_dir) and result.model_args == {"num_classes": 3}
+        assert result.task == "diffkd.tasks.classification.ClassificationModule" and result.overrides == []
+        assert result.config == "the export's meta (diffkd_export 2)"
+        assert f"exported from {run.ckpt}, epoch 0, step 2" in capsys.readouterr().out
+    meta = read_export_meta(tmp_path / "r8.safetensors")
+    assert meta == torch.load(tmp_path / "r8.pth", weights_only=True)["meta"]
+    assert (meta["task"], meta["task_name"], meta["data_config"]) == ("diffkd.tasks.ClassificationModule",
+                                                                       "classification", "imagenet")  # fmt: skip
+    assert meta["student"] == {"_target_": "diffkd.models.create_model", "name": "resnet8", "num_classes": 3}
+    assert meta["input"] == {"in_chans": 3, "image_size": 32, "crop_pct": 0.875, "interpolation": "bilinear",
+                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # fmt: skip
+    assert meta["labels"] == {"num_classes": 3, "labels": "class index 0..K-1"}
+    assert meta["model"]["label_smoothing"] == 0.0 and "teacher" not in meta["model"]
+
+    # flags that agree with the meta change nothing; one that does not wins, and the summary says what it replaced
+    same = main([str(tmp_path / "r8.pth"), "--model", "resnet8", *_exported_flags(run)])
+    assert same.metrics == from_ckpt.metrics and "data.image_size=32 (--image-size)" in same.overrides
+    capsys.readouterr()
+    larger = main([str(tmp_path / "r8.pth"), "--image-size", "40", *CPU])
+    assert larger.overrides == ["data.image_size=40 (--image-size; the export's was 32)"]
+    assert "data.image_size=40 (--image-size; the export's was 32)" in capsys.readouterr().out
+    assert larger.metrics["val/loss"] != from_ckpt.metrics["val/loss"]
+
+    # an export without the meta (written before it existed) evaluates as before: conf/ with --model and --data
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"model": student_state_dict(torch.load(run.ckpt, weights_only=True))}, legacy)
+    old = main([str(legacy), "--model", "resnet8", *_exported_flags(run)])
+    assert old.metrics == from_ckpt.metrics and old.config.startswith("composed from")
+
+
+def test_a_checkpoint_without_config(run, tmp_path, capsys):
     old = torch.load(run.ckpt, map_location="cpu", weights_only=True)
     del old["diffkd"]
     torch.save(old, tmp_path / "old.ckpt")
@@ -167,7 +198,7 @@ def test_clear_errors(run, tmp_path):
     fails([str(run.ckpt), "--set", "data.no_such_key=1"], "the config has no data.no_such_key; add it with")
     fails([str(run.ckpt), "--set", "data=cifar100"], "data is a config node, not a value: use --data <name>")
     torch.save({"model": student_state_dict(checkpoint)}, tmp_path / "r8.pth")
-    fails([str(tmp_path / "r8.pth")], "r8.pth: exported weights need --model")
+    fails([str(tmp_path / "r8.pth")], "r8.pth: exported weights without diffkd's meta .* need --model")
     fails([str(run.ckpt), "--data", "no_such_data"], "neither a data config")
     fails(["--model", "resnet8", "--data", "cifar100", "--image-size", "64"], "cifar100 .* has no image_size")
     fails([str(run.ckpt), "--device", "tpu"], "--device 'tpu'")

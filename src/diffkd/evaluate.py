@@ -10,21 +10,30 @@ What to evaluate (one of):
   rebuilds the data (same data config, image size, normalisation), the task module and its student alone (no
   teacher, no heads); the ``student.*`` weights are loaded (``--ema``: the EMA weights that
   :class:`diffkd.callbacks.EMA` saved). A checkpoint without a stored config is evaluated as exported weights;
-* exported weights (``.pth`` / ``.safetensors``, anything :func:`diffkd.models.load_weights` reads) with
-  ``--model <registry name>``: ``train.yaml`` is composed from the packaged ``conf/`` (no experiment, no
-  distillation, ``data=<--data>``, ``model.student.name=<--model>``);
+* an export of :mod:`diffkd.export` (``.pth`` / ``.safetensors``): its meta brings the run's task module and its
+  options, the student's full spec (architecture arguments, detector min/max size, ``frozen_bn``, number of
+  classes) and the run's data config (image size, normalisation, label convention), used as a checkpoint's stored
+  config is: no ``--model`` needed, and the metric is the one of evaluating the training checkpoint;
+* other weights (``.pth`` / ``.safetensors`` without that meta: older exports, anything
+  :func:`diffkd.models.load_weights` reads) with ``--model <registry name>``: ``train.yaml`` is composed from the
+  packaged ``conf/`` (no experiment, no distillation, ``data=<--data>``, ``model.student.name=<--model>``), with
+  the task module whose batches the data yields (:func:`task_of_batch`);
 * a registry model with ``--model <name> --pretrained`` (its published weights; without ``--pretrained`` it is
   randomly initialised, only useful as a smoke test).
 
-Flags override the config: ``--data`` (another ``conf/data/<name>.yaml``, or a folder → ``image_folder``),
+Flags override the config: ``--data`` (another ``conf/data/<name>.yaml``, or a folder → ``image_folder``; the
+run's image size, normalisation and label settings go with it where the new data module takes them),
 ``--data-dir``, ``--root``, ``--image-size``, ``--batch-size``, ``--num-workers`` and ``--set key=value`` (Hydra
 override syntax; a key that does not start with a config group is relative to ``data``: ``--set crop_pct=0.95``).
+A flag that changes a value of the checkpoint's or the export's config wins, and the summary says which value it
+replaced.
 
 Examples::
 
     python -m diffkd.evaluate logs/cifar_wrn40_wrn16/runs/<time>/checkpoints/last.ckpt
     python -m diffkd.evaluate last.ckpt --data-dir /data/imagenet --set data.crop_pct=0.95 --json r18.json
-    python -m diffkd.evaluate exports/r18.safetensors --model tv_resnet18 --data imagenet --data-dir /data/imagenet
+    python -m diffkd.evaluate exports/r18.safetensors --data-dir /data/imagenet
+    python -m diffkd.evaluate old_exports/r18.pth --model tv_resnet18 --data imagenet --data-dir /data/imagenet
     python -m diffkd.evaluate --model tv_resnet34 --pretrained --data imagenet --data-dir /data/imagenet
 
 Prints what it used (checkpoint, model, data config and its settings, overrides) and the metrics as a table;
@@ -37,7 +46,6 @@ import argparse
 import inspect
 import json
 import logging
-import pickle
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,16 +57,13 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from diffkd.utils.instantiate import compose_packaged, data_config_name
 
 __all__ = ["EvalResult", "main"]
 
 log = logging.getLogger(__name__)
-
-#: The task (``conf/model/<task>.yaml``) that evaluates a data config; every other data config is classification.
-TASK_OF_DATA = {"coco": "detection", "cityscapes": "segmentation"}
 
 CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_DATA = "imagenet"  # of exported weights and registry models, when --data is not given
@@ -74,6 +79,23 @@ _SHOWN_DATA_KEYS = (
     "interpolation",
     "val_transform",
 )
+# Data entries that shape what the model sees or how its outputs are scored: kept from the run's config when --data
+# names another data config that takes them.
+_SHAPING_DATA_KEYS = (
+    "image_size",
+    "crop_pct",
+    "interpolation",
+    "in_chans",
+    "mean",
+    "std",
+    "normalization",
+    "num_classes",
+    "ignore_index",
+    "contiguous_labels",
+    "class_names",
+)
+# Data entries that say where the data is and how it is loaded, not what is measured: no "replaced" note for them.
+_PLACE_KEYS = ("data_dir", "root", "batch_size", "val_batch_size", "num_workers", "pin_memory")
 
 
 class EvalError(SystemExit):
@@ -100,6 +122,7 @@ class EvalResult:
         batches: evaluated batches.
         seconds: wall time of the evaluation loop.
         metrics: the task's logged metrics (``val/acc``, ...).
+        model_args: the student's build arguments besides its name (``min_size``, ``frozen_bn``, ``num_classes``, ...).
     """
 
     source: str | None
@@ -117,39 +140,36 @@ class EvalResult:
     batches: int
     seconds: float
     metrics: dict[str, float] = field(default_factory=dict)
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------ reading files
 
 
-def _read_file(path: Path) -> Mapping[str, Any]:
-    """The file's contents (a weights-only load), or an :class:`EvalError` that says what the file is not."""
+def _read_file(path: Path) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
+    """The file's contents (a weights-only load) and its export meta (``None`` where it has none), or an
+    :class:`EvalError` that says what the file is not (or why it was refused)."""
+    from diffkd.export import read_export_meta
+    from diffkd.models.checkpoint import NotACheckpointError, RefusedCheckpointError, read_checkpoint
+
     if not path.is_file():
         raise EvalError(f"no such file: {path}" + (" (it is a directory)" if path.is_dir() else ""))
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except SafetensorError as err:
-            raise EvalError(f"{path} is not a safetensors file ({err})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        refused = next((ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln), None)
-        if refused is not None:  # a real pickle, with Python objects beyond tensors and plain containers
-            what = refused.split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
-            raise EvalError(
-                f"{path} holds Python objects ({what}) that a weights-only load refuses: it is not a diffkd "
-                "checkpoint or exported weights file"
-            ) from None
+        obj = read_checkpoint(path)
+        meta = None if "state_dict" in obj else read_export_meta(path, obj)
+    except RefusedCheckpointError as err:
+        raise EvalError(str(err)) from None
+    except NotACheckpointError:
         raise EvalError(f"{path} is not a PyTorch checkpoint") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError):  # zip/pickle framing errors of other bytes
-        raise EvalError(f"{path} is not a PyTorch checkpoint") from None
-    if not isinstance(obj, Mapping):
-        raise EvalError(f"{path} holds a {type(obj).__name__}, not a checkpoint or a dict of weights")
-    return obj
+    except RuntimeError as err:  # a pickle of something else than a dict
+        raise EvalError(f"{err}: not a checkpoint or a dict of weights") from None
+    except Exception as err:
+        from safetensors import SafetensorError
+
+        if isinstance(err, SafetensorError):
+            raise EvalError(f"{path} is not a safetensors file ({err})") from None
+        raise
+    return obj, meta
 
 
 def _stored_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -158,6 +178,29 @@ def _stored_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
         return None
     config = (checkpoint.get("diffkd") or {}).get("config")
     return config if isinstance(config, Mapping) and config.get("model") and config.get("data") else None
+
+
+def _export_config(meta: Mapping[str, Any] | None) -> DictConfig | None:
+    """The config an export's meta gives (its task module and student, its run's data), on the packaged
+    ``train.yaml`` for the rest (no distillation, no callbacks, no logger); ``None`` for exports without it."""
+    if not meta or not meta.get("model") or not meta.get("data"):
+        return None
+    cfg = _compose(["~experiment", "~callbacks", "logger=none", "distill=none"])
+    cfg.model = OmegaConf.create(dict(meta["model"]))
+    cfg.data = OmegaConf.create(dict(meta["data"]))
+    return cfg
+
+
+def task_of_batch(batch: Any) -> str:
+    """The task (``conf/model/<task>.yaml``) whose module consumes ``batch``, a data module's collated batch:
+    ``detection`` (one target dict with ``boxes`` per image), ``segmentation`` (a label map per image) or
+    ``classification`` (a class, or class scores, per image)."""
+    targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+    if isinstance(targets, (tuple, list)) and targets and isinstance(targets[0], Mapping) and "boxes" in targets[0]:
+        return "detection"
+    if isinstance(targets, torch.Tensor) and targets.dim() >= 3:
+        return "segmentation"
+    return "classification"
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -200,13 +243,25 @@ def _data_class_accepts(data_cfg: DictConfig, key: str) -> bool:
     return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _set_data(cfg: DictConfig, key: str, value: Any, flag: str, applied: list[str]) -> None:
+def _replaced(cfg: DictConfig, key: str, value: Any, origin: str | None) -> str:
+    """``"; <origin> was <old>"`` when ``value`` replaces another value of the run's config at ``key``."""
+    if origin is None or key.rsplit(".", 1)[-1] in _PLACE_KEYS:
+        return ""
+    old = OmegaConf.select(cfg, key, default=_MISSING)
+    if old is _MISSING or old is None:
+        return ""
+    old = OmegaConf.to_container(old, resolve=True) if isinstance(old, (DictConfig, ListConfig)) else old
+    return "" if old == value else f"; {origin} was {old}"
+
+
+def _set_data(cfg: DictConfig, key: str, value: Any, flag: str, applied: list[str], origin: str | None = None) -> None:
     """``cfg.data.<key> = value`` for a flag; an entry the config lacks is added when the datamodule takes it."""
     if key not in cfg.data and not _data_class_accepts(cfg.data, key):
         name = _config_name_of(cfg.data)
         raise EvalError(f"{flag}: the data config {name} ({cfg.data.get('_target_')}) has no {key}")
+    note = _replaced(cfg, f"data.{key}", value, origin)
     OmegaConf.update(cfg, f"data.{key}", value, merge=False, force_add=True)
-    applied.append(f"data.{key}={value} ({flag})")
+    applied.append(f"data.{key}={value} ({flag}{note})")
 
 
 def _absolute(override: str, cfg: DictConfig) -> str:
@@ -219,7 +274,20 @@ def _absolute(override: str, cfg: DictConfig) -> str:
     return f"{prefix}data.{body}"
 
 
-def _apply_set(cfg: DictConfig, overrides: Sequence[str], applied: list[str]) -> None:
+def _mandatory(cfg: DictConfig, key: str) -> bool:
+    """Whether ``key`` is in ``cfg`` with the value ``???`` (``select`` and ``in`` treat it as absent)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    # `leaf in node` is False for a ??? value: the keys list it
+    return isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf)  # noqa: SIM118
+
+
+def _is_data_override(override: str, cfg: DictConfig) -> bool:
+    """Whether ``override`` (``--set`` syntax) changes the data config."""
+    return _absolute(override, cfg).lstrip("~+").split("=", 1)[0].split(".", 1)[0] == "data"
+
+
+def _apply_set(cfg: DictConfig, overrides: Sequence[str], applied: list[str], origin: str | None = None) -> None:
     """Hydra-style ``key=value`` / ``+key=value`` / ``++key=value`` / ``~key`` overrides applied to ``cfg``."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
@@ -234,8 +302,9 @@ def _apply_set(cfg: DictConfig, overrides: Sequence[str], applied: list[str]) ->
         if override.is_sweep_override():
             raise EvalError(f"--set {raw}: one value per key (no sweeps)")
         key = override.key_or_group
+        note = ""
         current = OmegaConf.select(cfg, key, default=_MISSING)
-        present = current is not _MISSING
+        present = current is not _MISSING or _mandatory(cfg, key)
         if isinstance(current, DictConfig) and not override.is_delete() and not isinstance(override.value(), dict):
             hint = "use --data <name>" if key == "data" else f"set its entries ({key}.<entry>=...)"
             raise EvalError(f"--set {raw}: {key} is a config node, not a value: {hint}")
@@ -252,11 +321,14 @@ def _apply_set(cfg: DictConfig, overrides: Sequence[str], applied: list[str]) ->
         else:
             if not present:
                 raise EvalError(f"--set {raw}: the config has no {key}; add it with --set +{key}=...")
+            note = _replaced(cfg, key, override.value(), origin)
             OmegaConf.update(cfg, key, override.value(), merge=True)
-        applied.append(f"{text} (--set)")
+        applied.append(f"{text} (--set{note})")
 
 
-def _apply_flags(cfg: DictConfig, args: argparse.Namespace, root: str | None, applied: list[str]) -> None:
+def _apply_flags(
+    cfg: DictConfig, args: argparse.Namespace, root: str | None, applied: list[str], origin: str | None = None
+) -> None:
     """The data flags (``--data-dir``, ``--root``, ``--image-size``, ``--batch-size``, ``--num-workers``)."""
     if args.data_dir is not None:
         _set_data(cfg, "data_dir", args.data_dir, "--data-dir", applied)
@@ -264,7 +336,7 @@ def _apply_flags(cfg: DictConfig, args: argparse.Namespace, root: str | None, ap
     if root is not None:
         _set_data(cfg, "root", root, "--root" if args.root is not None else "--data", applied)
     if args.image_size is not None:
-        _set_data(cfg, "image_size", args.image_size, "--image-size", applied)
+        _set_data(cfg, "image_size", args.image_size, "--image-size", applied, origin)
     if args.batch_size is not None:
         # the evaluation batch; batch_size itself stays (Mixup, for one, checks that it is even)
         separate = "val_batch_size" in cfg.data or _data_class_accepts(cfg.data, "val_batch_size")
@@ -273,36 +345,94 @@ def _apply_flags(cfg: DictConfig, args: argparse.Namespace, root: str | None, ap
         _set_data(cfg, "num_workers", args.num_workers, "--num-workers", applied)
 
 
-def _student_overrides(cfg: DictConfig, args: argparse.Namespace, applied: list[str]) -> None:
-    """``--model`` / ``--num-classes`` on a stored config; published weights are never fetched for a checkpoint."""
+def _no_downloads(student: DictConfig) -> None:
+    """Published weights (``pretrained``, a detector's ImageNet ``weights_backbone``) are never fetched for weights
+    that replace them; the architecture does not depend on them (``frozen_bn`` says the detectors' norm layers)."""
+    if student.get("pretrained"):
+        student.pretrained = False
+    if student.get("weights_backbone") is not None:
+        student.weights_backbone = None
+
+
+def _student_overrides(cfg: DictConfig, args: argparse.Namespace, applied: list[str], origin: str) -> None:
+    """``--model`` / ``--num-classes`` on a checkpoint's or an export's config (the flag wins; the summary says
+    what it replaced)."""
     student = cfg.model.student
     if args.model is not None and args.model != student.get("name"):
+        note = _replaced(cfg, "model.student.name", args.model, origin)
         student.name = args.model
-        applied.append(f"model.student.name={args.model} (--model)")
+        applied.append(f"model.student.name={args.model} (--model{note})")
     if args.num_classes is not None:
+        note = _replaced(cfg, "model.student.num_classes", args.num_classes, origin)
         student.num_classes = args.num_classes
-        applied.append(f"model.student.num_classes={args.num_classes} (--num-classes)")
-    if student.get("pretrained"):  # the checkpoint's weights replace them anyway
-        student.pretrained = False
+        applied.append(f"model.student.num_classes={args.num_classes} (--num-classes{note})")
+    _no_downloads(student)
+
+
+def _keep_shaping(cfg: DictConfig, run_data: DictConfig, name: str, origin: str, applied: list[str]) -> None:
+    """After ``--data <name>`` replaced the run's data config by another one: the run's image size, normalisation
+    and label settings where the new data module takes them (the model was trained with them)."""
+    for key in _SHAPING_DATA_KEYS:
+        value = run_data.get(key)
+        if value is None or not (key in cfg.data or _data_class_accepts(cfg.data, key)):
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
+        if cfg.data.get(key) != value:
+            OmegaConf.update(cfg, f"data.{key}", value, merge=False, force_add=True)
+            applied.append(f"data.{key}={value} ({origin}, kept with --data {name})")
+
+
+@dataclass
+class _RunConfig:
+    """The config to evaluate with and where it came from.
+
+    Attributes:
+        cfg: the composed config.
+        applied: the overrides applied, ``"key=value (flag)"``, for the summary.
+        notes: lines printed before the summary.
+        origin: ``"the checkpoint's"`` / ``"the export's"`` when the config is the run's, ``None`` when composed
+            from ``conf/``.
+        task_known: whether the task module is the run's or the one for the data's batches (``False`` only for the
+            provisional config that reads the data first).
+    """
+
+    cfg: DictConfig
+    applied: list[str]
+    notes: list[str]
+    origin: str | None
+    task_known: bool
 
 
 def _run_config(
-    args: argparse.Namespace, checkpoint: Mapping[str, Any] | None
-) -> tuple[DictConfig, list[str], list[str]]:
-    """The config to evaluate with, the overrides applied (for the summary), and notes to print."""
+    args: argparse.Namespace,
+    checkpoint: Mapping[str, Any] | None,
+    meta: Mapping[str, Any] | None,
+    task: str | None = None,
+) -> _RunConfig:
+    """The config to evaluate with: a checkpoint's stored config, an export's meta, or ``conf/`` composed with
+    ``model=<task>``. Without ``task`` the last is provisional: the data is right (flags and ``--set data.*``
+    applied) so that its batches can tell the task, the other ``--set`` overrides wait for it."""
     applied: list[str] = []
     notes: list[str] = []
     stored = _stored_config(checkpoint) if checkpoint is not None else None
     root: str | None = None
+    origin: str | None = None
     if stored is not None:
-        cfg = OmegaConf.create(dict(stored))
+        cfg, origin = OmegaConf.create(dict(stored)), "the checkpoint's"
+    else:
+        cfg, origin = _export_config(meta), "the export's"
+        if cfg is None:
+            origin = None
+    if cfg is not None and origin is not None:
         if args.data is not None:
             name, root = _data_name(args.data)
             group = _data_group(name)
             if group.get("_target_") != cfg.data.get("_target_"):  # the run's own data keeps its stored settings
+                run_data = cfg.data
                 cfg.data = OmegaConf.create(group)
-                applied.append(f"data={name} (--data)")
-        _student_overrides(cfg, args, applied)
+                applied.append(f"data={name} (--data; {origin} was {_config_name_of(run_data)})")
+                _keep_shaping(cfg, run_data, name, origin, applied)
+        _student_overrides(cfg, args, applied, origin)
     else:
         if checkpoint is not None and "state_dict" in checkpoint:
             notes.append(
@@ -316,19 +446,24 @@ def _run_config(
             "logger=none",
             "distill=none",
             f"data={name}",
-            f"model={TASK_OF_DATA.get(name, 'classification')}",  # the task module that validates this data
+            f"model={task or 'classification'}",
         ]
         cfg = _compose(overrides)
         # set here, not as override strings: names such as timm:<model> and paths need no quoting this way
         cfg.model.student.name = args.model
         if args.num_classes is not None:
             cfg.model.student.num_classes = args.num_classes
+        _no_downloads(cfg.model.student)
+        if cfg.model.get("num_classes") is not None:  # a task option set for one data set (Cityscapes' 19)
+            cfg.model.num_classes = None  # the student's width says it
         if args.pretrained:
             OmegaConf.update(cfg, "model.student.pretrained", True, force_add=True)
         applied.append(f"data={name} ({'--data' if args.data else 'default'})")
-    _apply_flags(cfg, args, root, applied)
-    _apply_set(cfg, args.overrides, applied)
-    return cfg, applied, notes
+    _apply_flags(cfg, args, root, applied, origin)
+    task_known = origin is not None or task is not None
+    sets = args.overrides if task_known else [o for o in args.overrides if _is_data_override(o, cfg)]
+    _apply_set(cfg, sets, applied, origin)
+    return _RunConfig(cfg, applied, notes, origin, task_known)
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -443,7 +578,8 @@ def _summary(result: EvalResult, notes: Sequence[str], trained: str, params: int
     lines = [*notes]
     lines.append(f"{'evaluating':<11} {result.source or '(no file)'}{trained}: {result.weights}")
     lines.append(f"{'config':<11} {result.config}")
-    lines.append(f"{'model':<11} {result.model}, {params:,} parameters ({result.task})")
+    arguments = ", ".join(f"{k}={v}" for k, v in result.model_args.items())
+    lines.append(f"{'model':<11} {result.model}({arguments}), {params:,} parameters ({result.task})")
     lines.append(f"{'data':<11} {result.data}, {result.split} split: {settings}")
     if "mean" in result.settings:
         lines.append(f"{'':<11} normalisation mean={result.settings['mean']} std={result.settings.get('std')}")
@@ -502,43 +638,80 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> EvalResult:
-    """Evaluate as the command line says; prints the summary and the metrics and returns them."""
-    from diffkd.data.base import DataNotFoundError
-    from diffkd.utils.instantiate import build_module, instantiate
+def _datamodule(cfg: DictConfig, args: argparse.Namespace) -> Any:
+    """The data module of ``cfg.data``, prepared and set up for the split; data errors as :class:`EvalError`."""
+    from omegaconf.errors import MissingMandatoryValue
 
-    parser = _parser()
-    args = parser.parse_args(argv)
-    checkpoint = None
-    if args.weights is not None:
-        if args.pretrained:
-            parser.error("--pretrained loads the registry's weights: give no weights file")
-        checkpoint = _read_file(Path(args.weights))
-    elif args.model is None:
-        parser.error("give a checkpoint or weights file, or --model <name> (with --pretrained for its weights)")
-    stored = checkpoint is not None and _stored_config(checkpoint) is not None
-    if not stored and args.ema:
-        raise EvalError("--ema reads the EMA weights of a diffkd training checkpoint (.ckpt with its run config)")
-    if not stored and args.model is None:
-        assert checkpoint is not None
-        if "state_dict" in checkpoint:
-            raise EvalError(
-                f"{args.weights} carries no diffkd run config (an older or foreign checkpoint): give --model "
-                "<registry name> (and --data) to evaluate it"
-            )
-        raise EvalError(f"{args.weights}: exported weights need --model <registry name> (e.g. --model tv_resnet18)")
-    cfg, applied, notes = _run_config(args, checkpoint)
+    from diffkd.data.base import DataNotFoundError
+    from diffkd.utils.instantiate import instantiate
 
     try:
         dm = instantiate(cfg.data)
         # the data first: a missing data set should be reported as such, not as a classifier-width mismatch
         dm.prepare_data()
         dm.setup("validate" if args.split == "val" else "test")
-        num_classes = None if args.pretrained and args.num_classes is None else getattr(dm, "num_classes", None)
     except DataNotFoundError as err:
         raise EvalError(f"{err}\n(point to the data with --data-dir / --root)") from None
+    except MissingMandatoryValue as err:
+        key = str(err.full_key).removeprefix("data.")
+        raise EvalError(
+            f"the data config {_config_name_of(cfg.data)} needs data.{key} (it is ??? there): give it with "
+            f"--set {key}=<value>"
+        ) from None
     except (TypeError, ValueError) as err:  # an entry the datamodule does not take, or a value it refuses
         raise EvalError(f"data config {_config_name_of(cfg.data)}: {err}") from None
+    return dm
+
+
+def _task_of_data(dm: Any, args: argparse.Namespace) -> str:
+    """The task of the data's batches (:func:`task_of_batch`), from one evaluation sample."""
+    from diffkd.data.base import DataNotFoundError
+
+    try:
+        return task_of_batch(dm.example_batch(1, split="val"))
+    except DataNotFoundError as err:
+        raise EvalError(f"{err}\n(point to the data with --data-dir / --root)") from None
+    except ValueError as err:
+        raise EvalError(f"{type(dm).__name__}: {err}") from None
+
+
+def main(argv: list[str] | None = None) -> EvalResult:
+    """Evaluate as the command line says; prints the summary and the metrics and returns them."""
+    from diffkd.data.base import DataNotFoundError
+    from diffkd.utils.instantiate import build_module
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    checkpoint = meta = None
+    if args.weights is not None:
+        if args.pretrained:
+            parser.error("--pretrained loads the registry's weights: give no weights file")
+        checkpoint, meta = _read_file(Path(args.weights))
+    elif args.model is None:
+        parser.error("give a checkpoint or weights file, or --model <name> (with --pretrained for its weights)")
+    stored = checkpoint is not None and _stored_config(checkpoint) is not None
+    if not stored and args.ema:
+        raise EvalError("--ema reads the EMA weights of a diffkd training checkpoint (.ckpt with its run config)")
+    if not stored and _export_config(meta) is None and args.model is None:
+        assert checkpoint is not None
+        if "state_dict" in checkpoint:
+            raise EvalError(
+                f"{args.weights} carries no diffkd run config (an older or foreign checkpoint): give --model "
+                "<registry name> (and --data) to evaluate it"
+            )
+        raise EvalError(
+            f"{args.weights}: exported weights without diffkd's meta (an older export, or another tool's) need "
+            "--model <registry name> (e.g. --model tv_resnet18) and --data"
+        )
+    run = _run_config(args, checkpoint, meta)
+    dm = _datamodule(run.cfg, args)
+    if not run.task_known:  # the task module is the one for what the data yields
+        first_data = run.cfg.data
+        run = _run_config(args, checkpoint, meta, task=_task_of_data(dm, args))
+        if run.cfg.data != first_data:
+            dm = _datamodule(run.cfg, args)
+    cfg, applied, notes = run.cfg, run.applied, run.notes
+    num_classes = None if args.pretrained and args.num_classes is None else getattr(dm, "num_classes", None)
     module = build_module(cfg, num_classes, teacher=False)
     weights = _load_student(module, args, checkpoint, stored)
     if args.split == "test" and not is_overridden("test_step", module):
@@ -558,20 +731,30 @@ def main(argv: list[str] | None = None) -> EvalResult:
         limit_val_batches=args.limit_batches,
         limit_test_batches=args.limit_batches,
     )
-    run = trainer.validate if args.split == "val" else trainer.test
+    evaluate = trainer.validate if args.split == "val" else trainer.test
     start = time.perf_counter()
     try:
-        outputs = run(module, datamodule=dm, verbose=False)
+        outputs = evaluate(module, datamodule=dm, verbose=False)
     except DataNotFoundError as err:
         raise EvalError(f"{err}\n(point to the data with --data-dir / --root)") from None
     seconds = time.perf_counter() - start
 
+    if stored:
+        config = "stored in the checkpoint"
+    elif run.origin is not None:
+        config = f"the export's meta (diffkd_export {meta.get('diffkd_export') if meta else '?'})"
+    else:
+        config = f"composed from {CONFIG_DIR}/train.yaml"
+    student_cfg = OmegaConf.to_container(cfg.model.student, resolve=True)
+    model_args = {k: v for k, v in student_cfg.items() if k not in ("_target_", "name") and v is not None}
+    if model_args.get("num_classes") is None and num_classes is not None:
+        model_args["num_classes"] = num_classes
     result = EvalResult(
         source=args.weights,
         model=str(cfg.model.student.get("name", type(module.student).__name__)),
         weights=weights,
         task=f"{type(module).__module__}.{type(module).__qualname__}",
-        config="stored in the checkpoint" if stored else f"composed from {CONFIG_DIR}/train.yaml",
+        config=config,
         data=_config_name_of(cfg.data),
         split=args.split,
         settings=_settings(cfg.data, dm),
@@ -582,10 +765,13 @@ def main(argv: list[str] | None = None) -> EvalResult:
         batches=counter.batches,
         seconds=round(seconds, 3),
         metrics={k: float(v) for k, v in (outputs[0] if outputs else {}).items()},
+        model_args=model_args,
     )
     trained = ""
     if stored and checkpoint is not None:
         trained = f" (epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')})"
+    elif run.origin is not None and meta is not None:
+        trained = f" (exported from {meta.get('source')}, epoch {meta.get('epoch')}, step {meta.get('global_step')})"
     params = sum(p.numel() for p in module.student.parameters())
     print(_summary(result, notes, trained, params, args.limit_batches))
     print(format_metrics(result))

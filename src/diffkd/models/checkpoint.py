@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import pickle
+import pickletools
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,16 @@ from torch import Tensor, nn
 
 from diffkd.models.cifar._common import CIFAR_TEACHERS_HINT
 
-__all__ = ["NotACheckpointError", "extract_state_dict", "load_weights", "read_checkpoint"]
+__all__ = [
+    "NotACheckpointError",
+    "RefusedCheckpointError",
+    "extract_state_dict",
+    "load_weights",
+    "pickle_globals",
+    "read_checkpoint",
+    "refusal_message",
+    "refused_by_weights_only",
+]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +47,66 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 10
 
 
+# What torch's weights-only unpickler says when a well-formed pickle asks for more than tensors and plain containers
+# (a class, a function such as os.system); random bytes fail earlier, on an unknown opcode or a broken frame.
+_REFUSALS = (
+    re.compile(r"unsupported GLOBAL:? (?:GLOBAL )?([\w.]+)", re.IGNORECASE),
+    re.compile(r"(Can only (?:create new object|build) .* but got [^\n]+)"),
+    re.compile(r"(Trying to call reduce for unrecognized function [^\n]+)"),
+)
+
+
 class NotACheckpointError(ValueError):
     """A weights file that is no checkpoint at all (random bytes, a text file, a truncated download)."""
+
+
+class RefusedCheckpointError(RuntimeError):
+    """A pickle that holds objects outside what ``torch.load(weights_only=True)`` allows: refused without running
+    any of it (loading it in full could execute code from the file)."""
+
+
+def refused_by_weights_only(error: BaseException) -> str | None:
+    """What a weights-only ``torch.load`` refused (``GLOBAL posix.system``, ...), or ``None`` when ``error`` is not
+    such a refusal (random bytes, a truncated file)."""
+    text = str(error)
+    for pattern in _REFUSALS:
+        found = pattern.search(text)
+        if found is not None:
+            return f"GLOBAL {found.group(1)}" if pattern is _REFUSALS[0] else found.group(1)
+    return None
+
+
+def pickle_globals(path: str | Path) -> list[str] | None:
+    """The globals a plain pickle file (``pickle.dump``, any protocol) names, read without unpickling anything, or
+    ``None`` when the file is no pickle. torch's weights-only loader stops at protocol 4's first opcode, before it
+    could name what it refuses."""
+    data = Path(path).read_bytes()
+    if len(data) < 2 or data[0] != pickle.PROTO[0] or not 2 <= data[1] <= pickle.HIGHEST_PROTOCOL:
+        return None
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        for opcode, arg, _ in pickletools.genops(data):
+            if isinstance(arg, str):
+                strings.append(arg)
+            if opcode.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # random bytes behind a pickle header: no pickle after all
+        return None
+    return names
+
+
+def refusal_message(path: str | Path, what: str) -> str:
+    """The message for a file refused by a weights-only load: what happened, why, and what to do if it is trusted."""
+    return (
+        f"'{path}' was refused: it holds Python objects outside what a weights-only load allows ({what}). Such a "
+        "file may be unsafe (unpickling it in full can run code), so none of it was loaded. If you trust the file, "
+        "re-save its weights as a plain state dict and use that file, e.g. in Python: "
+        f"torch.save(torch.load('{path}', weights_only=False)['state_dict'], 'clean.pth') (the key that holds the "
+        "weights may be 'model' or none); or allow those classes with torch.serialization.add_safe_globals([...])"
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -45,7 +114,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: the file does not exist (the message says where the CIFAR teachers come from).
-        RuntimeError: the file cannot be unpickled with ``weights_only=True``.
+        NotACheckpointError: the bytes are no checkpoint (random bytes, a text file, a truncated download).
+        RefusedCheckpointError: a pickle holding objects a weights-only load does not allow (possibly unsafe).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -62,13 +132,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):  # not a pickle of Python objects at all
+        what = refused_by_weights_only(e)
+        if what is None:
+            names = pickle_globals(path)
+            if names is not None:
+                what = ", ".join(f"GLOBAL {n}" for n in dict.fromkeys(names)) or "a pickle.dump file, not torch.save's"
+        if what is None:  # not a pickle of Python objects at all
             raise NotACheckpointError(f"'{path}' is not a checkpoint: torch.load cannot read it ({e})") from None
-        raise RuntimeError(
-            f"could not read '{path}' with torch.load(weights_only=True): it contains objects other than tensors "
-            "and plain containers. If you trust the file, allow those classes with "
-            f"torch.serialization.add_safe_globals([...]) and retry.\n{e}"
-        ) from e
+        raise RefusedCheckpointError(refusal_message(path, what)) from None
     # zip or pickle framing of other bytes: the unpickler stumbles in many ways (IndexError on an empty stack, ...)
     except (RuntimeError, EOFError, ValueError, KeyError, IndexError, TypeError, OverflowError, OSError) as e:
         raise NotACheckpointError(f"'{path}' is not a checkpoint: torch.load cannot read it ({e})") from None
@@ -193,6 +264,12 @@ def load_weights(
             )
         elif missing and unexpected:
             msg += "hint: is this the checkpoint of another architecture (or another depth/width)?\n"
+        elif unexpected and not missing and all(k.endswith("num_batches_tracked") for k in unexpected):
+            msg += (
+                "hint: the weights come from BatchNorm layers and this model has frozen ones (FrozenBatchNorm2d keeps "
+                "no num_batches_tracked): build it with frozen_bn=false (config: model.student.frozen_bn=false; "
+                "python -m diffkd.evaluate: --set model.student.frozen_bn=false).\n"
+            )
         raise RuntimeError(msg.rstrip("\n"))
     result = model.load_state_dict(state, strict=strict)
     if not strict and (result.missing_keys or result.unexpected_keys):
