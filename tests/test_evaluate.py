@@ -7,6 +7,7 @@ validation) is trained once for the module; every evaluation must reproduce its 
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,9 @@ def test_clear_errors(run, tmp_path):
     fails([str(noise)], "noise.ckpt is not a PyTorch checkpoint$")
     (tmp_path / "noise.pth").write_bytes(noise.read_bytes())
     fails([str(tmp_path / "noise.pth"), "--model", "resnet8"], "noise.pth is not a PyTorch checkpoint$")
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "callback": argparse.Namespace(x=1)}, evil)  # a class: weights-only refuses it
+    fails([str(evil)], r"evil.ckpt' was refused: .*\(GLOBAL argparse.Namespace\).*If you trust the file")
     (tmp_path / "noise.safetensors").write_bytes(noise.read_bytes())
     fails([str(tmp_path / "noise.safetensors"), "--model", "resnet8"], "is not a safetensors file")
     checkpoint = torch.load(run.ckpt, map_location="cpu", weights_only=True)

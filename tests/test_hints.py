@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -62,6 +63,33 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path):
         with pytest.raises(NotACheckpointError, match=r"teacher\.pth' is not a checkpoint") as err:
             load_weights(create_model("resnet8"), junk)
         assert "add_safe_globals" not in str(err.value)
+
+
+class _Payload:
+    """Unpickled, it would call os.system: what a malicious checkpoint holds."""
+
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_a_pickle_with_code_is_refused_as_such_not_called_junk(tmp_path, writer):
+    from diffkd.models import create_model
+    from diffkd.models.checkpoint import RefusedCheckpointError
+
+    evil = tmp_path / "teacher.pth"
+    if writer == "torch.save":
+        torch.save({"state_dict": create_model("resnet8").state_dict(), "extra": _Payload()}, evil)
+    else:  # protocol 4: torch's weights-only loader stops at its first opcode, before it meets the global
+        evil.write_bytes(pickle.dumps({"extra": _Payload()}, protocol=4))
+    with pytest.raises(RefusedCheckpointError) as err:
+        load_weights(create_model("resnet8"), evil)
+    message = str(err.value)
+    assert re.search(r"teacher\.pth' was refused: it holds Python objects outside what a weights-only load allows "
+                     r"\(GLOBAL (posix|nt)\.system\)", message)  # fmt: skip
+    assert "may be unsafe" in message and "If you trust the file, re-save its weights as a plain state dict" in message
+    assert "not a checkpoint" not in message
+    assert isinstance(err.value, RuntimeError)  # callers that caught the former RuntimeError still do
 
 
 def test_trainer_flags_from_the_readme_are_in_the_config(cifar_cfg):
