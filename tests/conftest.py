@@ -82,10 +82,15 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 @pytest.fixture
 def cifar_cfg(tmp_path, cifar_root):
-    """Factory: a tiny CIFAR run config for an experiment, plus extra overrides."""
+    """Factory: a tiny CIFAR run config for an experiment, plus extra overrides. The first config writes to
+    ``tmp_path/out``, later ones to ``out2``, ``out3``, ... (one run per folder, as ``diffkd.train`` demands)."""
+    calls = [0]
 
     def make(experiment: str = "cifar_wrn40_wrn16", *extra: str) -> DictConfig:
+        calls[0] += 1
         base = [f"experiment={experiment}", *tiny_overrides(tmp_path, cifar_root), "data.download=false"]
+        if calls[0] > 1:
+            base.append(f"paths.output_dir={tmp_path / f'out{calls[0]}'}")
         if not experiment.startswith("teacher_"):
             base.append("model.teacher.weights=null")
         return compose_config([*base, *extra])

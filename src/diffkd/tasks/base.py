@@ -36,6 +36,7 @@ import contextlib
 import inspect
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,7 @@ class DistillationModule(L.LightningModule):
         self._probe_batch: Any = None  # the dry run's batch: a checkpoint's weights must give finite outputs on it
         self.reseed_every_step = reseed_every_step
         self.run_config: dict[str, Any] | None = None  # the composed Hydra config, stored in checkpoints
+        self.resume_changes: list[Any] = []  # diffkd.runs.Change of a resume_changes=apply resume
         self.student_taps: FeatureTaps | None = None
         self.teacher_taps: FeatureTaps | None = None
         self._task_loss_names: set[str] | None = None
@@ -585,7 +587,47 @@ class DistillationModule(L.LightningModule):
         require_protocol(dm, DistillDataModule, "optim.lr_base_batch_size")
         return global_batch_size(dm.batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
-    def configure_optimizers(self) -> Any:
+    def on_train_start(self) -> None:
+        if self.resume_changes:
+            self.apply_resume_changes()
+
+    def apply_resume_changes(self) -> None:
+        """``resume_changes=apply``: after Lightning restored the checkpoint's optimizer and schedule, set every
+        hyper-parameter of the optimizer's groups (learning rate, momentum, weight decay, ...) to a fresh build's
+        from this run's config, and replace the schedule by a fresh one advanced to the restored step — so that the
+        new values train from here on, as the run's config says. The optimizer's state (momentum buffers, Adam
+        moments) is kept."""
+        trainer = self.trainer
+        optimizer = trainer.optimizers[0]
+        fresh = self._build_optimizer()
+        before = [g["lr"] for g in optimizer.param_groups]
+        for group, new in zip(optimizer.param_groups, fresh.param_groups):
+            for key, value in new.items():
+                if key != "params":
+                    group[key] = value
+            group["initial_lr"] = new["lr"]
+        configs = trainer.lr_scheduler_configs
+        if configs and self.scheduler_factory is not None:
+            done = int(configs[0].scheduler.last_epoch)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()" while advancing
+                scheduler = self.scheduler_factory(optimizer, **self._step_counts())
+                for _ in range(done):
+                    scheduler.step()
+            configs[0].scheduler = scheduler
+        after = [g["lr"] for g in optimizer.param_groups]
+        keys = ", ".join(str(c.key) for c in self.resume_changes)
+        log.warning(
+            "resume_changes=apply (%s): the optimizer's hyper-parameters and the schedule were rebuilt from this run's "
+            "config at global step %d: learning rate %s → %s",
+            keys,
+            self.global_step,
+            ", ".join(f"{v:.6g}" for v in before),
+            ", ".join(f"{v:.6g}" for v in after),
+        )
+
+    def _build_optimizer(self) -> Optimizer:
+        """The optimizer of this run's config over the trainable parameters (weight-decay groups, LR scaling)."""
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured (optim.optimizer)")
         params = self.trainable_parameters()
@@ -599,12 +641,22 @@ class DistillationModule(L.LightningModule):
         if self.lr_base_batch_size:
             factor = scale_learning_rate(optimizer, self.global_batch_size(), self.lr_base_batch_size)
             log.info("learning rate scaled ×%.4g for a global batch of %d", factor, self.global_batch_size())
+        return optimizer
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self._build_optimizer()
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, **self.scheduler_step_counts())
+        counts = self.scheduler_step_counts()
+        self._forget_early_train_loader()
+        scheduler = self.scheduler_factory(optimizer, **counts)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval}}
 
     def scheduler_step_counts(self) -> dict[str, float]:
+        """See :meth:`_step_counts` (public name kept)."""
+        return self._step_counts()
+
+    def _step_counts(self) -> dict[str, float]:
         """``steps_per_epoch`` / ``total_steps`` for a scheduler whose signature names them and whose config leaves
         them unset (``diffkd.optim.WarmupStepLR``/``WarmupCosineLR``: lengths in epochs, stepped every iteration);
         ``{}`` for any other scheduler. Counts are optimizer steps of this process, from the trainer."""
@@ -627,7 +679,6 @@ class DistillationModule(L.LightningModule):
         if math.isinf(batches):
             raise ValueError(f"{wanted} need a train loader with a length (per-iteration schedules count epochs)")
         counts = {"steps_per_epoch": math.ceil(batches / self.trainer.accumulate_grad_batches), "total_steps": total}
-        self._forget_early_train_loader()
         return {k: counts[k] for k in wanted}
 
     def _forget_early_train_loader(self) -> None:
