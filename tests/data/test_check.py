@@ -15,16 +15,17 @@ import pytest
 import torch
 from PIL import Image
 
-from diffkd.data.base import BadImagesError, ImageReadError, SkipBadImages, SkippedImageWarning
+from diffkd.data.base import BadImagesError, DataNotFoundError, ImageReadError, SkipBadImages, SkippedImageWarning
 from diffkd.data.check import main
 from diffkd.data.cityscapes import CityscapesDataModule
 from diffkd.data.coco import COCODataModule
 from diffkd.data.image_folder import ImageFolderDataModule
 from diffkd.data.imagenet import ImageNetDataModule
+from diffkd.data.usable import EmptySplitError
 from diffkd.utils.instantiate import instantiate
 from tests.conftest import compose_config
 from tests.helpers.fake_cityscapes import FakeCityscapes, write_fake_cityscapes
-from tests.helpers.fake_coco import FakeCoco, write_fake_coco
+from tests.helpers.fake_coco import FakeCoco, edit_annotations, write_fake_coco
 from tests.helpers.fake_data import write_image_folder
 
 
@@ -111,7 +112,7 @@ def _errors(report: dict) -> dict[str, str]:
 
 def test_check_finds_exactly_the_bad_images(bad_folder, tmp_path, capsys) -> None:
     root, (truncated, empty) = bad_folder
-    status, text, report = _run(["image_folder", "--root", str(root)], tmp_path, capsys)
+    status, text, report = _run(["image_folder", "--root", str(root), "--set", "batch_size=4"], tmp_path, capsys)
     assert status == 1
     assert _errors(report) == {str(truncated): "truncated", str(empty): "empty"}
     assert report["ok"] is False and report["errors"] == 2 and report["splits"]["train"]["samples"] == 8
@@ -131,13 +132,14 @@ def test_check_notes_non_rgb_images_without_failing(clean_folder, tmp_path, caps
     root = Path(shutil.copytree(clean_folder, tmp_path / "grey"))
     grey = root / "val" / "b" / "img_0.jpg"
     Image.open(grey).convert("L").save(grey)
-    status, text, report = _run(["image_folder", "--root", str(root)], tmp_path, capsys)
+    status, text, report = _run(["image_folder", "--root", str(root), "--set", "batch_size=4"], tmp_path, capsys)
     assert status == 0 and report["notes"] == 1 and f"{grey}: mode L (converted to RGB on load)" in text
 
 
 def test_check_imagenet_and_set_overrides(bad_folder, tmp_path, capsys) -> None:
     root, bad = bad_folder
-    status, _, report = _run(["imagenet", "--data-dir", str(root), "--set", "layout=folders"], tmp_path, capsys)
+    args = ["imagenet", "--data-dir", str(root), "--set", "layout=folders", "--set", "batch_size=4"]
+    status, _, report = _run(args, tmp_path, capsys)
     assert status == 1 and set(_errors(report)) == {str(p) for p in bad}
     assert "data.layout=folders (--set)" in report["settings"]["overrides"]
 
@@ -318,3 +320,140 @@ def test_default_names_a_label_that_does_not_fit(cityscapes, tmp_path) -> None:
     Image.new("L", (8, 8)).save(label)
     with pytest.raises(ValueError, match=re.escape(str(label)) + ".*differ in size"):
         _cityscapes_dm(root).example_batch(1, "val")
+
+
+# ------------------------------------------------------------------------------------------ usable splits
+
+
+def _run_failing(args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> tuple[int, str, str, dict]:
+    out = tmp_path / "report.json"
+    status = main([*args, "--workers", "2", "--json", str(out)])
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err, json.loads(out.read_text())
+
+
+def test_check_refuses_a_coco_split_without_annotations_as_training_does(coco, tmp_path, capsys) -> None:
+    root = Path(shutil.copytree(coco.root, tmp_path / "coco"))
+    path = edit_annotations(root, "train2017", lambda data: data.update(annotations=[]))
+    with pytest.raises(EmptySplitError) as training:
+        _coco_dm(root).setup("fit")
+    status, out, err, report = _run_failing(["coco", "--root", str(root)], tmp_path, capsys)
+    assert status == 1 and report["ok"] is False
+    assert err.strip() == str(training.value)  # the same message, word for word
+    assert f"the train split (train2017, {path}) has no usable sample" in err and "Fix: point data." in err
+    assert out.splitlines()[-1] == "FAILED: coco: no usable sample in train (see above)"
+    assert report["failure"].startswith("EmptySplitError: COCO: the train split")
+    status, out, _, _ = _run_failing(["coco", "--root", str(root), "--splits", "val"], tmp_path, capsys)
+    assert status == 0 and out.splitlines()[-1].startswith("OK: coco: 5 samples in val")  # val alone is usable
+
+
+def test_check_counts_the_boxes_training_drops_per_reason(coco, tmp_path, capsys) -> None:
+    root = Path(shutil.copytree(coco.root, tmp_path / "coco"))
+
+    def degenerate(data: dict) -> None:
+        data["annotations"][6]["bbox"][2] = 0.0  # image 36: zero width
+        data["annotations"][7]["bbox"][3] = -3.0  # image 36: negative height; no box left, so 36 is left out
+        data["annotations"][9]["bbox"][2] = 0.0  # image 49: its only box
+
+    path = edit_annotations(root, "train2017", degenerate)
+    status, text, report = _run(["coco", "--root", str(root), "--splits", "train"], tmp_path, capsys)
+    assert status == 0 and report["warnings"] == 0  # dropped boxes are counted, not failed
+    notes = [n["message"] for n in report["splits"]["train"]["notes"] if n["path"] == str(path)]
+    assert notes == [
+        "training (train2017): 2 boxes dropped: crowd region (iscrowd=1: never trained on, evaluation keeps it) "
+        "(e.g. image id 25, annotation 4)",
+        "training (train2017): 3 boxes dropped: zero or negative width or height (e.g. image id 36, annotation 7)",
+        "training (train2017): 2 boxes dropped: at most data.min_box_size px wide or tall (after clamping to the "
+        "image) (e.g. image id 34, annotation 5)",
+        "training (train2017): 4 of 14 images left out of training: no annotation box > 1 px wide and tall (e.g. "
+        "image id 30; data.remove_images_without_annotations)",
+        "training (train2017): 1 training image with no box to train on (e.g. image id 80)",
+    ]
+    assert all(f"  note     {path}: {note}" in text for note in notes)
+    dm = _coco_dm(root)
+    dm.setup("fit")  # training counts the same
+    assert [i.message for i in dm.box_usage.issues()] == notes
+
+
+def test_check_names_a_duplicate_coco_image_id(coco, tmp_path, capsys) -> None:
+    root = Path(shutil.copytree(coco.root, tmp_path / "coco"))
+    path = edit_annotations(root, "val2017", lambda data: data["images"][2].update(id=139))
+    status, out, err, _ = _run_failing(["coco", "--root", str(root), "--splits", "val"], tmp_path, capsys)
+    assert status == 1 and out.splitlines()[-1] == "FAILED: coco could not be set up (see above)"
+    assert err.startswith(f"{path}: image id 139 is duplicated: 2 entries of 'images' have it")
+    assert "'file_name': '000000000632.jpg'" in err and "Fix: give every image entry its own id" in err
+    assert "not in 'images'" not in err and "--data-dir" not in err
+
+
+def _empty_split(kind: str, tmp_path: Path, coco: FakeCoco, cityscapes: FakeCityscapes) -> tuple[list[str], str]:
+    """A copy of a data set whose val split has no sample: the checker's arguments and the folder it must name."""
+    if kind == "image_folder":
+        write_image_folder(tmp_path / "folder", classes=("a", "b"), per_class=2, size=16)
+        for image in (tmp_path / "folder" / "val" / "b").iterdir():
+            image.unlink()
+        return ["image_folder", "--root", str(tmp_path / "folder")], str(tmp_path / "folder" / "val" / "b")
+    if kind == "cityscapes":
+        root = Path(shutil.copytree(cityscapes.root, tmp_path / "cityscapes"))
+        for folder in (root / "leftImg8bit" / "val", root / "gtFine" / "val"):
+            shutil.rmtree(folder)
+            folder.mkdir()
+        return ["cityscapes", "--root", str(root)], str(root / "leftImg8bit" / "val")
+    root = tmp_path / "segmentation"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "train" / "images" / "a.png")
+    Image.new("L", (8, 8)).save(root / "train" / "labels" / "a.png")
+    return ["segmentation_folder", "--root", str(root), "--set", "num_classes=3"], str(root / "val" / "images")
+
+
+@pytest.mark.parametrize("kind", ["image_folder", "cityscapes", "segmentation_folder"])
+def test_check_and_setup_refuse_an_empty_split_alike(kind, coco, cityscapes, tmp_path, capsys) -> None:
+    args, folder = _empty_split(kind, tmp_path, coco, cityscapes)
+    status, out, err, report = _run_failing(args, tmp_path, capsys)
+    assert status == 1 and out.splitlines()[-1] == f"FAILED: {kind} could not be set up (see above)"
+    assert "val" in err and folder in err and "To get it:" in err  # the split, its folder, the fix
+    assert report["failure"].startswith("DataNotFoundError")
+    cfg = compose_config(["~experiment", f"data={kind}", f"data.root={args[2]}", *[f"data.{s}" for s in args[4:]]])
+    with pytest.raises(DataNotFoundError) as training:
+        instantiate(cfg.data).setup("fit")
+    assert str(training.value) in err  # training stops with the same message
+
+
+def test_check_refuses_segmentation_images_of_several_sizes_in_one_batch(tmp_path, capsys) -> None:
+    root = tmp_path / "segmentation"
+    for split in ("train", "val"):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        for name, size in (("a", (24, 20)), ("b", (24, 20)), ("c", (32, 20))):
+            Image.new("RGB", size).save(root / split / "images" / f"{name}.png")
+            Image.new("L", size).save(root / split / "labels" / f"{name}.png")
+    args = ["segmentation_folder", "--root", str(root), "--set", "num_classes=3", "--set", "crop_size=16"]
+    args += ["--set", "batch_size=2"]
+    status, out, err, _ = _run_failing(args, tmp_path, capsys)
+    assert status == 1 and out.splitlines()[-1] == (
+        "FAILED: segmentation_folder: samples of several sizes in one batch (see above)"
+    )
+    assert "the val split's images are of 2 sizes: 24×20 px (2 images, e.g." in err
+    assert f"32×20 px (1 image, e.g. {root / 'val' / 'images' / 'c.png'})" in err
+    assert "batches of data.val_batch_size=2" in err and "Fix: set data.val_batch_size=1" in err
+    status, text, _ = _run([*args, "--set", "val_batch_size=1"], tmp_path, capsys)
+    assert status == 0 and text.splitlines()[-1].startswith("OK: segmentation_folder: 6 samples")
+
+
+def test_check_and_training_refuse_a_training_split_smaller_than_one_batch(clean_folder, tmp_path, capsys) -> None:
+    status, text, report = _run(["image_folder", "--root", str(clean_folder)], tmp_path, capsys)
+    train = str(clean_folder / "train")
+    expected = (
+        "8 sample(s) are fewer than data.batch_size=64, and data.drop_last=true drops that incomplete batch: not one "
+        "training step would run. Fix: set data.batch_size=8 (or less), or data.drop_last=false"
+    )
+    assert status == 1 and report["splits"]["train"]["errors"] == [
+        {"path": train, "kind": "batch", "message": expected, "severity": "error", "skippable": False, "index": None}
+    ]
+    assert f"  error    {train}: {expected}" in text
+    cfg = compose_config(["~experiment", "data=image_folder", f"data.root={clean_folder}"])
+    with pytest.raises(EmptySplitError) as training:
+        instantiate(cfg.data).train_dataloader()
+    assert str(training.value) == f"ImageFolderDataModule: the train split ({train}) has no usable sample: {expected}."
+    assert _run(["image_folder", "--root", str(clean_folder), "--set", "drop_last=false"], tmp_path, capsys)[0] == 0

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning.pytorch.utilities.data import _update_dataloader
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import SequentialSampler, default_collate
 from torchvision.datasets import Cityscapes
@@ -31,6 +32,7 @@ from diffkd.data.cityscapes import (
     map_label_ids,
 )
 from diffkd.data.resumable import EpochShuffleSampler
+from diffkd.data.usable import EmptySplitError, MixedSizeError
 from tests.helpers.fake_cityscapes import FakeCityscapes, write_fake_cityscapes
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "cityscapes.yaml"
@@ -378,3 +380,25 @@ def test_image_without_label_is_reported(fake_copy: FakeCityscapes) -> None:
 def test_bad_arguments(fake: FakeCityscapes, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _dm(fake.root, **kwargs)
+
+
+def test_full_resolution_evaluation_of_several_sizes_needs_batch_1(fake_copy: FakeCityscapes) -> None:
+    key = fake_copy.keys["val"][1]
+    height, width = fake_copy.size
+    Image.new("RGB", (width // 2, height)).save(fake_copy.image_path("val", key))
+    Image.new("L", (width // 2, height)).save(fake_copy.label_path("val", key))
+    with pytest.raises(MixedSizeError) as info:
+        _dm(fake_copy.root, val_batch_size=2).setup("validate")
+    assert str(info.value) == (
+        f"the val split's images are of 2 sizes: {width}×{height} px (2 images, e.g. "
+        f"{fake_copy.image_path('val', fake_copy.keys['val'][0])}), {width // 2}×{height} px (1 image, e.g. "
+        f"{fake_copy.image_path('val', key)}); batches of data.val_batch_size=2 stack them into one tensor, which "
+        "needs one size. Fix: set data.val_batch_size=1 (evaluation uses every image at its own size)"
+    )
+    widths = [x.shape[-1] for x, _ in _dm(fake_copy.root).val_dataloader()]  # the default: one per batch
+    assert sorted(widths) == [width // 2, width, width]
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused(fake: FakeCityscapes) -> None:
+    with pytest.raises(EmptySplitError, match=r"Cityscapes: the train split .* 4 sample\(s\) are fewer than"):
+        _dm(fake.root, batch_size=8).train_dataloader()

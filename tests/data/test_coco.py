@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import random
 import re
@@ -28,17 +29,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from diffkd.data.base import DataNotFoundError
 from diffkd.data.coco import (
+    BOX_DROP_REASONS,
     COCO_URLS,
     MULTISCALE_MIN_SIZES,
     AnnotationFormatError,
     COCODataModule,
+    DetectionTransform,
     GroupedBatchSampler,
     ImageReadError,
     aspect_ratio_group_ids,
+    box_drop_codes,
     has_valid_annotation,
 )
 from diffkd.data.resumable import EpochCodedBatchSampler
-from tests.helpers.fake_coco import CATEGORIES, TRAIN_IMAGES, VAL_IMAGES, FakeCoco, write_fake_coco
+from diffkd.data.usable import EmptySplitError
+from tests.helpers.fake_coco import CATEGORIES, TRAIN_IMAGES, VAL_IMAGES, FakeCoco, edit_annotations, write_fake_coco
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "coco.yaml"
 
@@ -586,3 +591,163 @@ def test_fasterrcnn_takes_a_training_batch(coco: FakeCoco) -> None:
     losses = model(images, targets)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+# ------------------------------------------------------------------------------------------ what training drops
+
+
+def test_box_rule_gives_each_reason() -> None:
+    boxes = torch.tensor(
+        [
+            [4.0, 4.0, 20.0, 20.0],  # kept
+            [4.0, 4.0, 20.0, 20.0],  # a crowd
+            [4.0, 4.0, float("nan"), 20.0],
+            [4.0, 4.0, 4.0, 20.0],  # zero width
+            [9.0, 4.0, 4.0, 20.0],  # negative width
+            [70.0, 4.0, 90.0, 20.0],  # right of a 64 px wide image
+            [4.0, 4.0, 5.0, 20.0],  # 1 px wide: not more than min_box_size
+            [60.0, 4.0, 90.0, 20.0],  # 4 px wide once clamped to the image: kept
+        ]
+    )
+    iscrowd = torch.tensor([0, 1, 0, 0, 0, 0, 0, 0])
+    assert box_drop_codes(boxes, iscrowd, 64, 48, 1.0).tolist() == [0, 1, 2, 3, 3, 4, 5, 0]
+    assert box_drop_codes(boxes[7:], iscrowd[7:], 64, 48, 4.0).tolist() == [5]  # not more than 4 px
+    with pytest.raises(ValueError, match="min_box_size must be >= 0"):
+        DetectionTransform(train=True, min_box_size=-1)
+
+
+def _bad_boxes(data: dict) -> None:
+    """Zero, negative and NaN widths, a box right of its image (image ids 36, 49, 71)."""
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    by_image[36][0]["bbox"] = [2.0, 2.0, 0.0, 20.0]  # zero width
+    by_image[36][1]["bbox"] = [90.0, 5.0, 25.0, 30.0]  # the image is 80 px wide: 36 keeps no box
+    by_image[49][0]["bbox"] = [8.0, 8.0, float("nan"), 30.0]  # its only box: 49 is left out
+    by_image[71][0]["bbox"] = [10.0, 20.0, -5.0, 30.0]  # its only box: 71 is left out
+
+
+def test_the_report_counts_exactly_what_the_transform_drops(coco_copy: Path) -> None:
+    edit_annotations(coco_copy, "train2017", _bad_boxes)
+    dm = _dm(coco_copy)
+    dm.setup("fit")
+    usage = dm.box_usage
+    assert usage.dropped == {
+        BOX_DROP_REASONS[1]: 2,  # the crowds of images 25 and 80
+        BOX_DROP_REASONS[2]: 1,
+        BOX_DROP_REASONS[3]: 2,
+        BOX_DROP_REASONS[4]: 1,
+        BOX_DROP_REASONS[5]: 2,  # image 34's 0.8 px and image 42's 1 px boxes
+    }
+    assert usage.examples[BOX_DROP_REASONS[3]] == (36, 7) and usage.examples[BOX_DROP_REASONS[4]] == (36, 8)
+    assert (usage.annotations, usage.boxes, usage.train_images, usage.usable) == (19, 11, 10, 8)
+    assert usage.left_out == [30, 42, 49, 71] and usage.no_box == [36, 80]
+    samples = _samples(dm.train_set)  # what training gets: the same counts
+    assert sum(len(t["boxes"]) for _, t in samples.values()) == usage.boxes
+    assert sorted(i for i, (_, t) in samples.items() if len(t["boxes"]) == 0) == usage.no_box
+    assert sorted(samples) == sorted(set(i for i, *_ in TRAIN_IMAGES) - set(usage.left_out))
+
+
+def test_dropped_boxes_are_logged_once_at_setup(coco_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = edit_annotations(coco_copy, "train2017", _bad_boxes)
+    caplog.set_level(logging.INFO, logger="diffkd.data.coco")
+    dm = _dm(coco_copy)
+    dm.setup("fit")
+    dm.setup("fit")
+    dm.train_dataloader()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    message = warned[0]
+    assert message.startswith(f"COCO train2017 ({path}): 11 of 19 annotations trained on, in 8 of 10 training images")
+    assert "2 boxes dropped: zero or negative width or height (e.g. image id 36, annotation 7)" in message
+    assert "1 box dropped: outside the image (e.g. image id 36, annotation 8)" in message
+    assert "1 box dropped: coordinates not finite (e.g. image id 49" in message
+    assert "4 of 14 images left out of training" in message and "(e.g. image id 30;" in message
+    assert "2 training images with no box to train on (e.g. image id 36)" in message
+
+
+def test_a_clean_split_logs_its_crowds_without_a_warning(coco_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def clean(data: dict) -> None:  # no image left out, none without a box, no degenerate box: only the crowds
+        data["images"] = [i for i in data["images"] if i["id"] not in (30, 34, 42, 80)]
+        data["annotations"] = [a for a in data["annotations"] if a["image_id"] not in (30, 34, 42, 80)]
+
+    edit_annotations(coco_copy, "train2017", clean)
+    caplog.set_level(logging.INFO, logger="diffkd.data.coco")
+    _dm(coco_copy).setup("fit")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "1 box dropped: crowd region" in caplog.text
+
+
+@pytest.mark.parametrize("split", ["train2017", "val2017"])
+def test_a_json_without_annotations_is_refused_at_setup(coco_copy: Path, split: str) -> None:
+    path = edit_annotations(coco_copy, split, lambda data: data.update(annotations=[]))
+    with pytest.raises(EmptySplitError) as info:
+        _dm(coco_copy).setup("fit")
+    message = str(info.value)
+    name = "train" if split == "train2017" else "val"
+    assert info.value.splits == [name] and isinstance(info.value, ValueError)
+    assert f"COCO: the {name} split ({split}, {path}) has no usable sample: the file lists" in message
+    assert "but no annotations" in message
+    assert f"Fix: point data.annotation_file / data.{name}_split at the json with this split's" in message
+    assert pickle.loads(pickle.dumps(info.value)).splits == [name]
+
+
+def test_both_unusable_splits_are_named_at_once(coco_copy: Path) -> None:
+    edit_annotations(coco_copy, "train2017", lambda data: data.update(images=[], annotations=[]))
+    edit_annotations(coco_copy, "val2017", lambda data: [a.update(iscrowd=1) for a in data["annotations"]])
+    with pytest.raises(EmptySplitError) as info:
+        _dm(coco_copy, verify=True).setup("fit")  # before data.verify decodes anything
+    assert info.value.splits == ["val", "train"]
+    assert "train2017.json) has no usable sample: the file lists no images" in str(info.value)
+    assert "the file lists 5 images but only 6 crowd regions: COCO mAP has nothing to score" in str(info.value)
+
+
+def test_a_split_whose_every_box_is_dropped_is_refused(coco_copy: Path) -> None:
+    def zero_width(data: dict) -> None:
+        for ann in data["annotations"]:
+            ann["bbox"][2] = 0.0
+
+    path = edit_annotations(coco_copy, "train2017", zero_width)
+    with pytest.raises(EmptySplitError) as info:
+        _dm(coco_copy, remove_images_without_annotations=False).setup("fit")
+    message = str(info.value)
+    assert f"the train split (train2017, {path}) has no usable sample: none of its 14 images has a box" in message
+    assert "2 boxes dropped: crowd region" in message
+    assert "17 boxes dropped: zero or negative width or height (e.g. image id 9, annotation 1)" in message
+    assert "Fix: boxes must be [x, y, width, height] in pixels" in message and "data.min_box_size (now 1)" in message
+    with pytest.raises(EmptySplitError, match="none of its 14 images has a box"):
+        _dm(coco_copy).setup("fit")  # the references' rule leaves only the crowd-only images 25 and 80
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused(coco: FakeCoco) -> None:
+    with pytest.raises(EmptySplitError, match=r"12 sample\(s\) are fewer than data.batch_size=16.*drop_last=false"):
+        _dm(coco.root, batch_size=16, drop_last=True).train_dataloader()
+    assert len(_dm(coco.root, batch_size=16, drop_last=False).train_dataloader()) > 0
+
+
+def test_a_duplicate_image_id_is_named(coco_copy: Path) -> None:
+    def duplicate(data: dict) -> None:
+        data["images"][1]["id"] = data["images"][0]["id"]  # image 25's entry now says 9
+
+    path = edit_annotations(coco_copy, "train2017", duplicate)
+    with pytest.raises(AnnotationFormatError) as info:
+        _dm(coco_copy).setup("fit")
+    assert str(info.value) == (
+        f"{path}: image id 9 is duplicated: 2 entries of 'images' have it (entries 0 and 1: "
+        f"{{'id': 9, 'file_name': '000000000009.jpg'}} and {{'id': 9, 'file_name': '000000000025.jpg'}}); ids must "
+        "be unique. Fix: give every image entry its own id and point each annotation's image_id at its image."
+    )
+
+
+def test_annotation_ids_must_be_unique_and_missing_ones_are_numbered(coco_copy: Path) -> None:
+    def renumber(data: dict) -> None:
+        data["annotations"][1]["id"] = data["annotations"][0]["id"]
+
+    path = edit_annotations(coco_copy, "val2017", renumber)
+    with pytest.raises(AnnotationFormatError, match=re.escape(f"{path}: annotation id 1001 is duplicated")):
+        _dm(coco_copy).setup("validate")
+    edit_annotations(coco_copy, "val2017", lambda data: [a.pop("id") for a in data["annotations"]])
+    dm = _dm(coco_copy)
+    dm.setup("validate")
+    assert sorted(dm.val_set.coco.anns) == [1, 2, 3, 4, 5, 6]  # every box kept, none collapsed onto another
+    assert sum(len(t["boxes"]) for _, t in _samples(dm.val_set).values()) == 6

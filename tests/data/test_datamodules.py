@@ -21,6 +21,7 @@ from diffkd.data.fashion_mnist import (
     read_idx,
 )
 from diffkd.data.image_folder import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataModule
+from diffkd.data.usable import MixedSizeError
 from tests.helpers.fake_data import write_cifar100, write_fashion_mnist, write_idx, write_image_folder
 
 
@@ -319,3 +320,27 @@ def test_data_not_found_error_pickles():
     err = DataNotFoundError("X", ["/a", Path("/b")], "layout", ["fix it"])
     again = pickle.loads(pickle.dumps(err))
     assert isinstance(again, FileNotFoundError) and str(again) == str(err)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_transform_giving_several_sizes_names_them_instead_of_stack(tmp_path, num_workers):
+    write_image_folder(tmp_path, classes=("a", "b"), per_class=2, size=16)  # 16 × 16 and 16 × 24 (W) images
+    resize = [{"_target_": "torchvision.transforms.v2.Resize", "size": 16}]  # shorter side only: sizes stay apart
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=16, batch_size=2, val_batch_size=4, num_workers=num_workers, val_transform=resize
+    )
+    with pytest.raises(MixedSizeError) as info:
+        next(iter(dm.val_dataloader()))
+    message = str(info.value)
+    assert "the val split's images are of 2 sizes: shape (3, 16, 16) (2 images" in message
+    assert "shape (3, 16, 24) (2 images" in message and "batches of data.val_batch_size=4" in message
+    fix = (
+        "Fix: make data.val_transform give one size, e.g. end it with Resize([16, 16]) or CenterCrop(16) "
+        "(data.image_size), or set it to null for the default transform"
+    )
+    assert f"{fix}, or set data.val_batch_size=1" in message  # (a worker's copy adds the traceback)
+    assert "stack expects" not in message.split("Original Traceback")[0]
+    with pytest.raises(MixedSizeError) as info:
+        dm.example_batch(2, "val")
+    assert "batches of the models' dry-run example batch of 2 stack them" in str(info.value)
+    assert str(info.value).endswith(fix)

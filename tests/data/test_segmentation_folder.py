@@ -15,6 +15,7 @@ from PIL import Image
 from diffkd.data import DistillDataModule, require_protocol
 from diffkd.data.base import DataNotFoundError
 from diffkd.data.segmentation_folder import SegmentationFolderDataModule
+from diffkd.data.usable import EmptySplitError, MixedSizeError
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "data" / "segmentation_folder.yaml"
 NUM_CLASSES = 4
@@ -126,3 +127,67 @@ def test_invalid_settings_are_refused(tmp_path):
         _dm(tmp_path, in_chans=1)  # three-value mean/std
     with pytest.raises(ValueError, match="class_names"):
         _dm(tmp_path, class_names=["a"])
+
+
+def _resize_one(root: Path, split: str, name: str, size: tuple[int, int]) -> Path:
+    """Rewrite ``<split>/{images,labels}/<name>.png`` at ``size`` (W, H); returns the image's path."""
+    image = root / split / "images" / f"{name}.png"
+    Image.new("RGB", size).save(image)
+    Image.new("L", size).save(root / split / "labels" / f"{name}.png")
+    return image
+
+
+def test_evaluation_images_of_several_sizes_are_refused_at_setup(tmp_path):
+    write_folder(tmp_path)
+    odd = _resize_one(tmp_path, "val", "s1", (30, 20))
+    with pytest.raises(MixedSizeError) as info:
+        _dm(tmp_path, crop_size=16).setup("fit")  # val_batch_size null: batch_size 2
+    assert str(info.value) == (
+        f"the val split's images are of 2 sizes: 24×20 px (3 images, e.g. {tmp_path / 'val' / 'images' / 's0.png'}), "
+        f"30×20 px (1 image, e.g. {odd}); batches of data.val_batch_size=2 stack them into one tensor, which needs one "
+        "size. Fix: set data.val_batch_size=1 (evaluation uses every image at its own size)"
+    )
+    dm = _dm(tmp_path, crop_size=16, val_batch_size=1)
+    assert sorted(tuple(x.shape[-2:]) for x, _ in dm.val_dataloader()) == [(20, 24)] * 3 + [(20, 30)]
+    images, labels = dm.example_batch(2, "val")  # the dry run of a validate-only run: the first image's size
+    assert images.shape == (1, 3, 20, 24) and labels.shape == (1, 20, 24)
+
+
+def test_whole_training_images_of_several_sizes_need_a_crop(tmp_path):
+    write_folder(tmp_path)
+    _resize_one(tmp_path, "train", "s1", (24, 16))
+    with pytest.raises(MixedSizeError, match=r"the train split's images are of 2 sizes: 24×20 px \(3 images") as info:
+        _dm(tmp_path, val_batch_size=1).setup("fit")
+    assert "batches of data.batch_size=2" in str(info.value)
+    assert "Fix: set data.crop_size=[height, width] (training crops of one size), or data.batch_size=1" in str(
+        info.value
+    )
+    images, _ = next(iter(_dm(tmp_path, crop_size=16, val_batch_size=1).train_dataloader()))
+    assert images.shape == (2, 3, 16, 16)
+
+
+def test_a_collate_of_several_sizes_names_them(tmp_path):
+    """Past the setup check (a file changed after it), the collate still says what and how to fix it."""
+    write_folder(tmp_path)
+    dm = _dm(tmp_path, crop_size=16)
+    dm.setup("fit")
+    _resize_one(tmp_path, "val", "s1", (30, 20))
+    with pytest.raises(MixedSizeError) as info:
+        next(iter(dm.val_dataloader()))
+    assert str(info.value).startswith(
+        "the val split's images are of 2 sizes: shape (3, 20, 24) (1 image, e.g. sample 0 of the batch), shape "
+        "(3, 20, 30) (1 image, e.g. sample 1 of the batch); batches of data.val_batch_size=2 stack them"
+    )
+    assert str(info.value).endswith("Fix: set data.val_batch_size=1 (evaluation uses every image at its own size)")
+
+
+def test_a_training_split_smaller_than_one_batch_is_refused(tmp_path):
+    write_folder(tmp_path, n=3)
+    with pytest.raises(EmptySplitError) as info:
+        _dm(tmp_path, batch_size=4).train_dataloader()
+    assert str(info.value) == (
+        f"Segmentation folder: the train split ({tmp_path} (train)) has no usable sample: 3 sample(s) are fewer than "
+        "data.batch_size=4, and data.drop_last=true drops that incomplete batch: not one training step would run. "
+        "Fix: set data.batch_size=3 (or less), or data.drop_last=false."
+    )
+    assert len(_dm(tmp_path, batch_size=4, drop_last=False).train_dataloader()) == 1

@@ -21,6 +21,7 @@ split has a crowd annotation and an image without annotations.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-__all__ = ["CATEGORIES", "TRAIN_IMAGES", "VAL_IMAGES", "FakeCoco", "write_fake_coco"]
+__all__ = ["CATEGORIES", "TRAIN_IMAGES", "VAL_IMAGES", "FakeCoco", "edit_annotations", "write_fake_coco"]
 
 CATEGORIES: tuple[tuple[int, str, str], ...] = (
     (1, "person", "person"),
@@ -173,3 +174,16 @@ def write_fake_coco(root: str | Path, seed: int = 0) -> FakeCoco:
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
         written[split] = data
     return FakeCoco(root=root, train=written["train2017"], val=written["val2017"])
+
+
+def edit_annotations(root: str | Path, split: str, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Rewrite ``<root>/annotations/instances_<split>.json`` after ``edit`` changed its dict in place.
+
+    Returns:
+        The json's path.
+    """
+    path = Path(root) / "annotations" / f"instances_{split}.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path

@@ -35,7 +35,7 @@ from diffkd.data.device_loader import DeviceTensorLoader
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
 from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
-from diffkd.data.usable import SameSizeCollate, require_a_batch, world_size
+from diffkd.data.usable import SameSizeCollate, SplitProblem, batch_problem, raise_problems, world_size
 
 __all__ = [
     "BadImagesError",
@@ -535,19 +535,22 @@ class ClassificationDataModule(L.LightningDataModule):
         """How the loaders (and :meth:`example_batch`) turn a list of samples into a batch."""
         return default_collate
 
-    def checked_collate(self, split: Literal["train", "val"], batch_size: int) -> Callable[[list[Any]], Any]:
+    def checked_collate(
+        self, split: Literal["train", "val"], batch_size: int, example: bool = False
+    ) -> Callable[[list[Any]], Any]:
         """:meth:`collate_fn`, raising :class:`~diffkd.data.usable.MixedSizeError` (the sizes, the split, the fix)
         instead of torch's bare "stack expects each tensor to be equal size" when the transform gives samples of
-        several sizes."""
+        several sizes. ``example``: for :meth:`example_batch` (the models' dry run), not a loader."""
         key = "data.batch_size" if split == "train" else "data.val_batch_size"
+        batch = f"the models' dry-run example batch of {batch_size}" if example else f"{key}={batch_size}"
         fix = (
             f"make data.{split}_transform give one size, e.g. end it with Resize([{self.image_size}, "
             f"{self.image_size}]) or CenterCrop({self.image_size}) (data.image_size), or set it to null for the "
             "default transform"
         )
-        if split == "val":
+        if split == "val" and not example:
             fix += ", or set data.val_batch_size=1"
-        return SameSizeCollate(self.collate_fn(), split, f"{key}={batch_size}", fix)
+        return SameSizeCollate(self.collate_fn(), split, batch, fix)
 
     def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:
         """The first ``size`` samples of ``split`` (``train`` through the train transform, ``val`` through the
@@ -564,7 +567,7 @@ class ClassificationDataModule(L.LightningDataModule):
             self.setup("fit" if split == "train" else "validate")
             dataset = self.train_set if split == "train" else self.val_set
             self._check_example_size(size, len(dataset), split)
-            collate = self.checked_collate(split, size)  # type: ignore[arg-type]
+            collate = self.checked_collate(split, size, example=True)  # type: ignore[arg-type]
             loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
             return next(iter(loader))
 
@@ -588,14 +591,17 @@ class ClassificationDataModule(L.LightningDataModule):
     def _resume_position(self) -> tuple[int, int]:
         return resume_position(self.trainer)
 
-    def require_a_train_batch(self) -> None:
-        """Raise :class:`~diffkd.data.usable.EmptySplitError` when the training split gives no batch on this
-        process (``drop_last`` and fewer samples than ``batch_size``): Lightning would skip training with a
-        warning."""
+    def train_batch_problem(self) -> SplitProblem | None:
+        """Why the training split gives no batch on this process (``drop_last`` and fewer samples than
+        ``batch_size``, where Lightning would skip training with a warning), or None. ``python -m diffkd.data.check``
+        reports it; :meth:`train_dataloader` raises it."""
+        self.setup("fit")
         where = str(getattr(self, "train_dir", None) or self.data_dir)
-        samples = len(self.train_set)
-        name = type(self).__name__
-        require_a_batch(name, "train", where, samples, self.batch_size, self.drop_last, world_size(self))
+        return batch_problem("train", where, len(self.train_set), self.batch_size, self.drop_last, world_size(self))
+
+    def require_a_train_batch(self) -> None:
+        """Raise :class:`~diffkd.data.usable.EmptySplitError` for :meth:`train_batch_problem`."""
+        raise_problems(type(self).__name__, [self.train_batch_problem()])
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -226,7 +226,7 @@ def check_datamodule(
     progress: Callable[[str], None] | None = None,
 ) -> list[SplitReport]:
     """Set ``dm`` up (``fit`` when ``train`` is asked for, else ``validate``) and check its ``train_set`` /
-    ``val_set``."""
+    ``val_set``; an error when the training split gives no batch (its ``train_batch_problem()``)."""
     dm.setup("fit" if "train" in splits else "validate")
     reports = []
     for split in splits:
@@ -234,6 +234,11 @@ def check_datamodule(
         if dataset is None:
             raise ValueError(f"{type(dm).__name__} has no {split}_set after setup")
         reports.append(check_dataset(dataset, split, workers, progress))
+    batch_problem = getattr(dm, "train_batch_problem", None)
+    problem = batch_problem() if "train" in splits and callable(batch_problem) else None
+    if problem is not None:  # what the training loader would refuse: not one batch with this config
+        message = f"{problem.why}. Fix: {problem.fix}"
+        reports[splits.index("train")].issues.append(DataIssue(problem.where, "batch", message, "error"))
     return reports
 
 

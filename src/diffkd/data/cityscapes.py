@@ -37,7 +37,14 @@ from torchvision.transforms.v2 import functional as TF
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
-from diffkd.data.usable import SameSizeCollate, require_a_batch, require_one_size, world_size
+from diffkd.data.usable import (
+    SameSizeCollate,
+    SplitProblem,
+    batch_problem,
+    raise_problems,
+    require_one_size,
+    world_size,
+)
 
 __all__ = [
     "CIRKD_MEAN_BGR",
@@ -433,13 +440,15 @@ class SegmentationLoaders:
     #: The data set's name in :class:`~diffkd.data.usable.EmptySplitError`.
     checks_name: str = "segmentation"
 
-    def collate(self, train: bool) -> SameSizeCollate:
+    def collate(self, train: bool, example: int | None = None) -> SameSizeCollate:
         """``default_collate``, with a :class:`~diffkd.data.usable.MixedSizeError` naming the sizes and the fix
-        instead of torch's bare "stack expects each tensor to be equal size"."""
-        if train:
-            return SameSizeCollate(default_collate, "train", f"data.batch_size={self.batch_size}", self.train_size_fix)
-        batch = f"data.val_batch_size={self.val_batch_size}"
-        return SameSizeCollate(default_collate, "val", batch, VAL_SIZE_FIX)
+        instead of torch's bare "stack expects each tensor to be equal size". ``example``: the size of an
+        :meth:`example_batch` (the models' dry run), not a loader's."""
+        key, size = ("data.batch_size", self.batch_size) if train else ("data.val_batch_size", self.val_batch_size)
+        batch = f"the models' dry-run example batch of {example}" if example is not None else f"{key}={size}"
+        return SameSizeCollate(
+            default_collate, "train" if train else "val", batch, self.train_size_fix if train else VAL_SIZE_FIX
+        )
 
     def require_one_val_size(self, pairs: Sequence[tuple[Path, Path]]) -> None:
         """Evaluation uses every image at its own size: raise :class:`~diffkd.data.usable.MixedSizeError` at
@@ -464,11 +473,16 @@ class SegmentationLoaders:
     def _resume_position(self) -> tuple[int, int]:
         return resume_position(getattr(self, "trainer", None))
 
+    def train_batch_problem(self) -> SplitProblem | None:
+        """Why the training split gives no batch on this process (``drop_last`` and fewer samples than
+        ``batch_size``), or None; ``python -m diffkd.data.check`` reports it, :meth:`train_dataloader` raises it."""
+        self.setup("fit")
+        where = f"{getattr(self, 'root', '')} ({self.train_split})"
+        return batch_problem("train", where, len(self.train_set), self.batch_size, self.drop_last, world_size(self))
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        where = str(getattr(self, "root", "")) + f" ({self.train_split})"
-        n = len(self.train_set)
-        require_a_batch(self.checks_name, "train", where, n, self.batch_size, self.drop_last, world_size(self))
+        raise_problems(self.checks_name, [self.train_batch_problem()])
         return self._loader(self.train_set, self.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -482,8 +496,10 @@ class SegmentationLoaders:
         """A real collated batch of the first ``size`` samples of ``split``, on the CPU.
 
         ``"train"``: through the training transform (``crop_size`` crops), its draws from a fixed seed, so the batch
-        is the same every call; ``"val"`` (or ``"test"``): the evaluation transform (full images). Sets up the data
-        sets when needed; every global random state is the same afterwards as before.
+        is the same every call; ``"val"`` (or ``"test"``): the evaluation transform (full images), only those of the
+        first image's size (evaluation images may differ in size with ``val_batch_size: 1``; the batch then holds
+        fewer than ``size``). Sets up the data sets when needed; every global random state is the same afterwards
+        as before.
 
         Returns:
             images float32 (size, C, H, W), labels int64 (size, H, W).
@@ -497,7 +513,10 @@ class SegmentationLoaders:
             if not 1 <= size <= len(dataset):
                 raise ValueError(f"example_batch size must be in 1..{len(dataset)} for split {split!r}, got {size}")
             torch.default_generator.manual_seed(self.example_seed)  # CPU only: torch.manual_seed also seeds CUDA
-            return self.collate(train)([dataset[i] for i in range(size)])
+            samples = [dataset[i] for i in range(size)]
+            if not train:
+                samples = [s for s in samples if s[0].shape == samples[0][0].shape]
+            return self.collate(train, example=size)(samples)
 
 
 class CityscapesDataModule(SegmentationLoaders, ImageFileChecks, L.LightningDataModule):

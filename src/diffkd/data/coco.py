@@ -51,7 +51,7 @@ from torchvision.transforms import v2
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, SeededSamples, resume_position
-from diffkd.data.usable import SplitProblem, raise_problems, require_a_batch
+from diffkd.data.usable import SplitProblem, batch_problem, raise_problems
 
 __all__ = [
     "COCO_URLS",
@@ -932,6 +932,14 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         )
         return SplitProblem("train", where, why, fix)
 
+    def train_batch_problem(self) -> SplitProblem | None:
+        """Why the training split gives no batch on this process (``drop_last`` and fewer images than
+        ``batch_size``), or None; ``python -m diffkd.data.check`` reports it, :meth:`train_dataloader` raises it."""
+        self.setup("fit")
+        where = f"{self.train_split}, {self.split_paths(self.train_split)[1]}"
+        replicas = self._distributed_kwargs()["num_replicas"]
+        return batch_problem("train", where, len(self.train_set), self.batch_size, self.drop_last, replicas)
+
     def _val_problem(self, images: CocoImages) -> SplitProblem | None:
         """Why the evaluation split has nothing to evaluate against (no image, or no non-crowd annotation), or
         None. Evaluation keeps every box, so any non-crowd annotation is a ground truth to score."""
@@ -971,8 +979,7 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         self.setup("fit")
         sampler = self.train_sampler()
         n = len(self.train_set)
-        where = f"{self.train_split}, {self.split_paths(self.train_split)[1]}"
-        require_a_batch("COCO", "train", where, n, self.batch_size, self.drop_last, sampler.num_replicas)
+        raise_problems("COCO", [self.train_batch_problem()])
         epoch = self._resume_epoch
         if self.train_group_ids is None:
             batches: EpochCodedBatchSampler = EpochCodedBatchSampler(

@@ -30,7 +30,6 @@ __all__ = [
     "SplitProblem",
     "batch_problem",
     "raise_problems",
-    "require_a_batch",
     "require_one_size",
     "world_size",
 ]
@@ -110,13 +109,6 @@ def batch_problem(
         "that incomplete batch: not one training step would run",
         f"set data.batch_size={per_process} (or less), or data.drop_last=false",
     )
-
-
-def require_a_batch(
-    dataset: str, split: str, where: str, samples: int, batch_size: int, drop_last: bool, replicas: int = 1
-) -> None:
-    """Raise :class:`EmptySplitError` when the training split gives no batch (see :func:`batch_problem`)."""
-    raise_problems(dataset, [batch_problem(split, where, samples, batch_size, drop_last, replicas)])
 
 
 # ------------------------------------------------------------------------------------------ one size per batch
@@ -225,6 +217,6 @@ class SameSizeCollate:
                 continue
             what = {0: "image", 1: "label"}.get(position, f"sample element {position}")
             for index, shape in enumerate(shapes):
-                sizes.setdefault("×".join(str(s) for s in shape), []).append(f"sample {index} of the batch")
+                sizes.setdefault(f"shape {shape}", []).append(f"sample {index} of the batch")
             break
         return mixed_size_message(self.split, sizes, what, self.batch, self.fix)
