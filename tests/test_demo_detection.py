@@ -81,8 +81,12 @@ def test_scene_set_is_a_coco_folder_that_coco_datamodule_reads(tmp_path, fmnist_
     assert targets[0]["labels"].min() >= 1 and targets[0]["labels"].max() <= 10
 
 
-def _overrides(tmp_path, fmnist_root, *extra):
+def _overrides(tmp_path, fmnist_root, *extra, out: str = "out"):
+    """``out``: the runs' folder (each demo call needs its own, as each ``python -m diffkd.train`` gets its own)."""
     overrides = [o for o in tiny_overrides(tmp_path, fmnist_root) if o not in ("logger=none", "data.batch_size=8")]
+    overrides = [
+        o if not o.startswith("paths.output_dir=") else f"paths.output_dir={tmp_path / out}" for o in overrides
+    ]
     scenes = [f"demo.scenes.{k}={json.dumps(v).replace(' ', '')}" for k, v in SCENES.items()]
     return ["experiment=demo_detection", *overrides, *scenes, "demo.scenes.debian_dir=null",
             "demo.scenes.download=false", "data.batch_size=4", "data.val_batch_size=4", "model.student.min_size=64",
@@ -111,14 +115,16 @@ def test_detection_demo_prints_four_rows_and_reuses_its_teacher(tmp_path, fmnist
     assert (tmp_path / "demo" / "teacher.pth").is_file()
     meta = json.loads((tmp_path / "demo" / "teacher.json").read_text())
     assert meta["teacher"] == "demo_fcos_teacher" and set(meta["test"]) >= {"map", "map_50", "map_small"}
-    run_demo(compose_config(overrides), overrides)
+    assert meta["recipe"]["scenes"]["canvas"] == 64 and meta["recipe"]["trainer"]["max_epochs"] == 1
+    again = _overrides(tmp_path, fmnist_root, out="again")
+    run_demo(compose_config(again), again)
     assert "teacher demo_fcos_teacher (reused)" in capsys.readouterr().out
     ckpt = torch.load(next((tmp_path / "out" / "diffkd_det" / "checkpoints").glob("last.ckpt")), weights_only=True)
     assert ckpt["diffkd"]["config"]["distill"]["points"]["fpn"]["student"] == "backbone.fpn:*"
-    overrides = _overrides(tmp_path, fmnist_root, "demo.methods=[none,fitnet_fpn]", "demo.seeds=[3,4]")
+    overrides = _overrides(tmp_path, fmnist_root, "demo.methods=[none,fitnet_fpn]", "demo.seeds=[3,4]", out="seeds")
     run_demo(compose_config(overrides), overrides)
     out = capsys.readouterr().out
     assert "AP over 2 seeds (mean ± std)" in out and "differences beyond the seed spread" in out
     for seed in (3, 4):
-        last = tmp_path / "out" / "fitnet_fpn" / f"seed{seed}" / "checkpoints" / "last.ckpt"
+        last = tmp_path / "seeds" / "fitnet_fpn" / f"seed{seed}" / "checkpoints" / "last.ckpt"
         assert torch.load(last, weights_only=True)["diffkd"]["config"]["seed"] == seed

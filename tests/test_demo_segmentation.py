@@ -63,8 +63,12 @@ def test_scene_folder_is_built_once_and_read_by_the_datamodule(tmp_path, fmnist_
     assert not (tmp_path / "scenes.partial").exists()
 
 
-def _overrides(tmp_path, fmnist_root, *extra):
+def _overrides(tmp_path, fmnist_root, *extra, out: str = "out"):
+    """``out``: the runs' folder (each demo call needs its own, as each ``python -m diffkd.train`` gets its own)."""
     overrides = [o for o in tiny_overrides(tmp_path, fmnist_root) if o != "logger=none"]
+    overrides = [
+        o if not o.startswith("paths.output_dir=") else f"paths.output_dir={tmp_path / out}" for o in overrides
+    ]
     return ["experiment=demo_segmentation", *overrides, "demo.fashion_mnist.debian_dir=null",
             "demo.fashion_mnist.download=false", f"demo.scenes.root={tmp_path}/scenes", "demo.scenes.train=16",
             "demo.scenes.val=8", "demo.scenes.canvas=32", "demo.scenes.scale=[0.8,1.1]", "demo.teacher_epochs=1", "demo.student_epochs=1",
@@ -87,16 +91,20 @@ def test_demo_prints_four_rows_and_reuses_its_teacher(tmp_path, fmnist_root, cap
     ]
     assert 0.0 <= miou <= 1.0
     assert (tmp_path / "demo" / "teacher.pth").is_file() and (tmp_path / "demo" / "teacher.json").is_file()
-    overrides = _overrides(tmp_path, fmnist_root, "distill.diffkd.inference_steps=2", "demo.methods=[diffkd_seg]")
+    overrides = _overrides(
+        tmp_path, fmnist_root, "distill.diffkd.inference_steps=2", "demo.methods=[diffkd_seg]", out="again"
+    )
     run_demo(compose_config(overrides), overrides)
     out = capsys.readouterr().out
     assert "teacher demo_seg_teacher (reused)" in out and "student + diffkd" in out
-    ckpt = torch.load(tmp_path / "out" / "diffkd_seg" / "checkpoints" / "last.ckpt", weights_only=True)
+    ckpt = torch.load(tmp_path / "again" / "diffkd_seg" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["diffkd"]["config"]["distill"]["diffkd"]["inference_steps"] == 2
-    overrides = _overrides(tmp_path, fmnist_root, "demo.methods=[none,kd_seg]", "demo.seeds=[3,4]")
+    overrides = _overrides(tmp_path, fmnist_root, "demo.methods=[none,kd_seg]", "demo.seeds=[3,4]", out="seeds")
     run_demo(compose_config(overrides), overrides)
     out = capsys.readouterr().out
     assert "mIoU over 2 seeds (mean ± std)" in out and "differences beyond the seed spread" in out
     for seed in (3, 4):
-        ckpt = torch.load(tmp_path / "out" / "kd_seg" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True)
+        ckpt = torch.load(
+            tmp_path / "seeds" / "kd_seg" / f"seed{seed}" / "checkpoints" / "last.ckpt", weights_only=True
+        )
         assert ckpt["diffkd"]["config"]["seed"] == seed

@@ -29,6 +29,7 @@ from diffkd.training import train
 log = logging.getLogger("diffkd.demo")
 
 __all__ = [
+    "cached_teacher",
     "cpu_supports_bf16",
     "demo_precision",
     "demo_run_config",
@@ -36,14 +37,27 @@ __all__ = [
     "demo_table",
     "demo_user_overrides",
     "mean_std",
+    "recipe_changes",
     "run_demo",
     "save_student_as_teacher",
     "seed_summary",
     "spread_verdict",
+    "teacher_recipe",
     "train_demo_run",
 ]
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+
+# The groups of a run's config that shape what it learns, and the entries in them that do not: where the run writes,
+# how it reports, how fast it loads, what it would do with a teacher (the teacher's own run has none).
+_RECIPE_GROUPS = ("seed", "model", "data", "distill", "optim", "trainer", "callbacks")
+_NOT_RECIPE = {
+    "model": ("teacher", "compile", "compile_mode", "nonfinite_check_every", "iou_table", "input_size"),
+    "data": ("data_dir", "root", "num_workers", "pin_memory", "download", "debian_dir", "verify", "cache"),
+    "trainer": ("default_root_dir", "log_every_n_steps", "enable_progress_bar", "enable_model_summary", "logger"),
+    "callbacks": ("progress_bar", "rich_progress_bar", "lr_monitor", "model_summary"),
+}
+_CALLBACK_PLACES = ("dirpath", "filename")
 
 
 def cpu_supports_bf16() -> bool:
@@ -123,6 +137,74 @@ def train_demo_run(user: Sequence[str], method: str, fixed: Sequence[str]) -> tu
     start = time.perf_counter()
     metrics, objs = train(demo_run_config(user, method, ["pipeline=train", *fixed]))
     return metrics, objs["best_ckpt"], time.perf_counter() - start
+
+
+def teacher_recipe(cfg: DictConfig, **extra: Any) -> dict[str, Any]:
+    """What shapes the teacher that the run ``cfg`` trains, as plain data to compare with a cached teacher's.
+
+    The run's seed, model (the teacher is its student; no teacher of its own), data, distiller, optimizer, trainer
+    (epochs, precision, clipping, ...) and callbacks, resolved, less the entries that only say where the run writes,
+    how it reports or how it loads (``data.root``, ``trainer.log_every_n_steps``, the progress bar, checkpoint
+    folders, ...). ``extra``: whatever else shapes it (the scene set's parameters).
+    """
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    recipe: dict[str, Any] = {}
+    for group in _RECIPE_GROUPS:
+        value = resolved.get(group)
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in _NOT_RECIPE.get(group, ())}
+        recipe[group] = value
+    for callback in (recipe.get("callbacks") or {}).values():
+        if isinstance(callback, dict):
+            for key in _CALLBACK_PLACES:
+                callback.pop(key, None)
+    return {**recipe, **extra}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def recipe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``"key: old → new"`` for every entry (dotted keys) where two :func:`teacher_recipe` s differ."""
+    a, b = _flat(old), _flat(new)
+    missing = object()
+    return [
+        f"{key}: {a.get(key, '(none)')} → {b.get(key, '(none)')}"
+        for key in sorted(a.keys() | b.keys())
+        if a.get(key, missing) != b.get(key, missing)
+    ]
+
+
+def cached_teacher(teacher_file: Path, recipe: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """The json of the teacher cached in ``teacher_file`` when it was trained with ``recipe``, else ``None``; and
+    the log line that says which happens (reused, or trained again and why).
+
+    The json beside the weights (``<teacher_file>.json``) records the recipe it was trained with; a teacher whose
+    json records none (written before the recipe was kept) or another one is trained again and replaces it.
+    """
+    meta_file = teacher_file.with_suffix(".json")
+    if not teacher_file.is_file() or not meta_file.is_file():
+        return None, f"no cached demo teacher at {teacher_file}: training one"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        return None, f"the cached demo teacher's {meta_file} is unreadable ({err}): training the teacher again"
+    if meta.get("recipe") is None:
+        return None, (
+            f"the cached demo teacher {teacher_file} records no training settings (written by an older diffkd): "
+            "training it again, with this run's settings"
+        )
+    changes = recipe_changes(meta["recipe"], json.loads(json.dumps(recipe)))
+    if changes:
+        shown = "; ".join(changes[:6]) + (f"; … ({len(changes)} in all)" if len(changes) > 6 else "")
+        return None, (
+            f"the cached demo teacher {teacher_file} was trained with other settings ({shown}): training a new "
+            "one, which replaces it"
+        )
+    return meta, f"reusing the demo teacher {teacher_file}: trained with this run's settings"
 
 
 def save_student_as_teacher(best_ckpt: str, teacher_file: Path, **extra: Any) -> None:
@@ -210,8 +292,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     meta_file = teacher_file.with_suffix(".json")
     metric = "val/acc"  # the final weights on Fashion-MNIST's test split (validated once, at the end)
 
-    def run(method: str, epochs: int, student: str, folder: Path, seed: int, extra: Sequence[str] = ()):
-        fixed = [
+    def settings(epochs: int, student: str, folder: Path, seed: int, extra: Sequence[str] = ()) -> list[str]:
+        return [
             f"seed={seed}",
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
@@ -219,21 +301,23 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
             f"paths.output_dir={folder}",
             *extra,
         ]
-        metrics, best, seconds = train_demo_run(user, method, fixed)
+
+    def run(method: str, epochs: int, student: str, folder: Path, seed: int, extra: Sequence[str] = ()):
+        metrics, best, seconds = train_demo_run(user, method, settings(epochs, student, folder, seed, extra))
         return metrics.get(metric, float("nan")), best, seconds
 
-    meta = json.loads(meta_file.read_text()) if teacher_file.is_file() and meta_file.is_file() else None
-    if meta is not None and meta.get("model", demo.teacher) != demo.teacher:
-        log.info("%s holds a %s, not %s: training the teacher again", teacher_file, meta.get("model"), demo.teacher)
-        meta = None
+    teacher_fixed = settings(demo.teacher_epochs, demo.teacher, out_root / "teacher", int(cfg.seed))
+    recipe = teacher_recipe(demo_run_config(user, "none", ["pipeline=train", *teacher_fixed]))
+    meta, message = cached_teacher(teacher_file, recipe)
+    log.info(message)
     if meta is not None:
-        log.info("reusing the demo teacher %s (test acc %.2f%%)", teacher_file, 100 * meta["test_acc"])
+        log.info("demo teacher %s: test acc %.2f%%", teacher_file, 100 * meta["test_acc"])
         teacher_row = (f"teacher {demo.teacher} (reused)", meta["test_acc"], 0.0)
     else:
         acc, best, seconds = run("none", demo.teacher_epochs, demo.teacher, out_root / "teacher", int(cfg.seed))
         save_student_as_teacher(best, teacher_file, test_acc=acc)
         meta = {"test_acc": acc, "source": best, "epochs": demo.teacher_epochs, "model": demo.teacher}
-        meta_file.write_text(json.dumps(meta))
+        meta_file.write_text(json.dumps({**meta, "recipe": recipe}))
         teacher_row = (f"teacher {demo.teacher}", acc, seconds)
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
     names = {"none": "student alone"}

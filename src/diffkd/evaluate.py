@@ -149,6 +149,8 @@ class EvalResult:
 def _read_file(path: Path) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
     """The file's contents (a weights-only load) and its export meta (``None`` where it has none), or an
     :class:`EvalError` that says what the file is not (or why it was refused)."""
+    from safetensors import SafetensorError
+
     from diffkd.export import read_export_meta
     from diffkd.models.checkpoint import NotACheckpointError, RefusedCheckpointError, read_checkpoint
 
@@ -161,14 +163,10 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
         raise EvalError(str(err)) from None
     except NotACheckpointError:
         raise EvalError(f"{path} is not a PyTorch checkpoint") from None
+    except SafetensorError as err:
+        raise EvalError(f"{path} is not a safetensors file ({err})") from None
     except RuntimeError as err:  # a pickle of something else than a dict
-        raise EvalError(f"{err}: not a checkpoint or a dict of weights") from None
-    except Exception as err:
-        from safetensors import SafetensorError
-
-        if isinstance(err, SafetensorError):
-            raise EvalError(f"{path} is not a safetensors file ({err})") from None
-        raise
+        raise EvalError(str(err)) from None
     return obj, meta
 
 
@@ -416,13 +414,8 @@ def _run_config(
     notes: list[str] = []
     stored = _stored_config(checkpoint) if checkpoint is not None else None
     root: str | None = None
-    origin: str | None = None
-    if stored is not None:
-        cfg, origin = OmegaConf.create(dict(stored)), "the checkpoint's"
-    else:
-        cfg, origin = _export_config(meta), "the export's"
-        if cfg is None:
-            origin = None
+    cfg = OmegaConf.create(dict(stored)) if stored is not None else _export_config(meta)
+    origin = None if cfg is None else "the checkpoint's" if stored is not None else "the export's"
     if cfg is not None and origin is not None:
         if args.data is not None:
             name, root = _data_name(args.data)

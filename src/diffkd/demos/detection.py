@@ -28,12 +28,15 @@ from PIL import Image
 
 from diffkd.data.fashion_mnist import FASHION_MNIST_CLASSES, FashionMNISTDataModule, read_idx
 from diffkd.demo import (
+    cached_teacher,
     demo_precision,
+    demo_run_config,
     demo_seeds,
     demo_user_overrides,
     mean_std,
     save_student_as_teacher,
     seed_summary,
+    teacher_recipe,
     train_demo_run,
 )
 from diffkd.demos.scenes import Scene, compose_scenes, scene_summary
@@ -183,8 +186,8 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     rows: list[tuple[str, dict[str, float], float]] = []
     names = {**_METHOD_NAMES, "teacher": f"teacher {demo.teacher}"}
 
-    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> tuple[dict, str]:
-        fixed = [
+    def settings(label: str, epochs: int, student: str, extra: Sequence[str] = ()) -> list[str]:
+        return [
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
             f"model.student.name={student}",
@@ -192,24 +195,26 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
             f"data.root={scene_root}",
             *extra,
         ]
-        metrics, best, seconds = train_demo_run(user, method, fixed)
+
+    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> tuple[dict, str]:
+        metrics, best, seconds = train_demo_run(user, method, settings(label, epochs, student, extra))
         ap = {suffix: metrics.get(f"test/{suffix}", float("nan")) for _, suffix in AP_COLUMNS}
         rows.append((names.get(label, f"student + {label}"), ap, seconds))
         return ap, best
 
     params = _scene_params(demo.scenes)
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-    reusable = meta is not None and meta.get("scenes") == params and meta.get("teacher") == demo.teacher
-    if teacher_file.is_file() and reusable:
-        log.info("reusing the demo teacher %s (AP %s)", teacher_file, _fmt(meta["test"]["map"]))
+    teacher_settings = settings("teacher", demo.teacher_epochs, demo.teacher)
+    recipe = teacher_recipe(demo_run_config(user, "none", ["pipeline=train", *teacher_settings]), scenes=params)
+    meta, message = cached_teacher(teacher_file, recipe)
+    log.info(message)
+    if meta is not None:
+        log.info("demo teacher %s: AP %s", teacher_file, _fmt(meta["test"]["map"]))
         rows.append((f"teacher {demo.teacher} (reused)", meta["test"], 0.0))
     else:
-        if meta is not None:
-            log.info("the demo teacher of %s was trained on other scenes or is another model: retraining", meta_file)
         ap, best = run("teacher", "none", demo.teacher_epochs, demo.teacher)
         save_student_as_teacher(best, teacher_file)
         info = {"teacher": demo.teacher, "test": ap, "scenes": params, "epochs": demo.teacher_epochs, "source": best}
-        meta_file.write_text(json.dumps(info, indent=1))
+        meta_file.write_text(json.dumps({**info, "recipe": recipe}, indent=1))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
     seeds = demo_seeds(demo, int(cfg.seed))
     per_seed: dict[str, list[float]] = {}

@@ -36,12 +36,15 @@ from torch import Tensor
 
 from diffkd.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from diffkd.demo import (
+    cached_teacher,
     demo_precision,
+    demo_run_config,
     demo_seeds,
     demo_user_overrides,
     mean_std,
     save_student_as_teacher,
     seed_summary,
+    teacher_recipe,
     train_demo_run,
 )
 from diffkd.demos.scenes import compose_scenes
@@ -207,15 +210,17 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     meta_file = teacher_file.with_suffix(".json")
     rows: list[tuple[str, float, float, float]] = []
 
-    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> dict[str, Any]:
-        fixed = [
+    def settings(label: str, epochs: int, student: str, extra: Sequence[str] = ()) -> list[str]:
+        return [
             f"trainer.max_epochs={epochs}",
             f"trainer.precision={precision}",
             f"model.student.name={student}",
             f"paths.output_dir={out_root / label}",
             *extra,
         ]
-        metrics, best, seconds = train_demo_run(user, method, fixed)
+
+    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> dict[str, Any]:
+        metrics, best, seconds = train_demo_run(user, method, settings(label, epochs, student, extra))
         return {
             "miou": metrics.get("test/miou", float("nan")),
             "pixel_acc": metrics.get("test/pixel_acc", float("nan")),
@@ -223,19 +228,19 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
             "best_ckpt": best,
         }
 
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() and teacher_file.is_file() else None
-    if meta is not None and meta.get("scenes") != scenes_params:
-        log.info("the cached teacher %s was trained on other scenes: training it again", teacher_file)
-        meta = None
+    teacher_settings = settings("teacher", demo.teacher_epochs, demo.teacher)
+    recipe = teacher_recipe(demo_run_config(user, "none", ["pipeline=train", *teacher_settings]), scenes=scenes_params)
+    meta, message = cached_teacher(teacher_file, recipe)
+    log.info(message)
     if meta is not None:
-        log.info("reusing the demo teacher %s (test mIoU %.2f%%)", teacher_file, 100 * meta["miou"])
+        log.info("demo teacher %s: test mIoU %.2f%%", teacher_file, 100 * meta["miou"])
         rows.append((f"teacher {demo.teacher} (reused)", meta["miou"], meta["pixel_acc"], 0.0))
     else:
         result = run("teacher", "none", demo.teacher_epochs, demo.teacher)
         save_student_as_teacher(result["best_ckpt"], teacher_file, miou=result["miou"])
         meta = {k: result[k] for k in ("miou", "pixel_acc")}
         meta |= {"source": result["best_ckpt"], "epochs": demo.teacher_epochs, "scenes": scenes_params}
-        meta_file.write_text(json.dumps(meta, indent=1))
+        meta_file.write_text(json.dumps({**meta, "recipe": recipe}, indent=1))
         rows.append((f"teacher {demo.teacher}", result["miou"], result["pixel_acc"], result["seconds"]))
     teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
     seeds = demo_seeds(demo, int(cfg.seed))
