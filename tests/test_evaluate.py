@@ -141,6 +141,12 @@ def test_an_export_evaluates_as_its_checkpoint_from_its_meta(run, tmp_path, caps
     assert "data.image_size=40 (--image-size; the export's was 32)" in capsys.readouterr().out
     assert larger.metrics["val/loss"] != from_ckpt.metrics["val/loss"]
 
+    # another data config: the run's image size and normalisation go with it where its data module takes them
+    folder = main([str(tmp_path / "r8.pth"), "--data", str(run.data_dir), "--num-workers", "0", *CPU])
+    assert folder.data == "image_folder" and folder.settings["image_size"] == 32
+    assert folder.overrides[:2] == ["data=image_folder (--data; the export's was imagenet)",
+                                    "data.image_size=32 (the export's, kept with --data image_folder)"]  # fmt: skip
+
     # an export without the meta (written before it existed) evaluates as before: conf/ with --model and --data
     legacy = tmp_path / "legacy.pth"
     torch.save({"model": student_state_dict(torch.load(run.ckpt, weights_only=True))}, legacy)
