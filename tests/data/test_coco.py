@@ -739,6 +739,16 @@ def test_a_duplicate_image_id_is_named(coco_copy: Path) -> None:
     )
 
 
+def test_a_duplicate_category_id_is_named(coco_copy: Path) -> None:
+    path = edit_annotations(coco_copy, "val2017", lambda data: data["categories"][1].update(id=1))
+    with pytest.raises(AnnotationFormatError) as info:
+        _dm(coco_copy).setup("validate")
+    assert str(info.value).startswith(
+        f"{path}: category id 1 is duplicated: 2 entries of 'categories' have it (entries 0 and 1: "
+        "{'id': 1, 'name': 'person'} and {'id': 1, 'name': 'bicycle'}); ids must be unique."
+    )
+
+
 def test_annotation_ids_must_be_unique_and_missing_ones_are_numbered(coco_copy: Path) -> None:
     def renumber(data: dict) -> None:
         data["annotations"][1]["id"] = data["annotations"][0]["id"]

@@ -16,7 +16,8 @@ on a thread pool (PIL decodes outside the GIL):
 
 Setting the datamodule up applies the rules training applies (:mod:`diffkd.data.usable`): a split with no usable
 sample (a COCO json without annotations, every box dropped) and evaluation images of several sizes batched together
-fail the check as they would fail training, with the same message.
+fail the check as they would fail training, with the same message; a training split smaller than one batch (with
+``drop_last``, for this config's ``batch_size``) is an error of the train split.
 
 Exit status: 0 when nothing is bad (notes allowed), 1 when there is an error or a warning (or the data set is not
 found or not usable), 2 for a usage error. The last line is the summary; ``--json out.json`` writes the whole

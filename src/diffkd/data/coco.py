@@ -54,15 +54,19 @@ from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, S
 from diffkd.data.usable import SplitProblem, batch_problem, raise_problems
 
 __all__ = [
+    "BOX_DROP_REASONS",
     "COCO_URLS",
     "MULTISCALE_MIN_SIZES",
     "AnnotationFormatError",
+    "BoxUsage",
     "COCODataModule",
     "CocoImages",
     "DetectionTransform",
     "GroupedBatchSampler",
     "ImageReadError",
     "aspect_ratio_group_ids",
+    "box_drop_codes",
+    "box_usage",
     "collate_detection",
     "has_valid_annotation",
     "load_coco_annotations",
@@ -651,7 +655,9 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
     - Training targets have no crowd boxes and no boxes ≤ 1 px wide or tall; with
       ``remove_images_without_annotations`` the images without any annotation box > 1 px (crowds included,
       torchvision's rule, :func:`has_valid_annotation`) are left out. Evaluation keeps every image and every
-      annotation (crowds with ``iscrowd=1``).
+      annotation (crowds with ``iscrowd=1``). ``setup`` counts what training leaves out (:func:`box_usage`, one
+      warning, ``box_usage``) and raises :class:`~diffkd.data.usable.EmptySplitError` for a training split with no
+      box to train on or an evaluation split with no image or no non-crowd annotation.
     - Labels are COCO's category ids (1..90 on COCO: ``num_classes = 91`` with background 0, as torchvision's
       detectors expect) or, with ``contiguous_labels``, 1..K in category-id order (``num_classes = K + 1``).
       ``label_to_category`` maps labels back to category ids for COCO evaluation, either way.

@@ -46,7 +46,9 @@ class DistillDataModule(Protocol):
         """A real batch of ``size`` samples, for the dry run that infers the models' shapes.
 
         The first ``size`` items of ``split`` (``"train"``: through the training transforms; ``"val"``: the
-        evaluation transforms, for runs that only validate), collated as that split's loader does. DataLoader
+        evaluation transforms, for runs that only validate), collated as that split's loader does. Segmentation
+        ``"val"`` keeps only those of the first item's size (full-resolution evaluation images may differ in size
+        with a ``val_batch_size`` of 1), so its batch may hold fewer. DataLoader
         path: on the CPU; ``gpu_preload`` path: built as the device loader builds its batches, on the preload
         device. Works before and after ``setup`` (it sets up when needed).
 
