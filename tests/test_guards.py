@@ -246,3 +246,12 @@ def test_the_cli_refuses_a_used_run_folder_before_hydra_writes_into_it(tmp_path,
     assert "Either resume unchanged" in resumed.stderr and "resume_changes=apply" in resumed.stderr
     assert {p.name: p.read_text() for p in (run_dir / ".hydra").iterdir()} == hydra_files  # refused before Hydra wrote
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0  # untouched
+
+
+def test_a_split_of_one_sample_evaluates(tmp_path):
+    cfg = segmentation_cfg(tmp_path, "train=false", "test=true")
+    for kind in ("images", "labels"):
+        for extra in sorted((tmp_path / "scenes" / "val" / kind).iterdir())[1:]:
+            extra.unlink()
+    metrics, _ = train(cfg)
+    assert 0.0 <= metrics["test/miou"] <= 1.0

@@ -295,7 +295,13 @@ class DistillationModule(L.LightningModule):
                 "call module.build(batch) yourself, or set model.input_size=[C, H, W]"
             )
         require_protocol(dm, DistillDataModule, "the dry run")
-        return move_data_to_device(dm.example_batch(2, split=split), self.device)
+        try:
+            batch = dm.example_batch(2, split=split)
+        except ValueError as err:  # a split of one sample (evaluating one image): the dry run runs in eval mode
+            if "example_batch" not in str(err):
+                raise
+            batch = dm.example_batch(1, split=split)
+        return move_data_to_device(batch, self.device)
 
     def setup(self, stage: str) -> None:
         if self.student_taps is not None:
@@ -518,7 +524,7 @@ class DistillationModule(L.LightningModule):
         finally:
             self.student.train(was_training)
             self.output_watch.stop()
-        bad = self.output_watch.bad(watched)
+        bad = self.output_watch.bad(watched, self.device)
         if bad:
             self._raise_bad_outputs(bad, "on the dry run's batch, before writing a checkpoint,")
 
@@ -537,7 +543,7 @@ class DistillationModule(L.LightningModule):
                 self.nonfinite.check_value(name, value, where, self._last_good_checkpoint())
             watched = list(self.watched_outputs())
             self.output_watch.stop()
-            bad = self.output_watch.bad(watched)
+            bad = self.output_watch.bad(watched, self.device)
             if bad:
                 self._raise_bad_outputs(bad, "in validation")
         self.log_validation_epoch()

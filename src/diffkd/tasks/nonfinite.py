@@ -168,12 +168,12 @@ class OutputWatch:
             handle.remove()
         self._handles = []
 
-    def bad(self, names: Iterable[str]) -> list[str]:
-        """The watched ``names`` that produced a NaN/inf on any rank since :meth:`start` (one host sync)."""
+    def bad(self, names: Iterable[str], device: torch.device | str = "cpu") -> list[str]:
+        """The watched ``names`` that produced a NaN/inf on any rank since :meth:`start` (one host sync; ``device``:
+        the module's, where the ranks reduce — a rank that saw no batch has no flag of its own there)."""
         names = list(names)
         if not names:
             return []
-        device = next(iter(self.flags.values())).device if self.flags else torch.device("cpu")
         flags = torch.stack([self.flags.get(n, torch.zeros((), dtype=torch.bool, device=device)) for n in names])
         flags = any_rank(flags.int()).bool()
         return [n for n, f in zip(names, flags.tolist()) if f]
