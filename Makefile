@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
-	set -o pipefail; $(PY) -m pip install --quiet -e ".[dev,detection]" $(TORCH_PINS) 2>&1 | tee $(VENV)/install.log
+	set -o pipefail; $(PY) -m pip install --quiet -e ".[dev,detection,mmdet-ref]" $(TORCH_PINS) 2>&1 | tee $(VENV)/install.log
 	@if grep -qE "BuildBackendWarning|SetuptoolsDeprecationWarning|DeprecationWarning" $(VENV)/install.log; then \
 	  echo "error: the build backend warned of a deprecation during the install (see $(VENV)/install.log):" \
 	       "pyproject.toml uses a form that will stop building; update it" >&2; exit 1; fi

@@ -230,6 +230,14 @@ def load_weights(
     else:
         origin = f"'{Path(source).expanduser()}'"
         obj = read_checkpoint(source)
+    # a model that reads another framework's checkpoints (diffkd.models.mmdet: MMDetection's model zoo) converts them
+    # itself, strictly, and answers None for anything else
+    convert = getattr(model, "convert_foreign_checkpoint", None)
+    if key is None and callable(convert):
+        converted = convert(obj, origin)
+        if converted is not None:
+            model.load_state_dict(converted, strict=True)
+            return
     state = extract_state_dict(obj, key, origin=origin)
 
     own = model.state_dict()

@@ -1,0 +1,460 @@
+"""The parts every MMDetection-compatible detector shares: its ResNet/ResNeXt, its FPN, its input transform, its
+anchors, and the backbone + neck half of reading an MMDetection checkpoint.
+
+Built from torchvision's detection classes so that the detection task, the taps (``backbone.fpn:*``), FPN DiffKD,
+FGD, exact resume and COCO evaluation work unchanged; every number that differs from torchvision's defaults is set
+as MMDetection 3.3's configs and code set it (``../shared/docs/detection-segmentation.md`` §9):
+
+- **Backbone** (:func:`mmdet_resnet`): torchvision's ResNet/ResNeXt; ``style="pytorch"`` keeps the stride on the
+  3×3 convolution of each bottleneck, ``style="caffe"`` moves it to the first 1×1 (MMDetection's ``style='caffe'``).
+  Every BatchNorm is an :class:`EvalBatchNorm2d` (``norm_eval=True``: statistics never update; the affine
+  parameters train unless ``bn_requires_grad=False``, the caffe configs' ``requires_grad=False``), the stem and
+  ``layer1`` are frozen (``frozen_stages=1``).
+- **FPN** (:func:`mmdet_fpn`): torchvision's ``FeaturePyramidNetwork`` with MMDetection's extra levels —
+  ``"maxpool"`` (Faster R-CNN: P6 = max-pool(P5)), ``"on_input"`` (RetinaNet: P6 = conv(C5), P7 = conv(P6), no ReLU)
+  and ``"on_output"`` with ``relu_before_extra=True`` (FCOS: P6 = conv(P5), P7 = conv(ReLU(P6))); Xavier-uniform
+  initialisation as MMDetection's ``FPN``.
+- **Transform** (:class:`MMDetTransform`): inputs keep torchvision's convention (RGB in [0, 1]); the model scales
+  them to 0..255, flips to BGR for caffe models, normalises with the config's mean/std, resizes as mmcv's
+  ``imrescale`` (scale factor ``min(max_size / long, min_size / short)``, sizes ``int(x·s + 0.5)``) and pads to a
+  multiple of 32 with zeros. Named difference: MMDetection resizes the decoded uint8 image with OpenCV and rounds
+  it to uint8 before normalising; here the float image is resized (bilinear, half-pixel centres, as OpenCV's
+  ``INTER_LINEAR``): the two differ by at most half a grey level per pixel where a resize happens.
+- **Anchors** (:class:`MMDetAnchorGenerator`): MMDetection's ``AnchorGenerator`` — float sizes, no rounding,
+  centre offset 0, fixed strides (torchvision rounds base anchors to integers, truncates RetinaNet's octave sizes
+  to ``int`` and derives strides from the padded image size).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
+
+__all__ = [
+    "CAFFE_MEAN_BGR",
+    "CAFFE_STD",
+    "PYTORCH_MEAN_RGB",
+    "PYTORCH_STD_RGB",
+    "EvalBatchNorm2d",
+    "ExtraConvLevels",
+    "MMDetAnchorGenerator",
+    "MMDetTransform",
+    "MMDetWeightsError",
+    "backbone_neck_rules",
+    "convert_keys",
+    "is_mmdet_checkpoint",
+    "load_backbone_weights",
+    "mmdet_fpn",
+    "mmdet_resnet",
+    "mmdet_state_dict",
+    "resnet_description",
+]
+
+#: MMDetection's ``data_preprocessor`` of the pytorch-style models (0..255 RGB).
+PYTORCH_MEAN_RGB = (123.675, 116.28, 103.53)
+PYTORCH_STD_RGB = (58.395, 57.12, 57.375)
+#: ... and of the caffe-style ones (0..255 BGR, std 1).
+CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
+CAFFE_STD = (1.0, 1.0, 1.0)
+
+Style = Literal["pytorch", "caffe"]
+
+#: ``depth`` → the torchvision builder (``groups``/``width_per_group`` make ResNeXt).
+_DEPTHS = {50: "resnet50", 101: "resnet101"}
+
+
+class MMDetWeightsError(RuntimeError):
+    """An MMDetection checkpoint (or ImageNet backbone file) that does not fit the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------------- backbone
+class EvalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that always normalises with its running statistics and never updates them (MMDetection's
+    ``norm_eval=True``); its weight and bias train unless their ``requires_grad`` is off. Same state-dict keys as
+    ``BatchNorm2d`` (``num_batches_tracked`` included), so MMDetection's checkpoints load key for key."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def mmdet_resnet(
+    depth: int = 50,
+    groups: int = 1,
+    width_per_group: int = 64,
+    style: Style = "pytorch",
+    frozen_stages: int = 1,
+    bn_requires_grad: bool = True,
+) -> nn.Module:
+    """MMDetection's ``ResNet``/``ResNeXt`` as a torchvision ``ResNet`` (no classifier used; randomly initialised —
+    ImageNet weights come from :func:`load_backbone_weights`).
+
+    Args:
+        depth: 50 or 101.
+        groups, width_per_group: ResNeXt's cardinality and base width (64, 4 for X-101-64x4d).
+        style: ``"pytorch"`` (stride on the 3×3) or ``"caffe"`` (stride on the first 1×1).
+        frozen_stages: the stem and this many stages take no gradient (MMDetection's ``frozen_stages``; -1: none).
+        bn_requires_grad: whether BatchNorm's weight and bias train (statistics are frozen either way).
+    """
+    import torchvision
+
+    if depth not in _DEPTHS:
+        raise ValueError(f"depth={depth}: MMDetection-compatible ResNets here are {sorted(_DEPTHS)}")
+    if style not in ("pytorch", "caffe"):
+        raise ValueError(f"style={style!r}; choose pytorch or caffe")
+    model = torchvision.models.resnet.ResNet(
+        torchvision.models.resnet.Bottleneck,
+        {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth],
+        groups=groups,
+        width_per_group=width_per_group,
+        norm_layer=EvalBatchNorm2d,
+    )
+    if style == "caffe":
+        for name in ("layer2", "layer3", "layer4"):
+            first = getattr(model, name)[0]
+            first.conv1.stride, first.conv2.stride = first.conv2.stride, (1, 1)
+    for module in model.modules():
+        if isinstance(module, EvalBatchNorm2d):
+            module.requires_grad_(bn_requires_grad)
+    frozen = ["conv1", "bn1", *(f"layer{i}" for i in range(1, frozen_stages + 1))] if frozen_stages >= 0 else []
+    for name in frozen:
+        getattr(model, name).requires_grad_(False)
+    return model
+
+
+def load_backbone_weights(body: nn.Module, source: str, depth: int, groups: int = 1) -> None:
+    """ImageNet weights into :func:`mmdet_resnet`'s ``body`` as MMDetection initialises it.
+
+    Args:
+        source: a torchvision weights name (``"IMAGENET1K_V1"``: MMDetection's ``torchvision://resnet50``/
+            ``resnet101``, and ResNeXt-101 64x4d's ``IMAGENET1K_V1``), downloaded on first use; or the path of a
+            backbone file in torchvision's names — the detectron2-converted caffe ResNets of the caffe-style configs
+            (``open-mmlab://detectron2/resnet50_caffe`` = ``resnet50_msra-5891d200.pth``, ``resnet101_caffe`` =
+            ``resnet101_msra-6cc46731.pth``, under ``download.openmmlab.com/pretrain/third_party/``). A classifier
+            (``fc.*``) in the file is left out; anything else that does not fit is an error listing it.
+    """
+    import torchvision
+
+    from diffkd.models.checkpoint import extract_state_dict, read_checkpoint
+
+    if Path(source).suffix in (".pth", ".pt", ".pkl", ".safetensors") or Path(source).exists():
+        state = extract_state_dict(read_checkpoint(source), origin=f"'{source}'")
+        origin = f"'{source}'"
+    else:
+        arch = {(50, 1): "resnet50", (101, 1): "resnet101", (101, 64): "resnext101_64x4d"}.get((depth, groups))
+        if arch is None:
+            raise ValueError(f"no torchvision ImageNet weights for depth {depth}, groups {groups}")
+        weights = torchvision.models.get_model_weights(arch).verify(source)
+        state = weights.get_state_dict(progress=False)
+        origin = f"torchvision's {arch} {weights.name}"
+    state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("fc.")}
+    own = body.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith("fc.") and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise MMDetWeightsError(
+            f"the ImageNet backbone {origin} does not fit a depth-{depth} (groups {groups}) ResNet: missing "
+            f"{missing[:5]}, unexpected {unexpected[:5]}, other shapes {shapes[:5]}"
+        )
+    body.load_state_dict(state, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------- FPN
+class ExtraConvLevels(ExtraFPNBlock):
+    """P6 and P7 (``p6``, ``p7``) by 3×3 stride-2 convolutions, MMDetection's ``add_extra_convs``.
+
+    Args:
+        in_channels: channels of the source of P6 (C5's for ``"on_input"``, the FPN's for ``"on_output"``).
+        out_channels: the FPN's channels.
+        source: ``"on_input"`` (P6 from C5, RetinaNet) or ``"on_output"`` (P6 from P5, FCOS).
+        relu_before_extra: ReLU before each extra conv after the first (MMDetection's ``relu_before_extra_convs``;
+            FCOS: True).
+        num_extra: how many levels (2: P6, P7).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        source: Literal["on_input", "on_output"] = "on_input",
+        relu_before_extra: bool = False,
+        num_extra: int = 2,
+    ) -> None:
+        super().__init__()
+        if source not in ("on_input", "on_output"):
+            raise ValueError(f"source={source!r}; choose on_input or on_output")
+        self.source = source
+        self.relu_before_extra = relu_before_extra
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels if i == 0 else out_channels, out_channels, 3, stride=2, padding=1)
+            for i in range(num_extra)
+        )
+        for conv in self.convs:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, results: list[Tensor], x: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        inp = x[-1] if self.source == "on_input" else results[-1]
+        for i, conv in enumerate(self.convs):
+            if self.relu_before_extra and i > 0:  # MMDetection's FPN: never before P6 (its source is taken as is)
+                inp = F.relu(inp)
+            inp = conv(inp)
+            results.append(inp)
+            names.append(f"p{6 + i}")
+        return results, names
+
+
+def mmdet_fpn(
+    body: nn.Module,
+    start_level: int,
+    extra: Literal["maxpool", "on_input", "on_output"],
+    relu_before_extra: bool = False,
+    out_channels: int = 256,
+) -> BackboneWithFPN:
+    """``body`` (:func:`mmdet_resnet`) + MMDetection's FPN from ``layer{start_level + 1}`` on, as a torchvision
+    ``BackboneWithFPN`` (``model.backbone``; outputs ``'0'``, ``'1'``, ... and ``'pool'`` or ``'p6'``, ``'p7'``).
+
+    Args:
+        start_level: the first ResNet stage used, 0-based (0: C2, Faster R-CNN; 1: C3, RetinaNet and FCOS).
+        extra: ``"maxpool"`` (P6 = max-pool(P5), MMDetection's ``num_outs=5`` without extra convs),
+            ``"on_input"`` or ``"on_output"`` (:class:`ExtraConvLevels`).
+        relu_before_extra: see :class:`ExtraConvLevels`.
+    """
+    stages = list(range(start_level + 1, 5))
+    widths = [body.inplanes // 8 * 2 ** (i - 1) for i in stages]  # 256, 512, 1024, 2048
+    if extra == "maxpool":
+        extra_block: ExtraFPNBlock = LastLevelMaxPool()
+    else:
+        source_channels = widths[-1] if extra == "on_input" else out_channels
+        extra_block = ExtraConvLevels(source_channels, out_channels, extra, relu_before_extra)
+    backbone = BackboneWithFPN(
+        body, {f"layer{i}": str(k) for k, i in enumerate(stages)}, widths, out_channels, extra_blocks=extra_block
+    )
+    for blocks in (backbone.fpn.inner_blocks, backbone.fpn.layer_blocks):
+        for block in blocks:
+            conv = block[0]
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------------------- transform
+class MMDetTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform with MMDetection's arithmetic (see the module docstring).
+
+    Args:
+        min_size: the short-edge scale (a tuple: one is chosen per training image, MMDetection's
+            ``RandomChoiceResize`` of ``(max_size, s)`` scales).
+        max_size: the long-edge limit (1333).
+        mean, std: per channel, in 0..255 units and in the model's channel order.
+        bgr: the model reads BGR (caffe-style backbones).
+        size_divisible: pad to a multiple of this (32).
+    """
+
+    def __init__(
+        self,
+        min_size: int | Sequence[int],
+        max_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        bgr: bool = False,
+        size_divisible: int = 32,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(min_size, max_size, list(mean), list(std), size_divisible=size_divisible, **kwargs)
+        self.bgr = bool(bgr)
+
+    def normalize(self, image: Tensor) -> Tensor:
+        if not image.is_floating_point():
+            raise TypeError(f"images must be floating point in [0, 1] (RGB), got {image.dtype}")
+        if image.shape[0] != 3:
+            raise ValueError(f"MMDetection's detectors read 3-channel images, got {tuple(image.shape)}")
+        x = image * 255.0
+        if self.bgr:
+            x = x.flip(0)
+        mean = torch.as_tensor(self.image_mean, dtype=x.dtype, device=x.device)
+        std = torch.as_tensor(self.image_std, dtype=x.dtype, device=x.device)
+        return (x - mean[:, None, None]) / std[:, None, None]
+
+    @staticmethod
+    def rescaled_size(height: int, width: int, short: int, long: int) -> tuple[int, int]:
+        """mmcv's ``rescale_size`` for the scale ``(long, short)``: ``(new_height, new_width)``."""
+        factor = min(long / max(height, width), short / min(height, width))
+        return int(height * factor + 0.5), int(width * factor + 0.5)
+
+    def resize(self, image: Tensor, target: dict[str, Tensor] | None = None) -> tuple[Tensor, Any]:
+        h, w = image.shape[-2:]
+        if self.training:
+            if self._skip_resize:
+                return image, target
+            size = self.torch_choice(self.min_size)
+        else:
+            size = self.min_size[-1]
+        new_h, new_w = self.rescaled_size(int(h), int(w), int(size), int(self.max_size))
+        if (new_h, new_w) != (h, w):
+            image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        if target is not None and "boxes" in target:
+            scale = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], dtype=torch.float32)
+            target["boxes"] = target["boxes"] * scale.to(target["boxes"].device, target["boxes"].dtype)
+        return image, target
+
+
+# ---------------------------------------------------------------------------------------------------- anchors
+class MMDetAnchorGenerator(AnchorGenerator):
+    """MMDetection's ``AnchorGenerator`` in torchvision's interface (see the module docstring).
+
+    Args:
+        strides: one per level (8, 16, ... or 4, 8, ...).
+        ratios: height / width ratios (0.5, 1, 2).
+        scales: anchor scales relative to the stride (Faster R-CNN: ``(8,)``); or
+        octave_base_scale, scales_per_octave: RetinaNet's ``4 · 2^(i / 3)``, i < 3.
+    """
+
+    def __init__(
+        self,
+        strides: Sequence[int],
+        ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        scales: Sequence[float] | None = None,
+        octave_base_scale: float | None = None,
+        scales_per_octave: int | None = None,
+    ) -> None:
+        if scales is None:
+            if octave_base_scale is None or scales_per_octave is None:
+                raise ValueError("give scales, or octave_base_scale and scales_per_octave")
+            scales = [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
+        self.strides = tuple(int(s) for s in strides)
+        sizes = tuple(tuple(float(s) * stride for s in scales) for stride in self.strides)
+        super().__init__(sizes, tuple(tuple(float(r) for r in ratios) for _ in self.strides))
+
+    def generate_anchors(
+        self,
+        scales: list[float],
+        aspect_ratios: list[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Tensor:
+        scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios_t = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(ratios_t)
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * scales_t[None, :]).view(-1)
+        hs = (h_ratios[:, None] * scales_t[None, :]).view(-1)
+        return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=1)  # not rounded
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        if len(feature_maps) != len(self.strides):
+            raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides")
+        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
+        self.set_cell_anchors(dtype, device)
+        per_level = self.grid_anchors(grid_sizes, strides)
+        joined = torch.cat(per_level)
+        return [joined for _ in image_list.image_sizes]
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def mmdet_state_dict(obj: Mapping[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(state_dict, meta)`` of a loaded MMDetection v2/v3 checkpoint (``{"state_dict", "meta"}``, or a bare state
+    dict with MMDetection's top-level names)."""
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, Mapping) or not state:
+        raise MMDetWeightsError("not an MMDetection checkpoint: no 'state_dict'")
+    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else {}
+    return {str(k).removeprefix("module."): v for k, v in state.items()}, dict(meta or {})
+
+
+def is_mmdet_checkpoint(obj: Any) -> bool:
+    """Whether a loaded checkpoint has MMDetection's layout (``backbone.*`` + ``neck.*`` + a head)."""
+    if not isinstance(obj, Mapping):
+        return False
+    state = obj.get("state_dict", obj)
+    if not isinstance(state, Mapping):
+        return False
+    tops = {str(k).removeprefix("module.").split(".", 1)[0] for k in state}
+    return "backbone" in tops and "neck" in tops and bool(tops & {"bbox_head", "rpn_head", "roi_head"})
+
+
+Rule = tuple[str, str]
+"""``(regex on the MMDetection key, replacement)``: the first rule that matches renames a key."""
+
+
+def backbone_neck_rules(num_inputs: int, extra: Literal["maxpool", "on_input", "on_output"]) -> list[Rule]:
+    """Renames from MMDetection's ``backbone.*``/``neck.*`` to :func:`mmdet_fpn`'s ``backbone.body.*``/
+    ``backbone.fpn.*`` (``num_inputs``: the FPN's input levels; its extra convs are ``neck.fpn_convs.<n>`` for
+    ``n >= num_inputs``)."""
+    rules: list[Rule] = [
+        (r"^backbone\.(.*)$", r"backbone.body.\1"),
+        (r"^neck\.lateral_convs\.(\d+)\.conv\.(weight|bias)$", r"backbone.fpn.inner_blocks.\1.0.\2"),
+    ]
+    for i in range(num_inputs):
+        rules.append((rf"^neck\.fpn_convs\.{i}\.conv\.(weight|bias)$", rf"backbone.fpn.layer_blocks.{i}.0.\1"))
+    if extra != "maxpool":
+        for j in range(2):
+            source = rf"^neck\.fpn_convs\.{num_inputs + j}\.conv\.(weight|bias)$"
+            rules.append((source, rf"backbone.fpn.extra_blocks.convs.{j}.\1"))
+    return rules
+
+
+def convert_keys(
+    state: Mapping[str, Tensor],
+    rules: Sequence[Rule],
+    model: nn.Module,
+    origin: str,
+    fits: Callable[[Mapping[str, Tensor]], str] | None = None,
+) -> dict[str, Tensor]:
+    """Rename ``state`` by ``rules`` and check it against ``model`` strictly.
+
+    Raises:
+        MMDetWeightsError: keys no rule renames, model keys left unfilled, or shapes that differ — listed, with
+            what the file is (``fits(state)``, e.g. "RetinaNet R-101 FPN, 80 classes → mmdet_retinanet_r101_fpn").
+    """
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out: dict[str, Tensor] = {}
+    unmatched = []
+    for key, value in state.items():
+        for pattern, repl in compiled:
+            if pattern.match(key):
+                out[pattern.sub(repl, key)] = value
+                break
+        else:
+            unmatched.append(key)
+    own = model.state_dict()
+    missing = [k for k in own if k not in out]
+    unexpected = unmatched + [k for k in out if k not in own]
+    shapes = [
+        f"{k}: file {tuple(out[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in out and out[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"cannot load the MMDetection checkpoint {origin} into {type(model).__name__}:"]
+        for what, names in (("missing", missing), ("unexpected (MMDetection names)", unexpected), ("shapes", shapes)):
+            if names:
+                lines.append(f"  {what} ({len(names)}): {', '.join(names[:8])}{' …' if len(names) > 8 else ''}")
+        if fits is not None:
+            lines.append(f"  the file holds: {fits(state)}")
+        raise MMDetWeightsError("\n".join(lines))
+    return out
+
+
+def resnet_description(state: Mapping[str, Tensor]) -> str:
+    """``"R-50"``, ``"R-101"``, ``"X-101-64x4d"`` ... read from the backbone's keys and shapes."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
+    depth = {6: 50, 23: 101, 36: 152}.get(len(blocks), f"?({len(blocks)} blocks in layer3)")
+    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    if conv2 is not None and conv2.shape[1] != conv2.shape[0]:
+        groups = conv2.shape[0] // conv2.shape[1]
+        return f"X-{depth}-{groups}x{conv2.shape[0] // groups}d"
+    return f"R-{depth}"
