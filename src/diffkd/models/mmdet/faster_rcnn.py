@@ -1,0 +1,1 @@
+"""MMDetection's faster_rcnn (placeholder: being written)."""

@@ -1,0 +1,1 @@
+"""MMDetection's fcos (placeholder: being written)."""

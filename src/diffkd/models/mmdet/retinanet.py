@@ -1,0 +1,1 @@
+"""MMDetection's retinanet (placeholder: being written)."""
