@@ -229,7 +229,9 @@ class WarmupMultiStepLR(LRScheduler):
 
     ``lr(step) = base · gamma^#{m ∈ milestones : e ≥ m} · w(step)``, ``e = step / steps_per_epoch``, with
     ``w = 1 − (1 − step / warmup_steps)(1 − warmup_ratio)`` during the warm-up and 1 after (MMDetection's
-    ``warmup='linear'``; its ``schedule_2x``: 500 iterations, ratio 0.001, milestones 16 and 22 of 24 epochs).
+    ``warmup='linear'``; its ``schedule_2x``: 500 iterations, ratio 0.001, milestones 16 and 22 of 24 epochs), or
+    ``w = warmup_ratio`` with ``warmup="constant"`` (MMDetection's FCOS configs: ``ConstantLR`` factor 1/3, 500
+    iterations).
     torchvision's references warm up the same way over ``min(1000, epoch length)`` iterations. Use it with
     ``optim.scheduler_interval: step``; :class:`~diffkd.tasks.DistillationModule` fills ``steps_per_epoch``.
 
@@ -239,6 +241,7 @@ class WarmupMultiStepLR(LRScheduler):
         gamma: the decay factor.
         warmup_steps: length of the warm-up in optimizer steps (0: none).
         warmup_ratio: the warm-up's starting fraction of the learning rate.
+        warmup: ``"linear"`` (from ``warmup_ratio`` up to 1) or ``"constant"`` (``warmup_ratio`` throughout).
         steps_per_epoch: optimizer steps per epoch (> 0).
         last_epoch: the index of the last step taken (−1: a fresh start).
     """
@@ -252,7 +255,11 @@ class WarmupMultiStepLR(LRScheduler):
         warmup_ratio: float = 0.001,
         steps_per_epoch: float | None = None,
         last_epoch: int = -1,
+        warmup: str = "linear",
     ) -> None:
+        if warmup not in ("linear", "constant"):
+            raise ValueError(f"warmup={warmup!r}; choose linear or constant")
+        self.warmup = warmup
         if steps_per_epoch is None or steps_per_epoch <= 0:
             raise ValueError(
                 f"WarmupMultiStepLR needs steps_per_epoch > 0 (got {steps_per_epoch}); DistillationModule passes it "
@@ -274,7 +281,10 @@ class WarmupMultiStepLR(LRScheduler):
         decays = bisect.bisect_right(self.milestones, step / self.steps_per_epoch + 1e-9)
         factor = self.gamma**decays
         if step < self.warmup_steps:
-            factor *= 1.0 - (1.0 - step / self.warmup_steps) * (1.0 - self.warmup_ratio)
+            if self.warmup == "constant":
+                factor *= self.warmup_ratio
+            else:
+                factor *= 1.0 - (1.0 - step / self.warmup_steps) * (1.0 - self.warmup_ratio)
         return factor
 
     def get_lr(self) -> list[float]:

@@ -104,6 +104,8 @@ class DistillationModule(L.LightningModule):
         scheduler: a partial taking the optimizer, or ``None``.
         scheduler_interval: ``epoch`` or ``step``.
         no_decay_bias_norm: weight decay 0 for biases and normalisation weights (all 1-D parameters).
+        bias_lr_mult, bias_decay_mult: the learning rate and weight decay of every bias outside a normalisation
+            layer, times these (MMDetection's ``paramwise_cfg``; its FCOS configs: 2 and 0).
         lr_base_batch_size: when set, the learning rate scales linearly with the global batch:
             ``lr × (batch_size × devices × nodes × accumulate) / lr_base_batch_size``.
         input_size: (C, H, W) of a synthetic dry-run batch, for use without a datamodule; by default the dry run
@@ -133,6 +135,8 @@ class DistillationModule(L.LightningModule):
         scheduler: Callable[[Optimizer], Any] | None = None,
         scheduler_interval: str = "epoch",
         no_decay_bias_norm: bool = False,
+        bias_lr_mult: float = 1.0,
+        bias_decay_mult: float = 1.0,
         lr_base_batch_size: int | None = None,
         input_size: Iterable[int] | None = None,
         task_weights: Mapping[str, float] | None = None,
@@ -157,6 +161,8 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}")
         self.scheduler_interval = scheduler_interval
         self.no_decay_bias_norm = no_decay_bias_norm
+        self.bias_lr_mult = float(bias_lr_mult)
+        self.bias_decay_mult = float(bias_decay_mult)
         self.lr_base_batch_size = lr_base_batch_size
         self.input_size = tuple(input_size) if input_size is not None else None
         self.task_weights = {str(k): float(v) for k, v in (task_weights or {}).items()}
@@ -643,11 +649,35 @@ class DistillationModule(L.LightningModule):
             groups: Any = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
         else:
             groups = [p for _, p in params]
+        mults = self.bias_lr_mult != 1.0 or self.bias_decay_mult != 1.0
+        if mults:
+            if self.no_decay_bias_norm:
+                raise ValueError("optim.no_decay_bias_norm and bias_lr_mult/bias_decay_mult: choose one rule")
+            biases = self._plain_biases()
+            groups = [
+                {"params": [p for n, p in params if n not in biases]},
+                {"params": [p for n, p in params if n in biases]},
+            ]
         optimizer = self.optimizer_factory(groups)
+        if mults:  # the second group: the biases outside normalisation layers
+            optimizer.param_groups[1]["lr"] *= self.bias_lr_mult
+            optimizer.param_groups[1]["weight_decay"] *= self.bias_decay_mult
         if self.lr_base_batch_size:
             factor = scale_learning_rate(optimizer, self.global_batch_size(), self.lr_base_batch_size)
             log.info("learning rate scaled ×%.4g for a global batch of %d", factor, self.global_batch_size())
         return optimizer
+
+    def _plain_biases(self) -> set[str]:
+        """Names of the trainable biases that do not belong to a normalisation layer (MMDetection's rule)."""
+        norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+        names = set()
+        for module_name, module in self.named_modules():
+            if isinstance(module, norms) or type(module).__name__ == "FrozenBatchNorm2d":
+                continue
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.requires_grad and not module_name.startswith("teacher."):
+                names.add(f"{module_name}.bias" if module_name else "bias")
+        return names
 
     def configure_optimizers(self) -> Any:
         optimizer = self._build_optimizer()

@@ -108,6 +108,8 @@ def build_module(cfg: DictConfig, num_classes: int | None = None, teacher: bool 
         scheduler=hydra.utils.instantiate(optim.scheduler) if optim.get("scheduler") else None,
         scheduler_interval=optim.get("scheduler_interval", "epoch"),
         no_decay_bias_norm=optim.get("no_decay_bias_norm", False),
+        bias_lr_mult=optim.get("bias_lr_mult", 1.0),
+        bias_decay_mult=optim.get("bias_decay_mult", 1.0),
         lr_base_batch_size=optim.get("lr_base_batch_size"),
         **options,
     )
