@@ -1,1 +1,749 @@
-"""MMDetection's retinanet (placeholder: being written)."""
+"""MMDetection's RetinaNet (``retinanet/retinanet_{r50,r101,x101-64x4d}_fpn_2x_coco.py`` of mmdet 3.3) on
+torchvision's ``RetinaNet`` class, reading MMDetection's zoo checkpoints key for key.
+
+Registered names (tags ``"detection"``, ``"coco"``, ``"mmdet"``), each
+``fn(num_classes=81, weights_backbone=None, min_size=800, max_size=1333, frozen_stages=None, weights=None,
+backbone_only=False, **kwargs)``:
+
+* ``mmdet_retinanet_r50_fpn`` — the paper's RetinaNet student (zoo: 37.4 AP, 2×);
+* ``mmdet_retinanet_r101_fpn`` — its teacher (38.9 AP, 2×);
+* ``mmdet_retinanet_x101_64x4d_fpn`` — ResNeXt-101 64x4d (40.8 AP 2×; the 1× file, 41.0 AP, is FGD's and the
+  paper's stronger Table 5 teacher). The zoo files are listed in :data:`ZOO`.
+
+``num_classes`` counts background 0 as our COCO data does (``data.contiguous_labels=true``: labels 1..80 and
+background 0, i.e. 81): the head has ``num_classes - 1`` sigmoid outputs per anchor, and our label ``l`` is
+MMDetection's class ``l - 1``. The attributes keep torchvision's layout, so the detection task, the taps, DiffKD,
+FGD and COCO evaluation work unchanged: ``model.transform`` (:class:`~diffkd.models.mmdet.common.MMDetTransform`),
+``model.backbone`` (FPN levels ``'0', '1', '2', 'p6', 'p7'`` = P3–P7, strides 8–128, 256 channels; tap them with
+``backbone.fpn:*``), ``model.anchor_generator``, ``model.head`` (``head.classification_head.{conv, cls_logits}``,
+``head.regression_head.{conv, bbox_reg}``; ``head.classification_head.cls_logits:*`` taps the raw logits per level).
+Training returns ``{"loss_cls", "loss_bbox"}`` (MMDetection's names, weighable by ``model.task_weights``), evaluation
+the detections ``[{boxes (K, 4) xyxy in the input image's pixels, scores (K,), labels (K,) in 1..num_classes-1}]``.
+
+What is MMDetection's, number for number (read from mmdet 3.3's configs and code):
+
+* **Backbone, FPN, transform, anchors**: :mod:`diffkd.models.mmdet.common` — pytorch-style ResNet/ResNeXt with
+  frozen BatchNorm statistics and frozen stem + stage 1, FPN from C3 with P6 = conv(C5) and P7 = conv(P6) (no ReLU),
+  RGB mean/std normalisation and mmcv's resize arithmetic, pad to 32, ``AnchorGenerator(octave_base_scale=4,
+  scales_per_octave=3, ratios=[0.5, 1, 2], strides=[8..128])`` in MMDetection's order (per location: ratio-major,
+  scale-minor).
+* **Head** (``RetinaHead``): 4 stacked 3×3 convs + ReLU per branch, no norm, ``retina_cls``/``retina_reg`` 3×3 with
+  MMDetection's channel layout (channel ``a·K + k`` is anchor ``a``, class ``k``; ``a·4 + d`` its delta ``d``, which
+  is torchvision's layout too); weights normal(std 0.01), biases 0, the class bias ``-log(99)`` (prior 0.01).
+* **Box coder** (``DeltaXYWHBBoxCoder``, means 0, stds 1): deltas of centres / sizes; decoding clamps ``log`` sizes
+  to ``±|log(16/1000)|`` and clips to the resized image (``img_shape``).
+* **Test** (``test_cfg``): per level the scores ``> 0.05`` (sigmoid of all anchor × class pairs), sorted, the first
+  1000 (``nms_pre``); all levels decoded, rescaled to the input image (``rescale=True``: divided by the scale
+  factor), boxes with zero width or height dropped (``min_bbox_size=0``), class-wise NMS at IoU 0.5 by MMDetection's
+  coordinate offsets (``class · (max coordinate + 1)``), the best 100 (``max_per_img``).
+* **Training** (``train_cfg``): per image, the anchors whose centre cell lies inside the image padded to 32
+  (MMDetection's ``valid_flags``; ``allowed_border=-1``) are assigned by ``MaxIoUAssigner(pos_iou_thr=0.5,
+  neg_iou_thr=0.4, min_pos_iou=0)`` with low-quality matches (``gt_max_assign_all``: every anchor that ties a box's
+  best IoU goes to it, later boxes winning) and MMDetection's IoU (union clamped at 1e-6); ``PseudoSampler``: IoU in
+  [0.4, 0.5) and invalid anchors weigh 0. ``loss_cls``: sigmoid focal loss (γ 2, α 0.25) on every weighted anchor ×
+  class; ``loss_bbox``: L1 on the encoded deltas of the positives; both summed per level and divided by
+  ``avg_factor + eps`` with ``avg_factor = Σ_images max(#positives, 1)`` (``SamplingResult.avg_factor``).
+* **Checkpoints**: MMDetection v2/v3 files (``{"state_dict", "meta"}``) load through ``load_weights`` /
+  ``create_teacher(name, weights=path)`` / ``weights=path``, converted key for key (``backbone.*``, ``neck.*``,
+  ``bbox_head.{cls,reg}_convs.N.conv``, ``retina_cls``, ``retina_reg``) and strictly: anything missing, unexpected or
+  of another shape is an error listing it and saying what the file is (e.g. "RetinaNet X-101-64x4d FPN, 80 classes →
+  mmdet_retinanet_x101_64x4d_fpn"). A file whose ``meta`` config says ``style='caffe'`` is refused (same keys, other
+  computation).
+* **Backbone-only teachers** (``backbone_only=True``): only ``backbone.*`` and ``neck.*`` of the file are read (any
+  zoo detector whose ResNet/ResNeXt + FPN fit this model's: RetinaNet's FPN, C3–C5 with P6 from C5 — e.g. another
+  RetinaNet file, FreeAnchor, PISA RetinaNet), the heads keep their initialisation, and a warning says so: such a
+  teacher serves ``teacher_runs: backbone`` (FPN DiffKD, FGD) only. :func:`convert_backbone_fpn` is the generic
+  function behind it, for any model whose ``backbone`` is :func:`~diffkd.models.mmdet.common.mmdet_fpn`'s.
+
+Named differences (none changes a trained model's numbers beyond float rounding unless said):
+
+* **Resize**: MMDetection resizes the decoded uint8 image with OpenCV and rounds to uint8; the float image is resized
+  here (see :mod:`~diffkd.models.mmdet.common`). No difference where no resize happens.
+* **Order of rescale and NMS**: identical (rescale, size filter, NMS), but the rescale multiplies by ``1 / s`` with
+  ``s = new / old`` from the transform's sizes as MMDetection's ``scale_factor`` does; the boxes can differ from
+  MMDetection's by float rounding where a resize happens.
+* **NMS beyond 10 000 candidates**: MMDetection's ``batched_nms`` switches to per-class NMS from 10 000 boxes
+  (``split_thr``); with ``nms_pre=1000`` on 5 levels there are at most 5 000, so only the offset path exists here.
+* **Focal loss on GPU**: MMDetection calls mmcv's CUDA ``sigmoid_focal_loss`` there (``log(p)`` of the probability);
+  here, as MMDetection on CPU, the logit form (``binary_cross_entropy_with_logits``): equal up to float rounding.
+* **Mixed precision**: the losses and the decoding run in float32 on the head's outputs, anchors are float32 (under
+  ``bf16-mixed`` MMDetection's AMP keeps its own casts; MMDetection's zoo models train in fp32).
+* **Data parallel**: MMDetection's ``AnchorHead`` does not reduce ``avg_factor`` over GPUs (FCOS/ATSS do): each rank
+  divides by its own positives and DDP averages the gradients — what happens here too, so nothing differs.
+* **ImageNet backbone of X-101-64x4d**: MMDetection initialises it from ``open-mmlab://resnext101_64x4d``
+  (``resnext101_64x4d-ee2c6f71.pth``, FB's ResNeXt); ``weights_backbone="IMAGENET1K_V1"`` is torchvision's
+  ``resnext101_64x4d`` (a newer recipe, 83.2 % top-1): another starting point. Pass the open-mmlab file's path
+  instead to start where MMDetection does (R-50/R-101: ``IMAGENET1K_V1`` *is* ``torchvision://resnet50/101``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
+
+from diffkd.models.mmdet.common import (
+    PYTORCH_MEAN_RGB,
+    PYTORCH_STD_RGB,
+    MMDetAnchorGenerator,
+    MMDetTransform,
+    MMDetWeightsError,
+    Rule,
+    backbone_neck_rules,
+    convert_keys,
+    is_mmdet_checkpoint,
+    load_backbone_weights,
+    mmdet_fpn,
+    mmdet_resnet,
+    mmdet_state_dict,
+    resnet_description,
+)
+from diffkd.models.registry import register_model
+
+__all__ = [
+    "BACKBONES",
+    "ZOO",
+    "BackboneFPNOnly",
+    "MMDetRetinaNet",
+    "bbox_overlaps",
+    "build_mmdet_retinanet",
+    "convert_backbone_fpn",
+    "decode_deltas",
+    "describe_mmdet_checkpoint",
+    "encode_deltas",
+    "max_iou_assign",
+]
+
+log = logging.getLogger(__name__)
+
+_TAGS = ("detection", "coco", "mmdet")
+_COCO_CLASSES = 81  # background 0 + MMDetection's 80 classes (our contiguous COCO labels)
+_STRIDES = (8, 16, 32, 64, 128)
+_WH_RATIO_CLIP = 16 / 1000
+_EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss: loss.sum() / (avg_factor + eps)
+_ZOO_URL = "https://download.openmmlab.com/mmdetection/v2.0/retinanet"
+
+#: model name → (depth, groups, width_per_group, the zoo's name of the backbone).
+BACKBONES: dict[str, tuple[int, int, int, str]] = {
+    "mmdet_retinanet_r50_fpn": (50, 1, 64, "R-50"),
+    "mmdet_retinanet_r101_fpn": (101, 1, 64, "R-101"),
+    "mmdet_retinanet_x101_64x4d_fpn": (101, 64, 4, "X-101-64x4d"),
+}
+
+#: MMDetection's zoo files of these models: model name → [(schedule, box AP, url)].
+ZOO: dict[str, list[tuple[str, float, str]]] = {
+    "mmdet_retinanet_r50_fpn": [
+        ("2x", 37.4, f"{_ZOO_URL}/retinanet_r50_fpn_2x_coco/retinanet_r50_fpn_2x_coco_20200131-fdb43119.pth"),
+    ],
+    "mmdet_retinanet_r101_fpn": [
+        ("2x", 38.9, f"{_ZOO_URL}/retinanet_r101_fpn_2x_coco/retinanet_r101_fpn_2x_coco_20200131-5560aee8.pth"),
+    ],
+    "mmdet_retinanet_x101_64x4d_fpn": [
+        (
+            "1x",
+            41.0,
+            f"{_ZOO_URL}/retinanet_x101_64x4d_fpn_1x_coco/retinanet_x101_64x4d_fpn_1x_coco_20200130-366f5af1.pth",
+        ),
+        (
+            "2x",
+            40.8,
+            f"{_ZOO_URL}/retinanet_x101_64x4d_fpn_2x_coco/retinanet_x101_64x4d_fpn_2x_coco_20200131-bca068ab.pth",
+        ),
+    ],
+}
+
+
+# ---------------------------------------------------------------------------------------------------- box arithmetic
+def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """MMDetection's IoU (``bbox_overlaps``, mode ``iou``): (M, 4) × (N, 4) xyxy → (M, N), the union clamped at
+    ``eps`` (torchvision's ``box_iou`` divides by the bare union)."""
+    if boxes1.numel() == 0 or boxes2.numel() == 0:
+        return boxes1.new_zeros((boxes1.shape[0], boxes2.shape[0]))
+    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
+    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    overlap = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2[None, :] - overlap
+    return overlap / torch.max(union, union.new_tensor([eps]))
+
+
+def max_iou_assign(
+    gt_boxes: Tensor, anchors: Tensor, pos_iou_thr: float = 0.5, neg_iou_thr: float = 0.4, min_pos_iou: float = 0.0
+) -> Tensor:
+    """MMDetection's ``MaxIoUAssigner`` (``gt_max_assign_all=True``, ``match_low_quality=True``, no ignored boxes).
+
+    Args:
+        gt_boxes: (G, 4) xyxy.
+        anchors: (N, 4) xyxy.
+
+    Returns:
+        (N,) int64: ``-1`` ignored, ``0`` negative, ``i + 1`` assigned to box ``i``.
+    """
+    n = anchors.shape[0]
+    if gt_boxes.shape[0] == 0 or n == 0:
+        return torch.zeros(n, dtype=torch.int64, device=anchors.device) if gt_boxes.shape[0] == 0 else (
+            torch.full((n,), -1, dtype=torch.int64, device=anchors.device)
+        )  # fmt: skip
+    overlaps = bbox_overlaps(gt_boxes, anchors)  # (G, N)
+    assigned = torch.full((n,), -1, dtype=torch.int64, device=anchors.device)
+    max_overlaps, argmax_overlaps = overlaps.max(dim=0)
+    gt_max_overlaps = overlaps.max(dim=1).values
+    assigned[(max_overlaps >= 0) & (max_overlaps < neg_iou_thr)] = 0
+    positive = max_overlaps >= pos_iou_thr
+    assigned[positive] = argmax_overlaps[positive] + 1
+    # low-quality matches, box by box in order (a later box takes the anchors it ties with an earlier one): the
+    # last box whose best IoU an anchor reaches
+    ties = (overlaps == gt_max_overlaps[:, None]) & (gt_max_overlaps >= min_pos_iou)[:, None]
+    order = torch.arange(1, gt_boxes.shape[0] + 1, device=anchors.device)[:, None]
+    last = (ties * order).max(dim=0).values
+    return torch.where(last > 0, last, assigned)
+
+
+def encode_deltas(anchors: Tensor, boxes: Tensor) -> Tensor:
+    """``DeltaXYWHBBoxCoder.encode`` (means 0, stds 1): (N, 4) anchors and boxes → (N, 4) ``(dx, dy, dw, dh)``."""
+    anchors, boxes = anchors.float(), boxes.float()
+    px = (anchors[:, 0] + anchors[:, 2]) * 0.5
+    py = (anchors[:, 1] + anchors[:, 3]) * 0.5
+    pw = anchors[:, 2] - anchors[:, 0]
+    ph = anchors[:, 3] - anchors[:, 1]
+    gx = (boxes[:, 0] + boxes[:, 2]) * 0.5
+    gy = (boxes[:, 1] + boxes[:, 3]) * 0.5
+    gw = boxes[:, 2] - boxes[:, 0]
+    gh = boxes[:, 3] - boxes[:, 1]
+    return torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
+
+
+def decode_deltas(anchors: Tensor, deltas: Tensor, max_shape: tuple[int, int] | None = None) -> Tensor:
+    """``DeltaXYWHBBoxCoder.decode`` (means 0, stds 1, ``wh_ratio_clip=16/1000``, ``clip_border=True``): (N, 4)
+    anchors and deltas → (N, 4) xyxy boxes, clipped to ``max_shape`` ``(height, width)`` when given."""
+    if deltas.shape[0] == 0:
+        return deltas
+    pxy = (anchors[:, :2] + anchors[:, 2:]) * 0.5
+    pwh = anchors[:, 2:] - anchors[:, :2]
+    dxy_wh = pwh * deltas[:, :2]
+    max_ratio = abs(math.log(_WH_RATIO_CLIP))
+    dwh = deltas[:, 2:].clamp(min=-max_ratio, max=max_ratio)
+    gxy = pxy + dxy_wh
+    gwh = pwh * dwh.exp()
+    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+    if max_shape is not None:
+        boxes[:, 0::2].clamp_(min=0, max=max_shape[1])
+        boxes[:, 1::2].clamp_(min=0, max=max_shape[0])
+    return boxes
+
+
+def _focal_loss(logits: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
+    """Element-wise sigmoid focal loss as MMDetection's ``py_sigmoid_focal_loss`` writes it (same shapes in and out;
+    ``targets`` one-hot floats)."""
+    p = logits.sigmoid()
+    pt = (1 - p) * targets + p * (1 - targets)
+    focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight
+
+
+def _valid_flags(level_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int], num_anchors: int) -> Tensor:
+    """MMDetection's ``AnchorGenerator.valid_flags`` for one image: (sum H·W·A,) bool, anchors whose cell lies in
+    the image padded to 32 (``pad_shape``)."""
+    pad_h, pad_w = (math.ceil(s / 32) * 32 for s in image_size)
+    flags = []
+    for (h, w), stride in zip(level_sizes, _STRIDES):
+        valid_h, valid_w = min(math.ceil(pad_h / stride), h), min(math.ceil(pad_w / stride), w)
+        grid = torch.zeros(h, w, dtype=torch.bool)
+        grid[:valid_h, :valid_w] = True
+        flags.append(grid.reshape(-1, 1).expand(-1, num_anchors).reshape(-1))
+    return torch.cat(flags)
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+class MMDetRetinaNet(RetinaNet):
+    """torchvision's ``RetinaNet`` computing what MMDetection's computes (see the module docstring).
+
+    Args:
+        backbone: :func:`~diffkd.models.mmdet.common.mmdet_fpn` (``"on_input"``, from C3).
+        num_classes: classes including background 0 (the head has ``num_classes - 1`` sigmoid outputs).
+        transform: the input transform (:class:`~diffkd.models.mmdet.common.MMDetTransform`).
+        name: the registered name (messages).
+        description: what the model is, e.g. ``"RetinaNet R-50 FPN"``.
+        backbone_only: read only the backbone + FPN of MMDetection checkpoints (see the module docstring).
+        score_thresh, nms_thresh, detections_per_img, topk_candidates: MMDetection's ``test_cfg`` ``score_thr``,
+            ``nms.iou_threshold``, ``max_per_img``, ``nms_pre``.
+        fg_iou_thresh, bg_iou_thresh, min_pos_iou: the assigner's ``pos_iou_thr``, ``neg_iou_thr``, ``min_pos_iou``.
+        focal_gamma, focal_alpha: the focal loss's γ and α.
+    """
+
+    def __init__(
+        self,
+        backbone: BackboneWithFPN,
+        num_classes: int,
+        transform: MMDetTransform,
+        name: str = "mmdet_retinanet",
+        description: str = "RetinaNet FPN",
+        backbone_only: bool = False,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        topk_candidates: int = 1000,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.4,
+        min_pos_iou: float = 0.0,
+        focal_gamma: float = 2.0,
+        focal_alpha: float = 0.25,
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"{name}: num_classes={num_classes} counts background 0; it needs at least 2")
+        anchor_generator = MMDetAnchorGenerator(_STRIDES, (0.5, 1.0, 2.0), octave_base_scale=4, scales_per_octave=3)
+        num_anchors = anchor_generator.num_anchors_per_location()[0]
+        # torchvision's head initialises as MMDetection's RetinaHead: normal(0.01) weights, zero biases, prior 0.01
+        head = RetinaNetHead(backbone.out_channels, num_anchors, num_classes - 1)
+        super().__init__(
+            backbone,
+            num_classes,
+            anchor_generator=anchor_generator,
+            head=head,
+            score_thresh=score_thresh,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            fg_iou_thresh=fg_iou_thresh,
+            bg_iou_thresh=bg_iou_thresh,
+            topk_candidates=topk_candidates,
+        )
+        self.transform = transform
+        self.num_classes = num_classes
+        self.name = name
+        self.description = description
+        self.backbone_only = bool(backbone_only)
+        self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou = fg_iou_thresh, bg_iou_thresh, min_pos_iou
+        self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per location (9)."""
+        return self.anchor_generator.num_anchors_per_location()[0]
+
+    def forward(
+        self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Args:
+            images: (3, H_i, W_i) RGB floats in [0, 1].
+            targets: in training, per image ``boxes`` (G, 4) xyxy in the image's pixels and ``labels`` (G,) in
+                1..num_classes-1.
+
+        Returns:
+            Training: ``{"loss_cls", "loss_bbox"}``. Evaluation: per image ``boxes`` (K, 4), ``scores`` (K,),
+            ``labels`` (K,), in the input image's pixels, K ≤ ``detections_per_img``.
+        """
+        if self.training:
+            if targets is None:
+                raise ValueError(f"{self.name}: targets are needed in training mode")
+            for target in targets:
+                boxes = target["boxes"]
+                if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+                    raise ValueError(f"{self.name}: target boxes must be (N, 4) tensors, got {boxes!r:.80}")
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, targets = self.transform(images, targets)
+        if targets is not None:
+            for index, target in enumerate(targets):
+                degenerate = (target["boxes"][:, 2:] <= target["boxes"][:, :2]).any(dim=1)
+                if degenerate.any():
+                    box = target["boxes"][degenerate][0].tolist()
+                    raise ValueError(
+                        f"{self.name}: all boxes need a positive width and height; target {index} has {box}"
+                    )
+        features = list(self.backbone(image_list.tensors).values())
+        head_outputs = self.head(features)
+        # anchors in float32 whatever the features' dtype (bf16 anchors would be off by pixels): the generator reads
+        # only shapes, dtype and device
+        shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in features]
+        anchors = self.anchor_generator(image_list, shapes)
+        level_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        if self.training:
+            return self.compute_loss(targets, head_outputs, anchors, list(image_list.image_sizes), level_sizes)
+        return self.postprocess_detections(
+            head_outputs, anchors, list(image_list.image_sizes), original_sizes, level_sizes
+        )
+
+    # ------------------------------------------------------------------ training
+    def compute_loss(  # type: ignore[override]
+        self,
+        targets: list[dict[str, Tensor]],
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        level_sizes: list[tuple[int, int]],
+    ) -> dict[str, Tensor]:
+        """MMDetection's ``AnchorHead.loss_by_feat`` for the ``train_cfg`` of RetinaNet.
+
+        Args:
+            targets: per image ``boxes`` (G, 4) in the transformed batch's pixels, ``labels`` (G,) in 1..K.
+            head_outputs: ``cls_logits`` (N, M, K) and ``bbox_regression`` (N, M, 4), M = Σ H·W·A.
+            anchors: per image (M, 4).
+            image_sizes: per image the (H, W) inside the padded batch.
+            level_sizes: the (H, W) of each FPN level.
+        """
+        cls_logits = head_outputs["cls_logits"].float()
+        bbox_regression = head_outputs["bbox_regression"].float()
+        num_images, num_total, num_classes = cls_logits.shape
+        device = cls_logits.device
+        labels = torch.full((num_images, num_total), num_classes, dtype=torch.int64, device=device)
+        label_weights = cls_logits.new_zeros((num_images, num_total))
+        bbox_targets = cls_logits.new_zeros((num_images, num_total, 4))
+        bbox_weights = cls_logits.new_zeros((num_images, num_total, 4))
+        avg_factor = 0
+        for i, (target, anchors_i) in enumerate(zip(targets, anchors)):
+            valid = _valid_flags(level_sizes, image_sizes[i], self.num_anchors).to(device)
+            valid_idx = valid.nonzero().squeeze(1)
+            candidates = anchors_i[valid_idx]
+            gt_boxes = target["boxes"].to(candidates.dtype)
+            assigned = max_iou_assign(gt_boxes, candidates, self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou)
+            pos, neg = valid_idx[assigned > 0], valid_idx[assigned == 0]
+            matched = assigned[assigned > 0] - 1
+            if pos.numel() > 0:
+                bbox_targets[i, pos] = encode_deltas(anchors_i[pos], gt_boxes[matched])
+                bbox_weights[i, pos] = 1.0
+                labels[i, pos] = target["labels"].to(device)[matched] - 1
+                label_weights[i, pos] = 1.0
+            label_weights[i, neg] = 1.0
+            avg_factor += max(pos.numel(), 1)
+        # one-hot over the K classes; background (label K) is all zeros
+        onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes].to(cls_logits.dtype)
+        counts = [h * w * self.num_anchors for h, w in level_sizes]
+        loss_cls = cls_logits.new_zeros(())
+        loss_bbox = cls_logits.new_zeros(())
+        for logits, onehot_l, weight_l, reg, reg_t, reg_w in zip(
+            cls_logits.split(counts, 1),
+            onehot.split(counts, 1),
+            label_weights.split(counts, 1),
+            bbox_regression.split(counts, 1),
+            bbox_targets.split(counts, 1),
+            bbox_weights.split(counts, 1),
+        ):
+            focal = _focal_loss(logits.reshape(-1, num_classes), onehot_l.reshape(-1, num_classes), self.focal_gamma,
+                                self.focal_alpha)  # fmt: skip
+            loss_cls = loss_cls + (focal * weight_l.reshape(-1, 1)).sum() / (avg_factor + _EPS)
+            loss_bbox = loss_bbox + (torch.abs(reg - reg_t) * reg_w).sum() / (avg_factor + _EPS)
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+
+    # ------------------------------------------------------------------ evaluation
+    def postprocess_detections(  # type: ignore[override]
+        self,
+        head_outputs: dict[str, Tensor],
+        anchors: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+        level_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """MMDetection's ``predict_by_feat`` with ``rescale=True`` (see the module docstring).
+
+        Args:
+            head_outputs: ``cls_logits`` (N, M, K) and ``bbox_regression`` (N, M, 4).
+            anchors: per image (M, 4).
+            image_sizes: per image the resized (H, W) (MMDetection's ``img_shape``).
+            original_sizes: per image the input (H, W) (``ori_shape``).
+            level_sizes: the (H, W) of each FPN level.
+
+        Returns:
+            Per image ``boxes`` (K, 4), ``scores`` (K,), ``labels`` (K,) (MMDetection's class + 1).
+        """
+        counts = [h * w * self.num_anchors for h, w in level_sizes]
+        detections = []
+        for i, (image_size, original) in enumerate(zip(image_sizes, original_sizes)):
+            logits_levels = head_outputs["cls_logits"][i].detach().float().split(counts)
+            deltas_levels = head_outputs["bbox_regression"][i].detach().float().split(counts)
+            anchor_levels = anchors[i].split(counts)
+            kept_deltas, kept_anchors, kept_scores, kept_classes = [], [], [], []
+            for logits, deltas, level_anchors in zip(logits_levels, deltas_levels, anchor_levels):
+                scores = logits.sigmoid()
+                valid = scores > self.score_thresh
+                scores = scores[valid]
+                valid_idxs = torch.nonzero(valid)
+                num_topk = min(self.topk_candidates, valid_idxs.shape[0])
+                scores, order = scores.sort(descending=True)
+                anchor_idx, classes = valid_idxs[order[:num_topk]].unbind(dim=1)
+                kept_scores.append(scores[:num_topk])
+                kept_classes.append(classes)
+                kept_deltas.append(deltas[anchor_idx])
+                kept_anchors.append(level_anchors[anchor_idx])
+            boxes = decode_deltas(torch.cat(kept_anchors), torch.cat(kept_deltas), max_shape=image_size)
+            scores, classes = torch.cat(kept_scores), torch.cat(kept_classes)
+            # rescale=True: divided by MMDetection's scale_factor (new / old, per axis)
+            sx, sy = image_size[1] / original[1], image_size[0] / original[0]
+            boxes = boxes * boxes.new_tensor([1 / sx, 1 / sy]).repeat(1, 2)
+            wide = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)  # min_bbox_size=0
+            if not wide.all():
+                boxes, scores, classes = boxes[wide], scores[wide], classes[wide]
+            if boxes.numel() > 0:
+                keep = self._batched_nms(boxes, scores, classes)[: self.detections_per_img]
+                boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+            detections.append({"boxes": boxes, "scores": scores, "labels": classes + 1})
+        return detections
+
+    def _batched_nms(self, boxes: Tensor, scores: Tensor, classes: Tensor) -> Tensor:
+        """mmcv's ``batched_nms``: class-wise NMS by coordinate offsets; indices by decreasing score."""
+        from torchvision.ops import nms
+
+        offsets = classes.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+        return nms(boxes + offsets[:, None], scores, self.nms_thresh)
+
+    # ------------------------------------------------------------------ MMDetection checkpoints
+    def head_rules(self) -> list[Rule]:
+        """Renames of MMDetection's ``bbox_head.*`` (RetinaHead) to ``head.*``."""
+        return [
+            (r"^bbox_head\.cls_convs\.(\d+)\.conv\.(weight|bias)$", r"head.classification_head.conv.\1.0.\2"),
+            (r"^bbox_head\.reg_convs\.(\d+)\.conv\.(weight|bias)$", r"head.regression_head.conv.\1.0.\2"),
+            (r"^bbox_head\.retina_cls\.(weight|bias)$", r"head.classification_head.cls_logits.\1"),
+            (r"^bbox_head\.retina_reg\.(weight|bias)$", r"head.regression_head.bbox_reg.\1"),
+        ]
+
+    def convert_foreign_checkpoint(self, obj: Any, origin: str) -> dict[str, Tensor] | None:
+        """This model's state dict from a loaded MMDetection v2/v3 checkpoint (``None`` for any other file).
+
+        Raises:
+            MMDetWeightsError: the file does not fit (missing, unexpected or other-shaped tensors, listed, with what
+                the file holds), or its config says it is a caffe-style model.
+        """
+        if not is_mmdet_checkpoint(obj):
+            return None
+        state, meta = mmdet_state_dict(obj)
+        _refuse_caffe(meta, origin, self.name)
+        if self.backbone_only:
+            return convert_backbone_fpn(self, state, origin, num_inputs=3, extra="on_input", fits=self._fits)
+        rules = backbone_neck_rules(3, "on_input") + self.head_rules()
+        return convert_keys(state, rules, self, origin, fits=self._fits)
+
+    def _fits(self, state: Mapping[str, Tensor]) -> str:
+        return describe_mmdet_checkpoint(state)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+def _refuse_caffe(meta: Mapping[str, Any], origin: str, name: str) -> None:
+    """A file whose config (v2 ``meta["config"]``, v3 ``meta["cfg"]``) sets a caffe-style backbone has this model's
+    keys but computes something else (stride on the 1×1, BGR, std 1)."""
+    config = meta.get("config") or meta.get("cfg") or ""
+    if isinstance(config, str) and re.search(r"style\s*=\s*['\"]caffe['\"]|['\"]style['\"]\s*:\s*['\"]caffe", config):
+        raise MMDetWeightsError(
+            f"the MMDetection checkpoint {origin} is a caffe-style model (its config sets style='caffe': stride on "
+            f"the 1×1 convolutions, BGR input, std 1); {name} is the pytorch-style RetinaNet of the zoo's "
+            "retinanet_*_fpn_* configs"
+        )
+
+
+def _neck_description(state: Mapping[str, Tensor]) -> str:
+    """MMDetection's FPN in a file, e.g. ``"FPN C3–C5, P6 from C5 (RetinaNet's)"``."""
+    lateral = sorted(int(m.group(1)) for k in state if (m := re.match(r"neck\.lateral_convs\.(\d+)\.conv\.weight$", k)))
+    outputs = sorted(int(m.group(1)) for k in state if (m := re.match(r"neck\.fpn_convs\.(\d+)\.conv\.weight$", k)))
+    if not lateral:
+        return "no FPN (neck.lateral_convs)"
+    first_in = int(state[f"neck.lateral_convs.{lateral[0]}.conv.weight"].shape[1])
+    start = {256: 2, 512: 3, 1024: 4}.get(first_in)
+    inputs = f"C{start}–C{start + len(lateral) - 1}" if start else f"{len(lateral)} inputs from {first_in} channels"
+    extra = [i for i in outputs if i >= len(lateral)]
+    if not extra:
+        return f"FPN {inputs}, no extra convs (a max-pooled P6 at most: Faster R-CNN's)"
+    source = int(state[f"neck.fpn_convs.{extra[0]}.conv.weight"].shape[1])
+    where = "from C5 (RetinaNet's)" if source > 256 else "from P5 (FCOS's, ATSS's, ...)"
+    return f"FPN {inputs} with {len(extra)} extra convs, P6 {where}"
+
+
+def _family(state: Mapping[str, Tensor]) -> tuple[str, int | None]:
+    """The detector of an MMDetection state dict and its number of classes (without background)."""
+    if "bbox_head.retina_cls.weight" in state:
+        anchors = int(state["bbox_head.retina_reg.weight"].shape[0]) // 4
+        return "RetinaNet", int(state["bbox_head.retina_cls.weight"].shape[0]) // max(anchors, 1)
+    if "bbox_head.conv_centerness.weight" in state:
+        return "FCOS", int(state["bbox_head.conv_cls.weight"].shape[0])
+    mask = " Mask" if any(k.startswith("roi_head.mask_head") for k in state) else ""
+    if "roi_head.bbox_head.fc_cls.weight" in state:
+        return f"Faster R-CNN{mask and ' (Mask R-CNN)'}", int(state["roi_head.bbox_head.fc_cls.weight"].shape[0]) - 1
+    if "roi_head.bbox_head.0.fc_cls.weight" in state:
+        return f"Cascade{mask} R-CNN", int(state["roi_head.bbox_head.0.fc_cls.weight"].shape[0]) - 1
+    heads = sorted({k.split(".", 1)[0] for k in state} - {"backbone", "neck", "data_preprocessor"})
+    return f"a detector ({', '.join(heads) or 'no head'}) on", None
+
+
+def describe_mmdet_checkpoint(state: Mapping[str, Tensor]) -> str:
+    """What an MMDetection state dict holds and which model of this family takes it, e.g.
+    ``"RetinaNet X-101-64x4d FPN, 80 classes → mmdet_retinanet_x101_64x4d_fpn"``."""
+    family, classes = _family(state)
+    backbone = resnet_description(state) if "backbone.layer1.0.conv2.weight" in state else "an unknown backbone"
+    names = {v[3]: k for k, v in BACKBONES.items()}
+    neck = _neck_description(state)
+    what = f"{family} {backbone} FPN" + (f", {classes} classes" if classes is not None else "")
+    if family == "RetinaNet" and backbone in names:
+        extra = "" if classes == _COCO_CLASSES - 1 else f"(num_classes={(classes or 0) + 1})"
+        return f"{what} → {names[backbone]}{extra}"
+    if "RetinaNet's" in neck and backbone in names:
+        return f"{what}; its backbone + FPN ({neck}) fit {names[backbone]}(backbone_only=True)"
+    return f"{what}; {neck}: no mmdet_retinanet_* model takes it (another family's, or backbone_only=True there)"
+
+
+class BackboneFPNOnly(nn.Module):
+    """A detector's ``backbone`` alone, so that its keys (``backbone.*``) are checked strictly by themselves."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+
+def convert_backbone_fpn(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    origin: str,
+    num_inputs: int,
+    extra: str,
+    fits: Callable[[Mapping[str, Tensor]], str] | None = describe_mmdet_checkpoint,
+) -> dict[str, Tensor]:
+    """``model``'s full state dict with the ``backbone.*`` + ``neck.*`` tensors of an MMDetection checkpoint in
+    ``model.backbone`` (:func:`~diffkd.models.mmdet.common.mmdet_fpn`) and every other tensor (the heads) as the model
+    has it; the heads left out are logged.
+
+    Any zoo detector with a ResNet/ResNeXt + FPN that fit ``model.backbone`` can serve this way (a teacher whose FPN
+    levels are distilled, ``teacher_runs: backbone``).
+
+    Args:
+        state: the file's state dict (MMDetection's names).
+        origin: the file, for messages.
+        num_inputs, extra: the FPN's input levels and extra levels (see
+            :func:`~diffkd.models.mmdet.common.backbone_neck_rules`).
+        fits: ``fits(state)`` says what the file is in the error.
+
+    Raises:
+        MMDetWeightsError: the file's backbone or FPN does not fit ``model.backbone`` (listed).
+    """
+    picked = {k: v for k, v in state.items() if k.startswith(("backbone.", "neck."))}
+    if not picked:
+        raise MMDetWeightsError(f"the MMDetection checkpoint {origin} has no backbone.* / neck.* tensors")
+    rules = backbone_neck_rules(num_inputs, extra)
+    describe = None if fits is None else (lambda _: fits(state))  # the whole file, heads included
+    converted = convert_keys(picked, rules, BackboneFPNOnly(model.backbone), origin, describe)
+    full = dict(model.state_dict())
+    full.update(converted)
+    left = sorted({k.split(".", 1)[0] for k in state} - {"backbone", "neck"})
+    log.warning(
+        "%s: loaded only the backbone + FPN of %s (%s); its %s (%d tensors) are not read and the model's heads keep "
+        "their initialisation: this model's FPN features are the file's (teacher_runs: backbone), its detections "
+        "and losses are not a trained detector's",
+        getattr(model, "name", type(model).__name__),
+        origin,
+        fits(state) if fits is not None else "",
+        ", ".join(left) or "no heads",
+        len(state) - len(picked),
+    )
+    return full
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+def build_mmdet_retinanet(
+    name: str,
+    num_classes: int = _COCO_CLASSES,
+    weights_backbone: str | None = None,
+    min_size: int | Sequence[int] = 800,
+    max_size: int = 1333,
+    frozen_stages: int | None = None,
+    weights: str | Path | None = None,
+    backbone_only: bool = False,
+    pretrained: bool = False,
+    trainable_layers: int | None = None,
+    frozen_bn: bool = True,
+    **kwargs: Any,
+) -> MMDetRetinaNet:
+    """One of the registered RetinaNets (see the module docstring).
+
+    Args:
+        name: a key of :data:`BACKBONES`.
+        num_classes: classes including background 0 (81 for COCO's 80).
+        weights_backbone: ImageNet weights: ``"IMAGENET1K_V1"`` (torchvision's, downloaded) or a file's path
+            (:func:`~diffkd.models.mmdet.common.load_backbone_weights`); ``None``: random.
+        min_size, max_size: the test scale ``(max_size, min_size)``; a tuple ``min_size`` picks one per training
+            image (MMDetection's ``RandomChoiceResize``).
+        frozen_stages: the stem and this many stages take no gradient (MMDetection's ``frozen_stages``, default 1;
+            -1: none).
+        weights: a checkpoint loaded after building (an MMDetection zoo file, converted, or our own).
+        backbone_only: read only the backbone + FPN of MMDetection checkpoints (a teacher of FPN features).
+        pretrained: refused — the zoo files are downloads (:data:`ZOO`), passed as ``weights``.
+        trainable_layers: torchvision's spelling of ``frozen_stages`` (``4 - trainable_layers``; 3 ↔ 1), accepted
+            so that ``conf/model/detection.yaml`` builds these models.
+        frozen_bn: must stay ``True`` (MMDetection's ``norm_eval=True``: statistics frozen, affine trained).
+        **kwargs: :class:`MMDetRetinaNet`'s test/train settings, and the transform's (``_skip_resize``).
+    """
+    depth, groups, width, backbone_name = BACKBONES[name]
+    if pretrained:
+        files = "; ".join(f"{s} {ap} AP: {url}" for s, ap, url in ZOO[name])
+        raise ValueError(
+            f"{name}: MMDetection's COCO weights are zoo files, not a built-in download; download one ({files}) and "
+            "pass it as weights=<file> (a teacher: model.teacher.weights=<file>)"
+        )
+    if not frozen_bn:
+        raise ValueError(
+            f"{name}: MMDetection's RetinaNet keeps BatchNorm statistics frozen (norm_eval=True); frozen_bn=false has "
+            "no MMDetection counterpart here"
+        )
+    if trainable_layers is not None:
+        from_layers = 4 - int(trainable_layers)
+        if frozen_stages is not None and frozen_stages != from_layers:
+            raise ValueError(
+                f"{name}: frozen_stages={frozen_stages} and trainable_layers={trainable_layers} "
+                f"(= frozen_stages {from_layers}) disagree; give one"
+            )
+        frozen_stages = from_layers
+    frozen_stages = 1 if frozen_stages is None else int(frozen_stages)
+    if not -1 <= frozen_stages <= 4:
+        raise ValueError(f"{name}: frozen_stages={frozen_stages}; choose -1..4")
+    transform_keys = ("_skip_resize", "fixed_size", "size_divisible")
+    transform_kwargs = {k: kwargs.pop(k) for k in transform_keys if k in kwargs}
+    body = mmdet_resnet(depth, groups=groups, width_per_group=width, style="pytorch", frozen_stages=frozen_stages)
+    if weights_backbone is not None:
+        load_backbone_weights(body, weights_backbone, depth, groups)
+    backbone = mmdet_fpn(body, start_level=1, extra="on_input")
+    transform = MMDetTransform(min_size, max_size, PYTORCH_MEAN_RGB, PYTORCH_STD_RGB, bgr=False, **transform_kwargs)
+    model = MMDetRetinaNet(
+        backbone, num_classes, transform, name=name, description=f"RetinaNet {backbone_name} FPN",
+        backbone_only=backbone_only, **kwargs,
+    )  # fmt: skip
+    if weights is not None:
+        from diffkd.models.checkpoint import load_weights
+
+        load_weights(model, weights)
+    return model
+
+
+def _register(name: str) -> None:
+    backbone_name = BACKBONES[name][3]
+
+    def fn(
+        num_classes: int = _COCO_CLASSES,
+        weights_backbone: str | None = None,
+        min_size: int | Sequence[int] = 800,
+        max_size: int = 1333,
+        frozen_stages: int | None = None,
+        weights: str | Path | None = None,
+        backbone_only: bool = False,
+        **kwargs: Any,
+    ) -> nn.Module:
+        return build_mmdet_retinanet(
+            name, num_classes, weights_backbone, min_size, max_size, frozen_stages, weights, backbone_only, **kwargs
+        )
+
+    fn.__name__ = fn.__qualname__ = name
+    zoo = "; ".join(f"{s}: {ap} AP" for s, ap, _ in ZOO[name])
+    fn.__doc__ = (
+        f"MMDetection's RetinaNet {backbone_name} FPN (zoo {zoo}); see :func:`build_mmdet_retinanet`. FPN levels "
+        "'0', '1', '2', 'p6', 'p7' (P3–P7), 256 channels."
+    )
+    register_model(fn, name=name, tags=_TAGS)
+
+
+for _name in BACKBONES:
+    _register(_name)
+del _name
