@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -179,7 +180,9 @@ def test_local_launcher_config_composes():
 # real multiruns through submitit's local executor
 
 
-def _run_cli(args: list[str], cwd: Path, timeout: int, path_prefix: Path | None = None) -> None:
+def _run_cli(args: list[str], cwd: Path, timeout: int, path_prefix: Path | None = None) -> str:
+    """``python -m diffkd.train *args`` in its own process group; fails the test unless it exits 0. Returns its
+    stdout and stderr."""
     # this tree's diffkd (src/) and tests (the preemption callback below), whatever is installed
     # a DDP run earlier in this pytest process leaves MASTER_PORT (and friends) in os.environ: inherited, every
     # array job would take that one port instead of its own (SLURM_JOB_ID's) and the jobs' ranks would cross-join
@@ -212,6 +215,7 @@ def _run_cli(args: list[str], cwd: Path, timeout: int, path_prefix: Path | None 
         with contextlib.suppress(ProcessLookupError):  # jobs left behind (none when it ends normally)
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out + err
 
 
 def _tiny_multirun(tmp_path: Path, data: Path) -> list[str]:
@@ -356,7 +360,9 @@ nodes, per_node = int(opts.get("nodes", 1)), int(opts.get("ntasks-per-node", 1))
 assert nodes == 1, "this sbatch plays one node"
 first, last = (int(x) for x in opts["array"].split("%")[0].split("-")) if "array" in opts else (0, 0)
 for index in range(first, last + 1):
-    env = dict(os.environ, SLURM_JOB_ID=str(int(job) + 1 + index), SLURM_JOB_NAME=opts["job-name"],
+    # an array task has a job id of its own; a single job, the one sbatch prints
+    job_id = str(int(job) + 1 + index) if "array" in opts else job
+    env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOB_NAME=opts["job-name"],
                SLURM_NNODES=str(nodes), SLURM_JOB_NUM_NODES=str(nodes), SLURM_NTASKS_PER_NODE=str(per_node),
                SLURM_NTASKS=str(nodes * per_node), SLURM_NODELIST="localhost", SLURM_JOB_NODELIST="localhost")
     name = env["SLURM_JOB_ID"]
@@ -429,6 +435,28 @@ _FAKE_SCONTROL = """#!/bin/sh
 """
 
 
+def install_fake_slurm(bin_dir: Path) -> None:
+    """Write sbatch, srun, scontrol and sacct that play SLURM on this machine into ``bin_dir`` (put it first on
+    PATH)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    fakes = {"sbatch": _FAKE_SBATCH, "_slurm_job": _FAKE_JOB, "srun": _FAKE_SRUN, "scontrol": _FAKE_SCONTROL}
+    for name, text in {**fakes, "sacct": "#!/bin/sh\n"}.items():
+        (bin_dir / name).write_text(text.format(python=sys.executable) if text.startswith("#!{") else text)
+        (bin_dir / name).chmod(0o755)
+
+
+@contextlib.contextmanager
+def fake_slurm_jobs_killed_after(bin_dir: Path) -> Iterator[None]:
+    """On leaving, kill the process groups of the jobs the fake sbatch started, should any outlive the launcher."""
+    try:
+        yield
+    finally:
+        groups = (bin_dir / "job_groups").read_text().split() if (bin_dir / "job_groups").exists() else []
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(group), signal.SIGKILL)
+
+
 @pytest.mark.slow
 def test_slurm_launcher_array_of_two_ddp_jobs_one_preempted(tmp_path, cifar_root):
     """hydra/launcher=slurm with sbatch/srun/scontrol played here: one array job of 2 sweep points, each 2 srun tasks
@@ -436,13 +464,9 @@ def test_slurm_launcher_array_of_two_ddp_jobs_one_preempted(tmp_path, cifar_root
     the preemption signal at the start of epoch 1: rank 0 requeues the job (scontrol), the job runs again and both
     ranks resume from its last.ckpt; it ends identical to the uninterrupted job 1."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fakes = {"sbatch": _FAKE_SBATCH, "_slurm_job": _FAKE_JOB, "srun": _FAKE_SRUN, "scontrol": _FAKE_SCONTROL}
-    for name, text in {**fakes, "sacct": "#!/bin/sh\n"}.items():
-        (bin_dir / name).write_text(text.format(python=sys.executable) if text.startswith("#!{") else text)
-        (bin_dir / name).chmod(0o755)
+    install_fake_slurm(bin_dir)
     sweep, epochs = tmp_path / "sweep", 3
-    try:
+    with fake_slurm_jobs_killed_after(bin_dir):
         _run_cli(
             [
                 "-m",
@@ -465,11 +489,6 @@ def test_slurm_launcher_array_of_two_ddp_jobs_one_preempted(tmp_path, cifar_root
             timeout=900,
             path_prefix=bin_dir,
         )
-    finally:  # the jobs' process groups, should any outlive the launcher
-        groups = (bin_dir / "job_groups").read_text().split() if (bin_dir / "job_groups").exists() else []
-        for group in groups:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(group), signal.SIGKILL)
     [script] = {p.read_text() for p in (sweep / ".submitit").glob("*/*_submission.sh")}
     assert "#SBATCH --array=0-1%2" in script and "#SBATCH --ntasks-per-node=2" in script
     assert _job_folders(sweep) == ["0", "1"]

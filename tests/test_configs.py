@@ -56,3 +56,107 @@ def test_config_dir_is_packaged_with_the_module():
 
     packaged = Path(diffkd.__file__).parent / "conf" / "train.yaml"
     assert packaged.is_file()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the trainer: what the hardware has
+
+
+def test_design_card_command_uses_what_the_hardware_has(tmp_path):
+    """``python -m diffkd.train experiment=cifar_wrn40_wrn16 trainer.devices=8``: Lightning's ``auto`` accelerator and
+    strategy (DDP over 8 GPUs on a GPU node), the precision diffkd's resolver gives (32-true on this CPU)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+    from lightning.pytorch.strategies import DDPStrategy
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+    from omegaconf import OmegaConf
+
+    from diffkd.utils.precision import auto_precision
+
+    cfg = compose_config(
+        [
+            "experiment=cifar_wrn40_wrn16",
+            "trainer.devices=8",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.strategy) == ("auto", 8, "auto")
+    raw = OmegaConf.to_container(cfg.trainer, resolve=False)
+    assert raw["precision"] == "${diffkd.auto_precision:${trainer.accelerator}}"
+    assert cfg.trainer.precision == auto_precision("auto")
+    if not torch.cuda.is_available():
+        assert cfg.trainer.precision == "32-true"
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
+    gpus = torch.cuda.device_count()
+    expected = CUDAAccelerator if gpus else CPUAccelerator
+    assert isinstance(trainer.accelerator, expected)
+    if not gpus or gpus >= 8:
+        assert trainer.num_devices == 8
+        # one process per device; ranks > 0 are started by re-running the command (pinned to this job's folder)
+        assert isinstance(trainer.strategy, DDPStrategy)
+        assert isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    assert trainer.precision == cfg.trainer.precision
+
+
+def test_every_trainer_key_is_a_lightning_flag():
+    """The trainer config's keys are Lightning Trainer arguments (a misspelt one fails here, not at instantiation),
+    and the common ones are plain keys: ``trainer.strategy=ddp`` needs no ``+``."""
+    import inspect
+
+    import lightning as L
+
+    flags = set(inspect.signature(L.Trainer.__init__).parameters)
+    for name in ("default", "cpu", "gpu", "ddp", "ddp_spawn"):
+        cfg = compose_config([f"trainer={name}"])
+        keys = set(cfg.trainer) - {"_target_"}
+        assert keys <= flags, f"trainer={name}: {sorted(keys - flags)} are not Trainer arguments"
+        assert {"strategy", "max_time", "min_steps", "use_distributed_sampler", "plugins"} <= keys
+    cfg = compose_config(
+        ["trainer.strategy=ddp", "trainer.max_time=00:12:00:00", "trainer.use_distributed_sampler=false"]
+    )
+    assert (cfg.trainer.strategy, cfg.trainer.max_time, cfg.trainer.use_distributed_sampler) == (
+        "ddp",
+        "00:12:00:00",
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "cuda", "bf16_units", "expected"),
+    [
+        ("cpu", True, True, "32-true"),  # the CPU even where there are GPUs
+        ("auto", False, False, "32-true"),  # no GPU: the CPU
+        ("auto", True, True, "bf16-mixed"),  # Ampere on
+        ("gpu", True, True, "bf16-mixed"),
+        ("cuda", True, False, "32-true"),  # Turing (T4): no bf16 units, and fp16 is an opt-in
+        ("auto", True, False, "32-true"),
+        ("gpu", False, False, "bf16-mixed"),  # composed on a machine without GPUs: reads as it will run on them
+        ("mps", False, False, "32-true"),
+    ],
+)
+def test_auto_precision_follows_the_hardware(monkeypatch, accelerator, cuda, bf16_units, expected):
+    import lightning.fabric.accelerators.cuda as lightning_cuda
+
+    from diffkd.utils import precision
+
+    monkeypatch.setattr(lightning_cuda, "is_cuda_available", lambda: cuda)
+    monkeypatch.setattr(precision, "_cuda_computes_in_bf16", lambda: bf16_units)
+    assert precision.auto_precision(accelerator) == expected
+    cfg = compose_config([f"trainer.accelerator={accelerator}"])
+    assert cfg.trainer.precision == expected  # through the config's resolver
+
+
+def test_gpu_trainers_resolve_their_precision_where_they_run():
+    """trainer=gpu and trainer=ddp keep the default's resolver: bf16-mixed on GPUs with bf16 units, 32-true on
+    older ones; trainer=cpu and trainer=ddp_spawn on this CPU, 32-true."""
+    import torch
+    from omegaconf import OmegaConf
+
+    for name in ("gpu", "ddp", "cpu", "ddp_spawn"):
+        raw = OmegaConf.to_container(compose_config([f"trainer={name}"]).trainer, resolve=False)
+        assert raw["precision"] == "${diffkd.auto_precision:${trainer.accelerator}}", name
+    if not torch.cuda.is_available():
+        assert compose_config(["trainer=ddp_spawn"]).trainer.precision == "32-true"
+        assert compose_config(["trainer=cpu"]).trainer.precision == "32-true"

@@ -20,9 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from diffkd.utils.instantiate import build_module, instantiate, instantiate_list
+from diffkd.utils.loggers import adopt_spawned_logs, pin_log_dirs
 
 __all__ = ["train"]
 
@@ -147,32 +149,57 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     _check_sync_batchnorm(cfg, trainer)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
-    launches_children = type(trainer.strategy.launcher).__name__ == "_SubprocessScriptLauncher"
+    metrics, best, last = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path)
+    objects = {"trainer": trainer, "module": module, "datamodule": datamodule, "best_ckpt": best, "last_ckpt": last}
+    return metrics, objects
+
+
+def _fit_and_test(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    ckpt_path: str | None,
+) -> tuple[dict[str, float], str, str]:
+    """Fit (``cfg.train``), then test the best checkpoint (``cfg.test``), under any strategy: one process, the
+    script launcher (``ddp``: ranks > 0 re-run the command), spawned processes (``ddp_spawn``, ``ddp_fork``) or
+    processes started outside (SLURM, torchrun). Returns (metrics, best checkpoint, last checkpoint); in spawned
+    runs the metrics are the ones rank 0 sent back to this process."""
+    launcher = trainer.strategy.launcher
+    spawns = isinstance(launcher, _MultiProcessingLauncher)
+    launches_children = isinstance(launcher, _SubprocessScriptLauncher)
     if launches_children:  # strategy=ddp re-runs the script for ranks > 0
         _pin_ddp_children_to_this_job()
+    if spawns:
+        pin_log_dirs(trainer.loggers)
     ddp_env = {k: os.environ.get(k) for k in _DDP_ENV} if launches_children and "LOCAL_RANK" not in os.environ else {}
+    metrics: dict[str, float] = {}
+    best = last = ""
     try:
         if cfg.get("train", True):
             with warnings.catch_warnings():
                 # the frozen teacher is in eval mode on purpose; Lightning warns about any eval-mode module
                 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
                 trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            if spawns:
+                adopt_spawned_logs(trainer.loggers)
+            ckpt_cb = trainer.checkpoint_callback
+            # read before testing: trainer.test(ckpt_path=best) restores the callback's state as of that checkpoint
+            best = getattr(ckpt_cb, "best_model_path", "") or ""
+            last = _last_checkpoint(trainer)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        if cfg.get("test", False):
+            trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     finally:
-        # the launcher leaves LOCAL_RANK & co. in this process's environment; the next job of a multirun would
-        # then believe an external launcher started it and never start its children
+        # only now, after the test too: the launcher leaves LOCAL_RANK & co. in this process's environment, and while
+        # they are there the test's launch knows its children are running (without them it would start them again:
+        # "The launcher can only create subprocesses once"). Removed, the next job of a multirun does not believe an
+        # external launcher started it, and starts its own children.
         for key, value in ddp_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    ckpt_cb = trainer.checkpoint_callback
-    # read before testing: trainer.test(ckpt_path=best) restores the callback's state as of that checkpoint
-    best = getattr(ckpt_cb, "best_model_path", "") if cfg.get("train", True) else ""
-    last = _last_checkpoint(trainer) if cfg.get("train", True) else ""
-    if cfg.get("test", False):
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     _release_process_group()
-    objects = {"trainer": trainer, "module": module, "datamodule": datamodule, "best_ckpt": best, "last_ckpt": last}
-    return metrics, objects
+    return metrics, best, last
