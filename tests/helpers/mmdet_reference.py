@@ -49,8 +49,11 @@ def _stand_in_ext() -> None:
 
 def _torchvision_ops() -> None:
     import mmcv.ops
-    import mmcv.ops.nms as mmcv_nms
     import torchvision
+
+    # the module, not the function: mmcv.ops re-exports its nms under the module's name, and batched_nms looks its
+    # NMS up (eval('nms')) in the module's globals
+    mmcv_nms = sys.modules["mmcv.ops.nms"]
 
     def nms(boxes, scores, iou_threshold, offset=0, score_threshold=0, max_num=-1):
         assert offset == 0, "mmcv's offset=1 boxes are not used by the configs compared here"
@@ -63,7 +66,8 @@ def _torchvision_ops() -> None:
         def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=0, pool_mode="avg", aligned=True, **_):
             super().__init__()
             assert pool_mode == "avg"
-            self.output_size, self.spatial_scale = output_size, float(spatial_scale)
+            size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+            self.output_size, self.spatial_scale = size, float(spatial_scale)  # mmcv's _pair: the extractor reads it
             self.sampling_ratio, self.aligned = int(sampling_ratio), bool(aligned)
 
         def forward(self, features, rois):

@@ -298,7 +298,9 @@ class MMDetTransform(GeneralizedRCNNTransform):
         if self.training:
             if self._skip_resize:
                 return image, target
-            size = self.torch_choice(self.min_size)
+            # one scale draws nothing: the detectors' samplers replay MMDetection's torch draws, which its data
+            # pipeline does not precede with one (its scale choice uses numpy)
+            size = self.min_size[0] if len(self.min_size) == 1 else self.torch_choice(self.min_size)
         else:
             size = self.min_size[-1]
         new_h, new_w = self.rescaled_size(int(h), int(w), int(size), int(self.max_size))
