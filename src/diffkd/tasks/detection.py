@@ -117,6 +117,24 @@ def _check_detector(model: nn.Module, role: str) -> None:
         )
 
 
+def _check_teacher_heads(teacher: nn.Module | None, teacher_runs: str, regression_kd_weight: float) -> None:
+    """A teacher that provides FPN features only (``fpn_features_only``, e.g. ``mmdet_fpn_teacher_*`` read from a
+    zoo checkpoint whose heads are not loaded) cannot serve what needs its heads."""
+    if teacher is None or not getattr(teacher, "fpn_features_only", False):
+        return
+    needs = []
+    if regression_kd_weight > 0:
+        needs.append(f"regression_kd_weight={regression_kd_weight} (the regression KD runs the teacher's RoI box head)")
+    if teacher_runs == "heads":
+        needs.append("teacher_runs=heads (it runs the teacher's dense head)")
+    if needs:
+        raise ValueError(
+            f"the teacher {type(teacher).__name__} provides FPN features only "
+            f"({getattr(teacher, 'source', 'no heads')}), but {' and '.join(needs)} needs its heads: set "
+            "model.regression_kd_weight=0 and model.teacher_runs=backbone, or use a full detector as the teacher"
+        )
+
+
 def _check_box_head(model: nn.Module, role: str) -> None:
     roi = getattr(model, "roi_heads", None)
     if roi is None or not all(hasattr(roi, n) for n in ("box_roi_pool", "box_head", "box_predictor")):
@@ -187,6 +205,7 @@ class DetectionModule(DistillationModule):
         _check_detector(self.student, "student")
         if self.teacher is not None:
             _check_detector(self.teacher, "teacher")
+        _check_teacher_heads(self.teacher, teacher_runs, self.regression_kd_weight)
         self._kept: dict[str, Any] = {}
         self._label_to_category: Tensor | None = None
         self.student.transform.register_forward_hook(_KeepOutput(self._kept, "transform"))
