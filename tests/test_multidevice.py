@@ -142,6 +142,8 @@ def test_two_devices_fit_then_test_with_every_logger(tmp_path, cifar_root):
     stop with "The launcher can only create subprocesses once")."""
     out = _run_cli([*_tiny_run(tmp_path, cifar_root), "trainer.devices=2"], cwd=tmp_path, timeout=600)
     assert "Traceback" not in out, out[-3000:]
+    # what `auto` chose on this CPU, said once (by rank 0)
+    assert out.count("trainer: cpu × 2 device(s) × 1 node(s), strategy DDPStrategy, precision 32-true") == 1, out
     # one process group of 2 for fit and test: rank 1 started once, by Lightning
     assert out.count("Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2") == 1, out[-3000:]
     assert out.count("Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2") == 1, out[-3000:]

@@ -165,6 +165,15 @@ def _fit_and_test(
     script launcher (``ddp``: ranks > 0 re-run the command), spawned processes (``ddp_spawn``, ``ddp_fork``) or
     processes started outside (SLURM, torchrun). Returns (metrics, best checkpoint, last checkpoint); in spawned
     runs the metrics are the ones rank 0 sent back to this process."""
+    if trainer.global_rank == 0:  # what `auto` chose (the printed config shows the precision's resolver)
+        log.info(
+            "trainer: %s × %d device(s) × %d node(s), strategy %s, precision %s",
+            type(trainer.accelerator).__name__.removesuffix("Accelerator").lower(),
+            trainer.num_devices,
+            trainer.num_nodes,
+            type(trainer.strategy).__name__,
+            trainer.precision,
+        )
     launcher = trainer.strategy.launcher
     spawns = isinstance(launcher, _MultiProcessingLauncher)
     launches_children = isinstance(launcher, _SubprocessScriptLauncher)
