@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from diffkd.models import create_model, create_teacher
 from diffkd.models.mmdet import MMDetWeightsError
@@ -282,7 +283,7 @@ def test_r101_training_losses_with_an_image_without_boxes_equal_mmdetection():
     ours.train()
     expected = ref.loss(batch["inputs"], batch["data_samples"])
     losses = ours(images, [{"boxes": b[:, :4].clone(), "labels": b[:, 4].long() + 1} for b in boxes])
-    assert float(losses["bbox_regression"]) > 0
+    assert float(losses["bbox_regression"].detach()) > 0
     for mine, theirs in NAMES.items():
         torch.testing.assert_close(losses[mine], expected[theirs], rtol=1e-5, atol=1e-7)
 
@@ -310,8 +311,9 @@ def test_entries_have_mmdetections_settings():
     )  # fmt: skip
     with torch.device("meta"):
         deeper = create_model(R101, num_classes=6, trainable_layers=3, min_size=64)
+        from_config = create_model(R50, min_size=OmegaConf.create({"sizes": [640, 800]}).sizes)
     assert len(deeper.backbone.body.layer3) == 23 and deeper.head.cls_logits.out_channels == 5
-    assert deeper.transform.min_size == (64,)
+    assert deeper.transform.min_size == (64,) and from_config.transform.min_size == (640, 800)
 
 
 def test_head_initialisation_is_mmdetections():
@@ -329,6 +331,11 @@ def test_unsupported_options_are_refused():
         create_model(R50, frozen_bn=False)
     with pytest.raises(ValueError, match="no weights of its own"):
         create_model(R50, pretrained=True)
+    with pytest.raises(ValueError, match="disagree; set one of them"):
+        create_model(R50, frozen_stages=-1, trainable_layers=3)
+    with torch.device("meta"):
+        body = create_model(R50, trainable_layers=5).backbone.body
+    assert body.conv1.weight.requires_grad and not body.bn1.weight.requires_grad
 
 
 def _detectron_caffe_file(path: Path, depth: int) -> dict[str, torch.Tensor]:
@@ -418,6 +425,17 @@ def test_eval_returns_detections_in_input_coordinates(small_model):
         assert len(o["boxes"]) <= 100 and bool((o["labels"] >= 1).all() and (o["labels"] <= 5).all())
         if len(o["boxes"]):
             assert float(o["boxes"][:, 2].max()) <= w and float(o["boxes"][:, 3].max()) <= h
+
+
+def test_taps_address_the_head_per_level(small_model):
+    from diffkd.distill.taps import dry_run
+
+    run = dry_run(small_model, [torch.rand(3, 96, 128)], ["head.cls_logits", "head", "backbone.fpn"])
+    logits, per_call = run.value("head.cls_logits")
+    assert per_call and [tuple(t.shape[-2:]) for t in logits] == [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
+    head, _ = run.value("head")
+    assert set(head) == set(HEAD_KEYS) and all(len(v) == 5 for v in head.values())
+    assert torch.equal(head["cls_logits"][0], logits[0])
 
 
 # ------------------------------------------------------------------------------------------------ training with DiffKD

@@ -44,8 +44,10 @@ Weights:
   ``open-mmlab://detectron/resnet50_caffe`` = ``resnet50_caffe-788b5fa3.pth`` and ``detectron/resnet101_caffe`` =
   ``resnet101_caffe-3ad79236.pth`` under https://download.openmmlab.com/pretrain/third_party/ (MMDetection's
   ``tools/model_converters/detectron2pytorch.py`` layout: torchvision's key names, BatchNorm as running mean 0 and
-  variance 1 around Detectron's affine scale/shift). torchvision's weights (``"IMAGENET1K_V1"``) are pytorch-style
-  (RGB, ImageNet std, stride on the 3×3) and refused.
+  variance 1 around Detectron's affine scale/shift; that layout is assumed, the files were not at hand). Both
+  configs name ``detectron/`` (Detectron 1), not the ``detectron2/`` MSRA files (``resnet50_msra-5891d200.pth``,
+  ``resnet101_msra-6cc46731.pth``) of the other caffe configs; those load too when they hold the same keys.
+  torchvision's weights (``"IMAGENET1K_V1"``) are pytorch-style (RGB, ImageNet std, stride on the 3×3) and refused.
 - ``weights=<zoo .pth>`` (``create_teacher``, ``load_weights``): MMDetection v2/v3 checkpoints convert key for key
   (:meth:`MMDetFCOS.convert_foreign_checkpoint`; the v2 files' old ``fcos_cls``/``fcos_reg``/``fcos_centerness``
   names as MMDetection itself reads them); a file of another model is an error listing the keys and naming what it
@@ -358,7 +360,9 @@ class MMDetFCOS(FCOS):
             detections_per_img=detections_per_img,
             topk_candidates=topk_candidates,
         )
-        self.transform = MMDetTransform(min_size, max_size, CAFFE_MEAN_BGR, CAFFE_STD, bgr=True, **kwargs)
+        # a config's list arrives as an omegaconf ListConfig, which torchvision's transform takes for one size
+        sizes = (int(min_size),) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
+        self.transform = MMDetTransform(sizes, max_size, CAFFE_MEAN_BGR, CAFFE_STD, bgr=True, **kwargs)
         if len(regress_ranges) != len(STRIDES):
             raise ValueError(f"{label}: {len(regress_ranges)} regress ranges for {len(STRIDES)} levels")
         self.regress_ranges = tuple((float(lo), float(hi)) for lo, hi in regress_ranges)
@@ -502,9 +506,9 @@ class MMDetFCOS(FCOS):
         for i, (height, width) in enumerate(image_sizes):
             scores_l, labels_l, boxes_l, points_l, ctr_l = [], [], [], [], []
             for level, level_points in enumerate(points):
-                cls = head_outputs["cls_logits"][level][i].permute(1, 2, 0).reshape(-1, num_classes).sigmoid()
-                reg = head_outputs["bbox_regression"][level][i].permute(1, 2, 0).reshape(-1, 4)
-                ctr = head_outputs["bbox_ctrness"][level][i].permute(1, 2, 0).reshape(-1).sigmoid()
+                cls = head_outputs["cls_logits"][level][i].permute(1, 2, 0).reshape(-1, num_classes).float().sigmoid()
+                reg = head_outputs["bbox_regression"][level][i].permute(1, 2, 0).reshape(-1, 4).float()
+                ctr = head_outputs["bbox_ctrness"][level][i].permute(1, 2, 0).reshape(-1).float().sigmoid()
                 # MMDetection's filter_scores_and_topk, op for op: ties keep its order
                 valid = cls > self.score_thresh
                 scores = cls[valid]
@@ -517,7 +521,7 @@ class MMDetFCOS(FCOS):
                 boxes_l.append(reg[keep])
                 points_l.append(level_points[keep])
                 ctr_l.append(ctr[keep])
-            boxes = _decode(torch.cat(points_l), torch.cat(boxes_l).to(points[0].dtype))
+            boxes = _decode(torch.cat(points_l).float(), torch.cat(boxes_l))
             boxes[:, 0::2].clamp_(min=0, max=width)
             boxes[:, 1::2].clamp_(min=0, max=height)
             if original_sizes is not None:
@@ -650,6 +654,11 @@ def build_mmdet_fcos(
     if trainable_layers is not None:
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"{label}: trainable_layers={trainable_layers} is not in 0..5")
+        if frozen_stages != 1 and frozen_stages != 4 - int(trainable_layers):
+            raise ValueError(
+                f"{label}: frozen_stages={frozen_stages} and trainable_layers={trainable_layers} (frozen_stages "
+                f"{4 - int(trainable_layers)}) disagree; set one of them"
+            )
         frozen_stages = 4 - int(trainable_layers)
     body = mmdet_resnet(depth, style="caffe", frozen_stages=frozen_stages, bn_requires_grad=False)
     if weights_backbone is not None:
