@@ -1,9 +1,8 @@
-"""Multi-device runs: what the trainer defaults to, and fit then test with 2 processes on the CPU under each strategy
-we document (``ddp``, ``ddp_spawn``, SLURM) with every logger (csv, tensorboard, W&B offline), each run's test metrics
-logged once.
+"""Multi-device runs: fit then test with 2 processes on the CPU under each strategy we document (``ddp``,
+``ddp_spawn``, SLURM) with every logger (csv, tensorboard, W&B offline), each run's test metrics logged once.
 
 The default suite runs the design card's way (``trainer.devices=2``: Lightning's ``auto`` picks DDP with its script
-launcher); the spawned and the SLURM runs are slow.
+launcher); the spawned and the SLURM runs are slow. What the trainer config composes to: tests/test_configs.py.
 """
 
 from __future__ import annotations
