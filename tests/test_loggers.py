@@ -42,13 +42,13 @@ def test_csv_logger_alternative(cifar_cfg, tmp_path):
 def test_a_resumed_run_continues_its_wandb_run(cifar_cfg, tmp_path):
     import torch
 
-    from diffkd.training import _resume_wandb
+    from diffkd.training import _resume_wandb, _stored_run
 
     ckpt = tmp_path / "last.ckpt"
     torch.save({"diffkd": {"wandb_id": "abc123"}}, ckpt)
     cfg = cifar_cfg("cifar_wrn40_wrn16", "logger=wandb")
-    _resume_wandb(cfg, str(ckpt))
+    _resume_wandb(cfg, _stored_run(str(ckpt)))
     assert cfg.logger.wandb.id == "abc123" and cfg.logger.wandb.resume == "allow"
     chosen = cifar_cfg("cifar_wrn40_wrn16", "logger=wandb", "logger.wandb.id=mine")
-    _resume_wandb(chosen, str(ckpt))
+    _resume_wandb(chosen, _stored_run(str(ckpt)))
     assert chosen.logger.wandb.id == "mine"  # an explicit id wins

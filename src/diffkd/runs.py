@@ -85,6 +85,13 @@ class ResumeConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------- run folders
+def _rank() -> int:
+    """This process's global rank as the launcher set it (``RANK``, ``LOCAL_RANK``, ``SLURM_PROCID``; 0 alone)."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return int(_get_rank() or 0)
+
+
 def _checkpoint_dirs(cfg: DictConfig) -> list[Path]:
     """The folders this run's checkpoint callbacks write to (``<output_dir>/checkpoints`` by default)."""
     dirs = []
@@ -121,7 +128,7 @@ def check_run_dir(cfg: DictConfig, ckpt_path: str | None) -> None:
     Raises:
         RunDirInUseError: naming the folder, what is in it and the two ways on.
     """
-    if not cfg.get("train", True):
+    if not cfg.get("train", True) or _rank() > 0:  # ranks > 0 share rank 0's folder, checked there
         return
     for folder in _checkpoint_dirs(cfg):
         found = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
@@ -136,6 +143,8 @@ class RunDirGuard(Callback):
     by construction; :func:`check_run_dir` and :func:`check_resume` still run in each job)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank() > 0:  # strategy=ddp re-runs the command for ranks > 0, in rank 0's folder
+            return
         run_dir = Path(str(OmegaConf.select(config, "hydra.run.dir")))
         if not run_dir.is_dir() or not config.get("train", True):
             return

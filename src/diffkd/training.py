@@ -23,6 +23,8 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from diffkd.callbacks.checkpointing import AtomicCheckpointIO
+from diffkd.runs import check_resume, check_run_dir, from_checkpoint_values
 from diffkd.utils.instantiate import build_module, instantiate, instantiate_list
 from diffkd.utils.loggers import adopt_spawned_logs, pin_log_dirs
 
@@ -101,16 +103,23 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(found[-1])
 
 
-def _resume_wandb(cfg: DictConfig, ckpt_path: str | None) -> None:
-    """A resumed run logs to the W&B run it started (the id stored in the checkpoint), unless logger.wandb.id is
-    set."""
-    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
-    if ckpt_path is None or wandb_cfg is None or wandb_cfg.get("id"):
-        return
+def _stored_run(ckpt_path: str | None) -> dict[str, Any]:
+    """The ``diffkd`` entry of a checkpoint (its run's config, W&B id, points); ``{}`` without one."""
+    if ckpt_path is None:
+        return {}
     import torch
 
     # memory-mapped: only the small dict is read here; Lightning reads the tensors when it restores
-    stored = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("diffkd", {}).get("wandb_id")
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("diffkd") or {}
+
+
+def _resume_wandb(cfg: DictConfig, stored_run: dict[str, Any]) -> None:
+    """A resumed run logs to the W&B run it started (the id stored in the checkpoint), unless logger.wandb.id is
+    set."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is None or wandb_cfg.get("id"):
+        return
+    stored = stored_run.get("wandb_id")
     if stored:
         with open_dict(cfg):
             cfg.logger.wandb.id = stored
@@ -134,18 +143,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg) if cfg.get("train", True) else None
-    _resume_wandb(cfg, ckpt_path)
+    check_run_dir(cfg, ckpt_path)
+    stored_run = _stored_run(ckpt_path)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+    changes = []
+    if ckpt_path is not None:
+        mode = str(cfg.get("resume_changes") or "refuse")
+        changes = check_resume(stored_run.get("config"), run_config, ckpt_path, mode)
+        run_config = from_checkpoint_values(stored_run.get("config"), run_config)
+    _resume_wandb(cfg, stored_run)
     datamodule = instantiate(cfg.data)
     num_classes = getattr(datamodule, "num_classes", None)
     module = build_module(cfg, num_classes)
-    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    module.run_config = run_config
+    module.resume_changes = changes
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if type(c).__name__ != "LearningRateMonitor"]
     if cfg.trainer.get("enable_progress_bar") is False:  # the progress-bar callback follows the trainer flag
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # every checkpoint file is written whole or not at all (diffkd.callbacks.AtomicCheckpointIO)
+    plugins = [*(hydra.utils.instantiate(cfg.trainer.get("plugins")) or []), AtomicCheckpointIO()]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins
+    )
     _check_sync_batchnorm(cfg, trainer)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
