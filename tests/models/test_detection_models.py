@@ -22,8 +22,10 @@ STRIDES = {"fasterrcnn": (4, 8, 16, 32, 64), "retinanet": (8, 16, 32, 64, 128), 
 
 def test_the_registry_lists_three_detectors_on_three_backbones():
     demos = set(list_models(tag="demo"))  # the detection demo's small pair
+    mmdet = set(list_models(tag="mmdet"))  # MMDetection's models (tests/models/test_mmdet_*.py)
     extra = {"retinanet_resnet50_fpn_v2"}  # torchvision's own v2 builder (its COCO weights: a ready teacher)
-    assert sorted(n for n in list_models(tag="detection") if n not in demos | extra) == sorted(NAMES)
+    assert sorted(n for n in list_models(tag="detection") if n not in demos | mmdet | extra) == sorted(NAMES)
+    assert mmdet and all(n.startswith("mmdet_") for n in mmdet)
     assert extra <= set(list_models(tag="detection"))
     assert "resnext101_64x4d" in BACKBONES
 

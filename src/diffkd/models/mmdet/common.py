@@ -138,9 +138,9 @@ def load_backbone_weights(body: nn.Module, source: str, depth: int, groups: int 
     Args:
         source: a torchvision weights name (``"IMAGENET1K_V1"``: MMDetection's ``torchvision://resnet50``/
             ``resnet101``, and ResNeXt-101 64x4d's ``IMAGENET1K_V1``), downloaded on first use; or the path of a
-            backbone file in torchvision's names — the detectron2-converted caffe ResNets of the caffe-style configs
-            (``open-mmlab://detectron2/resnet50_caffe`` = ``resnet50_msra-5891d200.pth``, ``resnet101_caffe`` =
-            ``resnet101_msra-6cc46731.pth``, under ``download.openmmlab.com/pretrain/third_party/``). A classifier
+            backbone file in torchvision's names — the Detectron caffe ResNets of the FCOS caffe-style configs
+            (``open-mmlab://detectron/resnet50_caffe`` = ``resnet50_caffe-788b5fa3.pth``, ``resnet101_caffe`` =
+            ``resnet101_caffe-3ad79236.pth``, under ``download.openmmlab.com/pretrain/third_party/``). A classifier
             (``fc.*``) in the file is left out; anything else that does not fit is an error listing it.
     """
     import torchvision
