@@ -19,7 +19,8 @@ Registered names (tags ``"detection"``, ``"coco"``, ``"mmdet"``):
   with that backbone and FPN — e.g. ``cascade_mask_rcnn_x101_64x4d_fpn_20e_coco`` (45.6 AP), the paper's stronger
   Faster R-CNN teacher (Table 5): backbone + neck load strictly, the file's heads are left out with a log line.
   :class:`~diffkd.tasks.DetectionModule` refuses it at setup where the teacher's heads are needed
-  (``regression_kd_weight > 0``, ``teacher_runs: heads``).
+  (``regression_kd_weight > 0``, ``teacher_runs: heads``). ``mmdet_faster_rcnn_<backbone>_fpn(backbone_only=True)``
+  builds the same model (``model.teacher.backbone_only=true``).
 
 What they compute (MMDetection 3.3's ``_base_/models/faster-rcnn_r50_fpn.py``, its ``RPNHead``, ``StandardRoIHead``,
 ``SingleRoIExtractor``, ``Shared2FCBBoxHead``, ``MaxIoUAssigner``, ``RandomSampler``, ``DeltaXYWHBBoxCoder``,
@@ -47,8 +48,8 @@ max-pooled P6, RGB mean/std transform with mmcv's rescale, pad 32, MMDetection's
   (``batched_nms``), at most 100.
 - **Sampling** replays MMDetection's random draws: ``torch.randperm`` on the CPU generator, in its order (RPN image
   by image, positives then negatives, then the RoI head likewise), so the same seed samples the same anchors and RoIs.
-- **Losses** keep torchvision's names: ``loss_objectness`` (MMDetection's ``loss_rpn_cls``), ``loss_rpn_box_reg``
-  (``loss_rpn_bbox``), ``loss_classifier`` (``loss_cls``), ``loss_box_reg`` (``loss_bbox``); their sum is
+- **Losses** under MMDetection's names: ``loss_rpn_cls``, ``loss_rpn_bbox``, ``loss_cls``, ``loss_bbox`` (torchvision's
+  Faster R-CNN: ``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``); their sum is
   MMDetection's training loss (its ``acc`` is a metric, not a loss).
 
 Class layout: torchvision's background-first. ``box_predictor.cls_score`` has ``num_classes`` rows with background
@@ -337,7 +338,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
 class MMDetRPN(RegionProposalNetwork):
     """MMDetection's RPN (``RPNHead`` with its test/train settings) in torchvision's ``RegionProposalNetwork``
     interface: ``rpn(images, features, targets)`` → (proposals per image (P_i, 4) in the resized image's coordinates,
-    losses ``loss_objectness``/``loss_rpn_box_reg`` in training). See the module docstring for what it computes."""
+    losses ``loss_rpn_cls``/``loss_rpn_bbox`` in training). See the module docstring for what it computes."""
 
     def __init__(
         self,
@@ -447,7 +448,7 @@ class MMDetRPN(RegionProposalNetwork):
         image_sizes: Sequence[Sequence[int]],
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
-        """``loss_objectness`` and ``loss_rpn_box_reg`` (MMDetection's ``AnchorHead.loss_by_feat`` of ``RPNHead``)."""
+        """``loss_rpn_cls`` and ``loss_rpn_bbox`` (MMDetection's ``AnchorHead.loss_by_feat`` of ``RPNHead``)."""
         grid_sizes = [o.shape[-2:] for o in objectness]
         flat_anchors = torch.cat(anchors)
         device = flat_anchors.device
@@ -494,7 +495,7 @@ class MMDetRPN(RegionProposalNetwork):
             l1 = (reg - box_target.reshape(-1, 4)).abs() * box_weight.reshape(-1, 4)
             loss_box = loss_box + l1.sum() / (avg_factor + _EPS)
             start = end
-        return {"loss_objectness": loss_cls, "loss_rpn_box_reg": loss_box}  # type: ignore[dict-item]
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_box}  # type: ignore[dict-item]
 
 
 # ---------------------------------------------------------------------------------------------------- RoI head
@@ -641,7 +642,7 @@ class MMDetRoIHeads(RoIHeads):
     def compute_losses(
         self, logits: Tensor, regression: Tensor, labels: Tensor, box_targets: Tensor
     ) -> dict[str, Tensor]:
-        """``loss_classifier`` and ``loss_box_reg`` (``BBoxHead.loss``) of logits (R, K), regression (R, 4K), labels
+        """``loss_cls`` and ``loss_bbox`` (``BBoxHead.loss``) of logits (R, K), regression (R, 4K), labels
         (R,) and the positives' targets (P, 4)."""
         num_rois, num_classes = logits.shape
         mm_logits = logits.float()[:, self.mmdet_order(num_classes, logits.device)]
@@ -654,7 +655,7 @@ class MMDetRoIHeads(RoIHeads):
             loss_box = (pred - box_targets).abs().sum() / (num_rois + _EPS)
         else:
             loss_box = regression[pos].sum()
-        return {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
+        return {"loss_cls": loss_cls, "loss_bbox": loss_box}
 
     def detections(
         self,
@@ -834,7 +835,7 @@ class MMDetFasterRCNN(FasterRCNN):
             features, proposals, image_list.image_sizes, targets, original_sizes
         )
         if self.training:
-            return {**detector_losses, **proposal_losses}
+            return {**proposal_losses, **detector_losses}
         return detections
 
     def convert_foreign_checkpoint(self, obj: Mapping[str, Any], origin: str) -> dict[str, Tensor] | None:
@@ -935,11 +936,12 @@ def build_faster_rcnn(
     frozen_stages: int = 1,
     *,
     label: str | None = None,
+    backbone_only: bool = False,
     trainable_layers: int | None = None,
     frozen_bn: bool = True,
     _skip_resize: bool = False,
     **settings: float,
-) -> MMDetFasterRCNN:
+) -> MMDetFasterRCNN | MMDetFPNTeacher:
     """MMDetection's Faster R-CNN on ``backbone`` (``r50``, ``r101``, ``x101_64x4d``; see the module docstring).
 
     Args:
@@ -951,11 +953,23 @@ def build_faster_rcnn(
         frozen_stages: stem + this many ResNet stages frozen (MMDetection: 1).
         trainable_layers: torchvision's count of trainable stages (3 = frozen_stages 1), accepted when consistent.
         frozen_bn: must be true (MMDetection's ``norm_eval=True``: BatchNorm statistics never update).
+        backbone_only: build :class:`MMDetFPNTeacher` instead (``mmdet_fpn_teacher_<backbone>``: the backbone +
+            FPN of any fitting MMDetection checkpoint, no heads); the head settings are then ignored.
         **settings: :data:`SETTINGS`, by torchvision's names.
     """
     label = label or f"mmdet_faster_rcnn_{backbone}_fpn"
     if backbone not in BACKBONES:
         raise ValueError(f"{label}: unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
+    if backbone_only:
+        teacher = build_fpn_teacher(
+            backbone, "pytorch", min_size, max_size, label=f"{label} (backbone_only)",
+            weights_backbone=weights_backbone, _skip_resize=_skip_resize,
+        )  # fmt: skip
+        if weights is not None:
+            from diffkd.models.checkpoint import load_weights
+
+            load_weights(teacher, weights)
+        return teacher
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"{label}: unknown keyword arguments {unknown}; settings are {sorted(SETTINGS)}")
@@ -1068,7 +1082,7 @@ def _register(backbone: str) -> None:
         max_size: int = 1333,
         frozen_stages: int = 1,
         **kwargs: Any,
-    ) -> MMDetFasterRCNN:
+    ) -> MMDetFasterRCNN | MMDetFPNTeacher:
         return build_faster_rcnn(
             backbone, num_classes, pretrained, weights, weights_backbone, min_size, max_size, frozen_stages,
             label=name, **kwargs,
