@@ -406,18 +406,27 @@ class MMDetRetinaNet(RetinaNet):
             valid_idx = valid.nonzero().squeeze(1)
             candidates = anchors_i[valid_idx]
             gt_boxes = target["boxes"].to(candidates.dtype)
+            gt_labels = target["labels"].to(device)
+            if gt_labels.numel() and not bool(((gt_labels >= 1) & (gt_labels <= num_classes)).all()):
+                raise ValueError(
+                    f"{self.name}: target labels must lie in 1..{num_classes} (0 is background), got "
+                    f"{sorted(set(gt_labels.tolist()))[:10]} in target {i}"
+                )
             assigned = max_iou_assign(gt_boxes, candidates, self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou)
             pos, neg = valid_idx[assigned > 0], valid_idx[assigned == 0]
             matched = assigned[assigned > 0] - 1
             if pos.numel() > 0:
                 bbox_targets[i, pos] = encode_deltas(anchors_i[pos], gt_boxes[matched])
                 bbox_weights[i, pos] = 1.0
-                labels[i, pos] = target["labels"].to(device)[matched] - 1
+                labels[i, pos] = gt_labels[matched] - 1
                 label_weights[i, pos] = 1.0
             label_weights[i, neg] = 1.0
             avg_factor += max(pos.numel(), 1)
-        # one-hot over the K classes; background (label K) is all zeros
-        onehot = F.one_hot(labels, num_classes + 1)[..., :num_classes].to(cls_logits.dtype)
+        # one-hot over the K classes; background (label K) is all zeros (written in place: F.one_hot's int64
+        # (N, M, K + 1) would be 8× the logits' memory)
+        onehot = torch.zeros_like(cls_logits)
+        image_idx, anchor_idx = (labels < num_classes).nonzero(as_tuple=True)
+        onehot[image_idx, anchor_idx, labels[image_idx, anchor_idx]] = 1.0
         counts = [h * w * self.num_anchors for h, w in level_sizes]
         loss_cls = cls_logits.new_zeros(())
         loss_bbox = cls_logits.new_zeros(())
