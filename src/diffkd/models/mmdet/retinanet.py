@@ -192,10 +192,8 @@ def max_iou_assign(
         (N,) int64: ``-1`` ignored, ``0`` negative, ``i + 1`` assigned to box ``i``.
     """
     n = anchors.shape[0]
-    if gt_boxes.shape[0] == 0 or n == 0:
-        return torch.zeros(n, dtype=torch.int64, device=anchors.device) if gt_boxes.shape[0] == 0 else (
-            torch.full((n,), -1, dtype=torch.int64, device=anchors.device)
-        )  # fmt: skip
+    if gt_boxes.shape[0] == 0 or n == 0:  # no boxes: every anchor is a negative
+        return torch.zeros(n, dtype=torch.int64, device=anchors.device)
     overlaps = bbox_overlaps(gt_boxes, anchors)  # (G, N)
     assigned = torch.full((n,), -1, dtype=torch.int64, device=anchors.device)
     max_overlaps, argmax_overlaps = overlaps.max(dim=0)
