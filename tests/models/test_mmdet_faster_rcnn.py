@@ -402,8 +402,13 @@ def test_a_wrong_file_is_refused_saying_what_it_is(r50_pair):
     with pytest.raises(MMDetWeightsError, match=r"roi_heads.box_predictor.cls_score.weight: file \(81, 1024\)"):
         load_weights(model, checkpoint)
     caffe = {"state_dict": checkpoint["state_dict"], "meta": {"config": "backbone=dict(style='caffe')"}}
-    with torch.device("meta"), pytest.raises(MMDetWeightsError, match="caffe-style backbone"):
+    with torch.device("meta"), pytest.raises(MMDetWeightsError, match="caffe-style backbone") as err:
         load_weights(create_model("mmdet_faster_rcnn_r50_fpn"), caffe)
+    assert "R-50 caffe FPN, 80 classes → its FPN features only: mmdet_fpn_teacher_r50, style=caffe" in str(err.value)
+    teacher = create_model("mmdet_fpn_teacher_r50", style="caffe")
+    load_weights(teacher, caffe)
+    assert teacher.transform.bgr and tuple(teacher.transform.image_std) == (1.0, 1.0, 1.0)
+    assert teacher.backbone.body.layer2[0].conv1.stride == (2, 2)  # caffe style: the stride on the first 1×1
 
 
 def _cascade_teacher(config: str, teacher_name: str, tmp_path: Any, caplog: Any, size: tuple[int, int]) -> None:
@@ -446,27 +451,34 @@ def test_the_fpn_teacher_reads_the_papers_cascade_mask_rcnn_x101_64x4d(tmp_path,
                      tmp_path, caplog, (800, 1088))  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------------ a training run
-def test_diffkd_and_regression_kd_train_and_validate_the_r50_student_on_a_coco_folder(tmp_path):
+# ------------------------------------------------------------------------------------------------ training runs
+def _run(tmp_path: Any, teacher: str, *extra: str) -> tuple[dict[str, float], dict[str, Any]]:
+    """Two DiffKD steps and a validation of the R-50 student on a COCO folder (the fake COCO: 5 categories), from
+    ``teacher`` (random weights), at 64 px with few proposals."""
     from diffkd.train import train
     from tests.conftest import compose_config, tiny_overrides
     from tests.helpers.fake_coco import write_fake_coco
 
     coco = write_fake_coco(tmp_path / "data" / "coco")
     sizes = [f"model.{s}.{k}={v}" for s in ("student", "teacher") for k, v in (("min_size", 64), ("max_size", 96))]
-    few = [f"+model.{s}.{k}={v}" for s in ("student", "teacher")
+    few = [f"+model.student.{k}={v}"
            for k, v in (("rpn_pre_nms_top_n_train", 100), ("rpn_post_nms_top_n_train", 40),
-                        ("rpn_pre_nms_top_n_test", 100), ("rpn_post_nms_top_n_test", 40))]  # fmt: skip
+                        ("rpn_pre_nms_top_n_test", 100), ("rpn_post_nms_top_n_test", 40),
+                        ("box_batch_size_per_image", 32))]  # fmt: skip
     cfg = compose_config([
         "experiment=coco_frcnn_r101_r50", *tiny_overrides(tmp_path, tmp_path / "data"), f"data.root={coco.root}",
         "data.batch_size=2", "data.val_batch_size=2", "data.contiguous_labels=true", "data.multiscale=false",
-        "model.student.name=mmdet_faster_rcnn_r50_fpn", "model.teacher.name=mmdet_faster_rcnn_r50_fpn",
-        "model.student.weights_backbone=null", "model.teacher.weights=null", *sizes, *few,
-        "+model.student.box_batch_size_per_image=32", "distill=diffkd_det", "model.regression_kd_weight=1",
+        "model.student.name=mmdet_faster_rcnn_r50_fpn", f"model.teacher.name={teacher}",
+        "model.student.weights_backbone=null", "model.teacher.weights=null", *sizes, *few, "distill=diffkd_det",
         "distill.diffkd.inference_steps=1", "test=false", "~callbacks.model_checkpoint",
-        "++trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false",
+        "++trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false", *extra,
     ])  # fmt: skip
-    metrics, objs = train(cfg)
+    return train(cfg)
+
+
+def test_diffkd_and_regression_kd_train_and_validate_the_r50_student_on_a_coco_folder(tmp_path):
+    extra = [f"+model.teacher.{k}={v}" for k, v in (("rpn_pre_nms_top_n_test", 100), ("rpn_post_nms_top_n_test", 40))]
+    metrics, objs = _run(tmp_path, "mmdet_faster_rcnn_r50_fpn", "model.regression_kd_weight=1", *extra)
     module = objs["module"]
     assert objs["trainer"].global_step == 2
     assert isinstance(module.student, MMDetFasterRCNN) and isinstance(module.teacher, MMDetFasterRCNN)
@@ -476,3 +488,11 @@ def test_diffkd_and_regression_kd_train_and_validate_the_r50_student_on_a_coco_f
         assert math.isfinite(metrics[f"train/loss/{name}"]), name
     assert metrics["train/loss/reg_kd"] > 0
     assert "val/map" in metrics and math.isfinite(metrics["val/map"])
+
+
+def test_diffkd_from_an_fpn_teacher_trains_the_r50_student(tmp_path):
+    metrics, objs = _run(tmp_path, "mmdet_fpn_teacher_r50", "model.regression_kd_weight=0")
+    assert isinstance(objs["module"].teacher, MMDetFPNTeacher) and objs["trainer"].global_step == 2
+    for name in (*LOSSES, *(f"fpn_{k}/kd" for k in LEVELS)):
+        assert math.isfinite(metrics[f"train/loss/{name}"]), name
+    assert "train/loss/reg_kd" not in metrics and "val/map" in metrics

@@ -744,12 +744,14 @@ def describe_mmdet_checkpoint(state: Mapping[str, Tensor], meta: Mapping[str, An
     if classes is not None:
         text += f", {classes} classes"
     suffix = _BY_DESCRIPTION.get(backbone)
-    faster_fpn = laterals == 4 and outputs == 4 and style != "caffe"
-    if family == "Faster R-CNN" and suffix and faster_fpn:
+    if suffix is None or laterals != 4 or outputs != 4:
+        return f"{text} (FPN: {laterals} inputs, {outputs} outputs) → no Faster R-CNN or FPN teacher here reads it"
+    if family == "Faster R-CNN" and style != "caffe":
         return f"{text} → mmdet_faster_rcnn_{suffix}_fpn"
-    if suffix and faster_fpn:
-        return f"{text} → its FPN features only: mmdet_fpn_teacher_{suffix} (teacher_runs: backbone, no regression KD)"
-    return f"{text} (FPN: {laterals} inputs, {outputs} outputs) → no Faster R-CNN or FPN teacher here reads it"
+    caffe = ", style=caffe" if style == "caffe" else ""
+    return (
+        f"{text} → its FPN features only: mmdet_fpn_teacher_{suffix}{caffe} (teacher_runs: backbone, no regression KD)"
+    )
 
 
 def faster_rcnn_rules() -> list[Rule]:
