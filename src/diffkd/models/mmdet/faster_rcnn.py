@@ -78,7 +78,9 @@ Named differences from MMDetection (everything else is computed as it computes i
   trained with torchvision's newer recipe); ``weights_backbone=<path of the open-mmlab file>`` loads MMDetection's;
 - under bf16 autocast RoIs stay float32 (MMDetection's fp16 mode casts them to the features' dtype);
 - the sampling replay above holds for the model alone: a training step that draws other random numbers between the
-  detector's calls (e.g. DiffKD's noise) shifts the stream, as any other code would in MMDetection.
+  detector's calls (e.g. DiffKD's noise), or a multi-scale transform (its scale is a torch draw, MMDetection's data
+  pipeline draws with numpy), shifts the stream: the samples are then MMDetection's in distribution, not draw for
+  draw.
 """
 
 from __future__ import annotations
