@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 from typing import Any
 
 import pytest
@@ -30,7 +29,7 @@ from diffkd.models.mmdet.retinanet import (
     describe_mmdet_checkpoint,
     max_iou_assign,
 )
-from tests.helpers.mmdet_reference import as_checkpoint, build_mmdet_model, import_mmdet, needs_mmdet
+from tests.helpers.mmdet_reference import as_checkpoint, build_mmdet_model, needs_mmdet
 
 NAMES = list(BACKBONES)
 CONFIGS = {
@@ -45,12 +44,6 @@ LEVELS = ["0", "1", "2", "p6", "p7"]
 def _reference(config: str, seed: int = 0) -> nn.Module:
     """MMDetection's model, its residual branches damped and its classification/regression outputs spread (random
     init gives scores ≈ 0.01 < 0.05, i.e. no detections) so that the detections compare thousands of candidates."""
-    import_mmdet()
-    import mmcv.ops
-
-    # `import mmcv.ops.nms as m` binds the *function* mmcv.ops.nms (the package re-exports it), so the harness's
-    # torchvision NMS never reaches the module global that mmcv's batched_nms evaluates: put it there
-    sys.modules["mmcv.ops.nms"].nms = mmcv.ops.nms
     model = build_mmdet_model(config, seed)
     generator = torch.Generator().manual_seed(seed + 7)
     head = model.bbox_head
