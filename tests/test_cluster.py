@@ -187,8 +187,10 @@ def _run_cli(args: list[str], cwd: Path, timeout: int, path_prefix: Path | None 
     # a DDP run earlier in this pytest process leaves MASTER_PORT (and friends) in os.environ: inherited, every
     # array job would take that one port instead of its own (SLURM_JOB_ID's) and the jobs' ranks would cross-join
     ddp_vars = ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+    # and an in-process W&B run of an earlier test leaves WANDB_SERVICE: the child would log through the pytest
+    # process's W&B service, which writes the run file after the child has exited (the test reads it half-written)
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ddp_vars},
+        **{k: v for k, v in os.environ.items() if k not in ddp_vars and not k.startswith("WANDB_SERVICE")},
         "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
         "WANDB_MODE": "offline",
         "OMP_NUM_THREADS": "1",
