@@ -423,3 +423,14 @@ def test_diffkd_trains_and_validates_the_r50_student_on_a_coco_folder(tmp_path):
     for name in ("loss_cls", "loss_bbox", *(f"fpn_{k}/kd" for k in LEVELS)):
         assert math.isfinite(metrics[f"train/loss/{name}"]), name
     assert "val/map" in metrics and math.isfinite(metrics["val/map"])
+
+
+def test_a_backbone_only_teacher_is_refused_where_its_heads_are_needed():
+    from diffkd.distill import Distiller
+    from diffkd.tasks import DetectionModule
+
+    with torch.device("meta"):
+        student = create_model("mmdet_retinanet_r50_fpn", min_size=64, max_size=96)
+        teacher = create_model("mmdet_retinanet_r50_fpn", min_size=64, max_size=96, backbone_only=True)
+    with pytest.raises(ValueError, match=r"provides FPN features only .* teacher_runs=heads"):
+        DetectionModule(student, Distiller(), teacher=teacher, teacher_runs="heads")

@@ -322,6 +322,8 @@ class MMDetRetinaNet(RetinaNet):
         self.name = name
         self.description = description
         self.backbone_only = bool(backbone_only)
+        # the detection task refuses what needs the heads of a teacher whose heads were not loaded
+        self.fpn_features_only = self.backbone_only
         self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou = fg_iou_thresh, bg_iou_thresh, min_pos_iou
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
 
