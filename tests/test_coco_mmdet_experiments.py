@@ -87,3 +87,26 @@ def test_the_fpn_only_teacher_refuses_the_regression_kd(tmp_path, coco_root):
     cfg = _tiny(tmp_path, coco_root, "coco_mmdet_frcnn_cascade_x101_r50", "model.regression_kd_weight=1.0")
     with pytest.raises(ValueError, match=r"provides FPN features only .*regression_kd_weight=1\.0"):
         train(cfg)
+
+
+STUDENTS = ["mmdet_faster_rcnn_r50_fpn", "mmdet_retinanet_r50_fpn", "mmdet_fcos_r50_caffe_fpn_gn"]
+LARGER = ["mmdet_faster_rcnn_r101_fpn", "mmdet_faster_rcnn_x101_64x4d_fpn", "mmdet_retinanet_r101_fpn",
+          "mmdet_retinanet_x101_64x4d_fpn", "mmdet_fcos_r101_caffe_fpn_gn"]  # fmt: skip
+
+
+def test_every_mmdet_detector_is_listed_here():
+    from diffkd.models import list_models
+
+    detectors = {n for n in list_models(tag="mmdet") if not n.startswith("mmdet_fpn_teacher_")}
+    assert detectors == set(STUDENTS) | set(LARGER)
+
+
+@pytest.mark.parametrize("name", [*STUDENTS, *(pytest.param(n, marks=pytest.mark.slow) for n in LARGER)])
+def test_each_detector_trains_and_validates_as_the_student_with_diffkd(name, tmp_path, coco_root):
+    # the R50 → R50 pair of its family (a teacher of the same model), DiffKD on every FPN level
+    cfg = _tiny(tmp_path, coco_root, "coco_mmdet_retina_r101_r50", f"model.student.name={name}",
+                f"model.teacher.name={name}", "model.student.weights_backbone=null")  # fmt: skip
+    metrics, objs = train(cfg)
+    assert math.isfinite(metrics["train/loss"]) and 0.0 <= metrics["val/map"] <= 1.0
+    assert sum(k.startswith("train/loss/fpn_") and k.endswith("/diff") for k in metrics) == 5  # five FPN levels
+    assert type(objs["module"].student).__module__.startswith("diffkd.models.mmdet")
