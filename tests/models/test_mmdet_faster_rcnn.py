@@ -292,9 +292,9 @@ def test_max_iou_assigner_as_mmdetection_writes_it():
     for i in range(len(gt)):
         if overlaps[i].max() >= 0.3:
             expected[overlaps[i] == overlaps[i].max()] = i + 1
-    assert torch.equal(max_iou_assign(overlaps, 0.7, 0.3, 0.3, True), expected)
+    assert torch.equal(max_iou_assign(gt, anchors, 0.7, 0.3, 0.3, True), expected)
     assert int((expected == len(gt)).sum()) > 0 and int((expected == 1).sum()) == 0
-    assert torch.equal(max_iou_assign(overlaps[:0], 0.7, 0.3, 0.3, True), torch.zeros(500, dtype=torch.long))
+    assert torch.equal(max_iou_assign(gt[:0], anchors, 0.7, 0.3, 0.3, True), torch.zeros(500, dtype=torch.long))
     pos, neg = random_sample(expected, 16, 0.25)
     assert len(pos) <= 4 and len(pos) + len(neg) == 16 and torch.equal(pos, pos.sort()[0])
 

@@ -92,7 +92,6 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -104,6 +103,14 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from diffkd.models.mmdet.boxes import (
+    DeltaXYWHCoder,
+    batched_nms,
+    bbox_overlaps,
+    bbox_post_process,
+    max_iou_assign,
+    rescale_boxes,
+)
 from diffkd.models.mmdet.common import (
     CAFFE_MEAN_BGR,
     CAFFE_STD,
@@ -209,98 +216,7 @@ SETTINGS: dict[str, tuple[float, str]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------- box ops
-def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """(M, N) IoU of xyxy ``boxes1`` (M, 4) and ``boxes2`` (N, 4), as MMDetection's ``bbox_overlaps`` computes it (the
-    union floored at ``eps``; the same operations in the same order, so equal IoUs tie exactly as there)."""
-    if boxes1.shape[0] == 0 or boxes2.shape[0] == 0:
-        return boxes1.new_zeros(boxes1.shape[0], boxes2.shape[0])
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area1[..., None] + area2[..., None, :] - overlap
-    union = torch.max(union, union.new_tensor([eps]))
-    return overlap / union
-
-
-class DeltaXYWHCoder:
-    """MMDetection's ``DeltaXYWHBBoxCoder`` (no +1 in widths; ``log`` ratios clipped at ``|log(wh_ratio_clip)|``).
-
-    Args:
-        stds, means: the deltas' normalisation (RPN: 1; RCNN: 0.1, 0.1, 0.2, 0.2).
-        wh_ratio_clip: the smallest/largest width and height ratio a delta may scale a box by.
-    """
-
-    def __init__(
-        self,
-        stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
-        means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
-        wh_ratio_clip: float = 16 / 1000,
-    ) -> None:
-        self.stds, self.means = tuple(float(s) for s in stds), tuple(float(m) for m in means)
-        self.max_ratio = float(np.abs(np.log(wh_ratio_clip)))
-
-    def encode(self, proposals: Tensor, gt: Tensor) -> Tensor:
-        """(N, 4) deltas taking ``proposals`` (N, 4) to ``gt`` (N, 4)."""
-        proposals, gt = proposals.float(), gt.float()
-        px = (proposals[..., 0] + proposals[..., 2]) * 0.5
-        py = (proposals[..., 1] + proposals[..., 3]) * 0.5
-        pw = proposals[..., 2] - proposals[..., 0]
-        ph = proposals[..., 3] - proposals[..., 1]
-        gx = (gt[..., 0] + gt[..., 2]) * 0.5
-        gy = (gt[..., 1] + gt[..., 3]) * 0.5
-        gw = gt[..., 2] - gt[..., 0]
-        gh = gt[..., 3] - gt[..., 1]
-        deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
-        return deltas.sub_(deltas.new_tensor(self.means)[None]).div_(deltas.new_tensor(self.stds)[None])
-
-    def decode(self, rois: Tensor, deltas: Tensor, max_shape: Sequence[int] | None = None) -> Tensor:
-        """(N, 4) boxes: ``deltas`` (N, 4) applied to ``rois`` (N, 4), clamped to ``max_shape`` (H, W) if given."""
-        if deltas.shape[0] == 0:
-            return deltas.new_zeros(0, 4)
-        denorm = deltas * deltas.new_tensor(self.stds).view(1, -1) + deltas.new_tensor(self.means).view(1, -1)
-        dxy, dwh = denorm[:, :2], denorm[:, 2:]
-        pxy = (rois[:, :2] + rois[:, 2:]) * 0.5
-        pwh = rois[:, 2:] - rois[:, :2]
-        dxy_wh = pwh * dxy
-        dwh = dwh.clamp(min=-self.max_ratio, max=self.max_ratio)
-        gxy = pxy + dxy_wh
-        gwh = pwh * dwh.exp()
-        boxes = torch.cat([gxy - (gwh * 0.5), gxy + (gwh * 0.5)], dim=-1)
-        if max_shape is not None:
-            boxes[..., 0::2].clamp_(min=0, max=max_shape[1])
-            boxes[..., 1::2].clamp_(min=0, max=max_shape[0])
-        return boxes
-
-
-def max_iou_assign(
-    overlaps: Tensor, pos_iou_thr: float, neg_iou_thr: float, min_pos_iou: float, match_low_quality: bool
-) -> Tensor:
-    """MMDetection's ``MaxIoUAssigner.assign_wrt_overlaps``: (N,) long, -1 ignored, 0 negative, ``i + 1`` assigned to
-    box ``i``, from ``overlaps`` (G, N) (boxes × candidates). Low-quality matching gives every candidate at a box's
-    best IoU (≥ ``min_pos_iou``) to that box, a later box overriding an earlier one (MMDetection's loop, vectorised)."""
-    num_gts, num_boxes = overlaps.shape
-    assigned = overlaps.new_full((num_boxes,), -1, dtype=torch.long)
-    if num_gts == 0 or num_boxes == 0:
-        if num_gts == 0:
-            assigned[:] = 0
-        return assigned
-    max_overlaps, argmax_overlaps = overlaps.max(dim=0)
-    gt_max_overlaps, _ = overlaps.max(dim=1)
-    assigned[(max_overlaps >= 0) & (max_overlaps < neg_iou_thr)] = 0
-    pos = max_overlaps >= pos_iou_thr
-    assigned[pos] = argmax_overlaps[pos] + 1
-    if match_low_quality:
-        best = (overlaps == gt_max_overlaps[:, None]) & (gt_max_overlaps[:, None] >= min_pos_iou)
-        ids = torch.arange(1, num_gts + 1, device=overlaps.device)[:, None]
-        last = (best.long() * ids).max(dim=0).values  # the last box whose best IoU this candidate has, or 0
-        assigned = torch.where(last > 0, last, assigned)
-    return assigned
-
-
+# ---------------------------------------------------------------------------------------------------- sampler
 def random_sample(assigned: Tensor, num: int, pos_fraction: float) -> tuple[Tensor, Tensor]:
     """MMDetection's ``RandomSampler``: ``(pos_inds, neg_inds)``, each sorted, from ``assigned`` (N,)
     (:func:`max_iou_assign`). At most ``int(num · pos_fraction)`` positives, negatives fill up to ``num``; a random
@@ -315,25 +231,6 @@ def random_sample(assigned: Tensor, num: int, pos_fraction: float) -> tuple[Tens
     pos = choose(torch.nonzero(assigned > 0, as_tuple=False).view(-1), int(num * pos_fraction)).unique()
     neg = choose(torch.nonzero(assigned == 0, as_tuple=False).view(-1), num - pos.numel()).unique()
     return pos, neg
-
-
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, split_thr: int = 10000) -> Tensor:
-    """mmcv's ``batched_nms`` (NMS within each ``idxs`` group): the kept indices, best score first. Below
-    ``split_thr`` boxes the groups are separated by coordinate offsets, above it NMS runs group by group (on the
-    offset boxes, as mmcv does)."""
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    max_coordinate = boxes.max()
-    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
-    boxes_for_nms = boxes + offsets[:, None]
-    if boxes_for_nms.shape[0] < split_thr:
-        return torchvision.ops.nms(boxes_for_nms, scores, float(iou_threshold))
-    total = torch.zeros_like(scores, dtype=torch.bool)
-    for group in torch.unique(idxs):
-        mask = (idxs == group).nonzero(as_tuple=False).view(-1)
-        total[mask[torchvision.ops.nms(boxes_for_nms[mask], scores[mask], float(iou_threshold))]] = True
-    keep = total.nonzero(as_tuple=False).view(-1)
-    return keep[scores[keep].sort(descending=True)[1]]
 
 
 # ---------------------------------------------------------------------------------------------------- RPN
@@ -415,15 +312,11 @@ class MMDetRPN(RegionProposalNetwork):
             kept_anchors.append(anchor)
             level_ids.append(torch.full((score.shape[0],), level, dtype=torch.long, device=score.device))
         boxes = self.box_coder.decode(torch.cat(kept_anchors), torch.cat(kept_deltas), max_shape=image_size)
-        score, ids = torch.cat(kept_scores), torch.cat(level_ids)
-        if self.min_bbox_size >= 0:
-            widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-            valid = (widths > self.min_bbox_size) & (heights > self.min_bbox_size)
-            if not bool(valid.all()):
-                boxes, score, ids = boxes[valid], score[valid], ids[valid]
-        if boxes.numel() == 0:
-            return boxes.new_zeros(0, 4)
-        return boxes[batched_nms(boxes, score, ids, self.nms_thresh)][:max_per_img]
+        # NMS per level (the levels are batched_nms's groups)
+        boxes, _, _ = bbox_post_process(
+            boxes, torch.cat(kept_scores), torch.cat(level_ids), self.nms_thresh, max_per_img, self.min_bbox_size
+        )
+        return boxes
 
     def valid_flags(
         self, grid_sizes: Sequence[Sequence[int]], image_size: Sequence[int], device: torch.device
@@ -460,9 +353,7 @@ class MMDetRPN(RegionProposalNetwork):
             valid = self.valid_flags(grid_sizes, image_size, device)
             gt = target["boxes"].to(device=device, dtype=torch.float32)
             inside = flat_anchors[valid]
-            assigned = max_iou_assign(
-                bbox_overlaps(gt, inside), self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou, True
-            )
+            assigned = max_iou_assign(gt, inside, self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou, True)
             pos, neg = random_sample(assigned, self.batch_size_per_image, self.positive_fraction)
             label = inside.new_zeros(inside.shape[0])
             weight = inside.new_zeros(inside.shape[0])
@@ -605,9 +496,7 @@ class MMDetRoIHeads(RoIHeads):
             props = props.detach().float()
             gt = target["boxes"].to(device=props.device, dtype=torch.float32)
             gt_labels = target["labels"].to(props.device)
-            assigned = max_iou_assign(
-                bbox_overlaps(gt, props), self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou, False
-            )
+            assigned = max_iou_assign(gt, props, self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou, False)
             priors = props
             if gt.shape[0] > 0:
                 priors = torch.cat([gt, props])
@@ -686,8 +575,7 @@ class MMDetRoIHeads(RoIHeads):
                 max_shape=image_shapes[i],
             )  # fmt: skip
             if original_image_sizes is not None:
-                (h, w), (new_h, new_w) = original_image_sizes[i], image_shapes[i]
-                boxes = boxes * boxes.new_tensor([1 / (new_w / w), 1 / (new_h / h)]).repeat((1, 2))
+                boxes = rescale_boxes(boxes, image_shapes[i], original_image_sizes[i])
             fg_scores = score[:, :-1].reshape(-1)
             labels = torch.arange(fg, device=score.device).view(1, -1).expand(n, fg).reshape(-1)
             inds = (fg_scores > self.score_thresh).nonzero(as_tuple=False).squeeze(1)

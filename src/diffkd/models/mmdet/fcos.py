@@ -79,8 +79,8 @@ from torch import Tensor, nn
 from torchvision.models.detection import FCOS
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import nms
 
+from diffkd.models.mmdet.boxes import bbox_overlaps, bbox_post_process, filter_scores_and_topk, rescale_boxes
 from diffkd.models.mmdet.common import (
     CAFFE_MEAN_BGR,
     CAFFE_STD,
@@ -115,7 +115,6 @@ INF = 1e8
 STRIDES = (8, 16, 32, 64, 128)
 REGRESS_RANGES: tuple[tuple[float, float], ...] = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
 _EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss: sum / (avg_factor + eps)
-_NMS_SPLIT = 10000  # mmcv's batched_nms: above this many boxes, one NMS per class instead of the offset trick
 _CAFFE_FILES = {
     50: "open-mmlab://detectron/resnet50_caffe = resnet50_caffe-788b5fa3.pth",
     101: "open-mmlab://detectron/resnet101_caffe = resnet101_caffe-3ad79236.pth",
@@ -307,18 +306,6 @@ def _decode(points: Tensor, distances: Tensor) -> Tensor:
     )
 
 
-def _aligned_iou(a: Tensor, b: Tensor, eps: float = 1e-6) -> Tensor:
-    """(M,) IoU of matching rows of (M, 4) boxes, the union floored at ``eps`` (MMDetection's ``bbox_overlaps``)."""
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = torch.max(a[:, :2], b[:, :2])
-    rb = torch.min(a[:, 2:], b[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[:, 0] * wh[:, 1]
-    union = torch.max(area_a + area_b - overlap, area_a.new_tensor([eps]))
-    return overlap / union
-
-
 # ---------------------------------------------------------------------------------------------------- detector
 class MMDetFCOS(FCOS):
     """torchvision's ``FCOS`` computing MMDetection's FCOS (see the module docstring).
@@ -453,7 +440,8 @@ class MMDetFCOS(FCOS):
             if not bool((ctr_targets > 0).any()):
                 loss_box = (_decode(pos_points, pos_reg) * ctr_targets[:, None]).sum()  # MMDetection's zero
             else:
-                iou = _aligned_iou(_decode(pos_points, pos_reg), _decode(pos_points, pos_targets)).clamp(min=1e-6)
+                iou = bbox_overlaps(_decode(pos_points, pos_reg), _decode(pos_points, pos_targets), is_aligned=True)
+                iou = iou.clamp(min=1e-6)
                 loss_box = (-iou.log() * ctr_targets).sum() / (ctr_denorm + _EPS)
             bce = F.binary_cross_entropy_with_logits(pos_ctr, ctr_targets, reduction="none")
             loss_ctr = bce.sum() / (num_pos + _EPS)
@@ -509,14 +497,8 @@ class MMDetFCOS(FCOS):
                 cls = head_outputs["cls_logits"][level][i].permute(1, 2, 0).reshape(-1, num_classes).float().sigmoid()
                 reg = head_outputs["bbox_regression"][level][i].permute(1, 2, 0).reshape(-1, 4).float()
                 ctr = head_outputs["bbox_ctrness"][level][i].permute(1, 2, 0).reshape(-1).float().sigmoid()
-                # MMDetection's filter_scores_and_topk, op for op: ties keep its order
-                valid = cls > self.score_thresh
-                scores = cls[valid]
-                valid_index = torch.nonzero(valid)
-                scores, order = scores.sort(descending=True)
-                count = min(self.topk_candidates, valid_index.shape[0])
-                keep, labels = valid_index[order[:count]].unbind(dim=1)
-                scores_l.append(scores[:count])
+                scores, labels, keep = filter_scores_and_topk(cls, self.score_thresh, self.topk_candidates)
+                scores_l.append(scores)
                 labels_l.append(labels)
                 boxes_l.append(reg[keep])
                 points_l.append(level_points[keep])
@@ -525,32 +507,13 @@ class MMDetFCOS(FCOS):
             boxes[:, 0::2].clamp_(min=0, max=width)
             boxes[:, 1::2].clamp_(min=0, max=height)
             if original_sizes is not None:
-                orig_h, orig_w = original_sizes[i]
-                # MMDetection's 1 / scale_factor, scale_factor = new / old in Python floats
-                inv = [1 / (width / orig_w), 1 / (height / orig_h)]
-                boxes = boxes * boxes.new_tensor(inv).repeat(2)
-            scores = torch.cat(scores_l) * torch.cat(ctr_l)
-            labels = torch.cat(labels_l)
-            wide = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)
-            if not bool(wide.all()):
-                boxes, scores, labels = boxes[wide], scores[wide], labels[wide]
-            if boxes.numel() > 0:
-                keep = self._batched_nms(boxes, scores, labels)[: self.detections_per_img]
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+                boxes = rescale_boxes(boxes, (height, width), original_sizes[i])
+            boxes, scores, labels = bbox_post_process(
+                boxes, torch.cat(scores_l) * torch.cat(ctr_l), torch.cat(labels_l), self.nms_thresh,
+                self.detections_per_img,
+            )  # fmt: skip
             detections.append({"boxes": boxes, "scores": scores, "labels": labels + 1})
         return detections
-
-    def _batched_nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tensor:
-        """Indices kept by class-wise NMS, best first (mmcv's ``batched_nms``, ``class_agnostic=False``)."""
-        if boxes.shape[0] < _NMS_SPLIT:
-            offsets = labels.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-            return nms(boxes + offsets[:, None], scores, self.nms_thresh)
-        kept = torch.zeros_like(scores, dtype=torch.bool)
-        for label in torch.unique(labels):
-            index = (labels == label).nonzero().reshape(-1)
-            kept[index[nms(boxes[index], scores[index], self.nms_thresh)]] = True
-        index = kept.nonzero().reshape(-1)
-        return index[scores[index].argsort(descending=True)]
 
     # ------------------------------------------------------------------ MMDetection checkpoints
     def convert_foreign_checkpoint(self, obj: Any, origin: str) -> dict[str, Tensor] | None:

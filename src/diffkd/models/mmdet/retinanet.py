@@ -63,7 +63,8 @@ Named differences (none changes a trained model's numbers beyond float rounding 
   ``s = new / old`` from the transform's sizes as MMDetection's ``scale_factor`` does; the boxes can differ from
   MMDetection's by float rounding where a resize happens.
 * **NMS beyond 10 000 candidates**: MMDetection's ``batched_nms`` switches to per-class NMS from 10 000 boxes
-  (``split_thr``); with ``nms_pre=1000`` on 5 levels there are at most 5 000, so only the offset path exists here.
+  (``split_thr``); with ``nms_pre=1000`` on 5 levels there are at most 5 000, so only the offset path is taken
+  (:func:`~diffkd.models.mmdet.boxes.batched_nms` has both).
 * **Focal loss on GPU**: MMDetection calls mmcv's CUDA ``sigmoid_focal_loss`` there (``log(p)`` of the probability);
   here, as MMDetection on CPU, the logit form (``binary_cross_entropy_with_logits``): equal up to float rounding.
 * **Mixed precision**: the losses and the decoding run in float32 on the head's outputs, anchors are float32 (under
@@ -92,6 +93,14 @@ from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
 
+from diffkd.models.mmdet.boxes import (
+    DeltaXYWHCoder,
+    bbox_overlaps,
+    bbox_post_process,
+    filter_scores_and_topk,
+    max_iou_assign,
+    rescale_boxes,
+)
 from diffkd.models.mmdet.common import (
     PYTORCH_MEAN_RGB,
     PYTORCH_STD_RGB,
@@ -118,9 +127,7 @@ __all__ = [
     "bbox_overlaps",
     "build_mmdet_retinanet",
     "convert_backbone_fpn",
-    "decode_deltas",
     "describe_mmdet_checkpoint",
-    "encode_deltas",
     "max_iou_assign",
 ]
 
@@ -129,7 +136,6 @@ log = logging.getLogger(__name__)
 _TAGS = ("detection", "coco", "mmdet")
 _COCO_CLASSES = 81  # background 0 + MMDetection's 80 classes (our contiguous COCO labels)
 _STRIDES = (8, 16, 32, 64, 128)
-_WH_RATIO_CLIP = 16 / 1000
 _EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss: loss.sum() / (avg_factor + eps)
 _ZOO_URL = "https://download.openmmlab.com/mmdetection/v2.0/retinanet"
 
@@ -163,85 +169,7 @@ ZOO: dict[str, list[tuple[str, float, str]]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------- box arithmetic
-def bbox_overlaps(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
-    """MMDetection's IoU (``bbox_overlaps``, mode ``iou``): (M, 4) × (N, 4) xyxy → (M, N), the union clamped at
-    ``eps`` (torchvision's ``box_iou`` divides by the bare union)."""
-    if boxes1.numel() == 0 or boxes2.numel() == 0:
-        return boxes1.new_zeros((boxes1.shape[0], boxes2.shape[0]))
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    overlap = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2[None, :] - overlap
-    return overlap / torch.max(union, union.new_tensor([eps]))
-
-
-def max_iou_assign(
-    gt_boxes: Tensor, anchors: Tensor, pos_iou_thr: float = 0.5, neg_iou_thr: float = 0.4, min_pos_iou: float = 0.0
-) -> Tensor:
-    """MMDetection's ``MaxIoUAssigner`` (``gt_max_assign_all=True``, ``match_low_quality=True``, no ignored boxes).
-
-    Args:
-        gt_boxes: (G, 4) xyxy.
-        anchors: (N, 4) xyxy.
-
-    Returns:
-        (N,) int64: ``-1`` ignored, ``0`` negative, ``i + 1`` assigned to box ``i``.
-    """
-    n = anchors.shape[0]
-    if gt_boxes.shape[0] == 0 or n == 0:  # no boxes: every anchor is a negative
-        return torch.zeros(n, dtype=torch.int64, device=anchors.device)
-    overlaps = bbox_overlaps(gt_boxes, anchors)  # (G, N)
-    assigned = torch.full((n,), -1, dtype=torch.int64, device=anchors.device)
-    max_overlaps, argmax_overlaps = overlaps.max(dim=0)
-    gt_max_overlaps = overlaps.max(dim=1).values
-    assigned[(max_overlaps >= 0) & (max_overlaps < neg_iou_thr)] = 0
-    positive = max_overlaps >= pos_iou_thr
-    assigned[positive] = argmax_overlaps[positive] + 1
-    # low-quality matches, box by box in order (a later box takes the anchors it ties with an earlier one): the
-    # last box whose best IoU an anchor reaches
-    ties = (overlaps == gt_max_overlaps[:, None]) & (gt_max_overlaps >= min_pos_iou)[:, None]
-    order = torch.arange(1, gt_boxes.shape[0] + 1, device=anchors.device)[:, None]
-    last = (ties * order).max(dim=0).values
-    return torch.where(last > 0, last, assigned)
-
-
-def encode_deltas(anchors: Tensor, boxes: Tensor) -> Tensor:
-    """``DeltaXYWHBBoxCoder.encode`` (means 0, stds 1): (N, 4) anchors and boxes → (N, 4) ``(dx, dy, dw, dh)``."""
-    anchors, boxes = anchors.float(), boxes.float()
-    px = (anchors[:, 0] + anchors[:, 2]) * 0.5
-    py = (anchors[:, 1] + anchors[:, 3]) * 0.5
-    pw = anchors[:, 2] - anchors[:, 0]
-    ph = anchors[:, 3] - anchors[:, 1]
-    gx = (boxes[:, 0] + boxes[:, 2]) * 0.5
-    gy = (boxes[:, 1] + boxes[:, 3]) * 0.5
-    gw = boxes[:, 2] - boxes[:, 0]
-    gh = boxes[:, 3] - boxes[:, 1]
-    return torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
-
-
-def decode_deltas(anchors: Tensor, deltas: Tensor, max_shape: tuple[int, int] | None = None) -> Tensor:
-    """``DeltaXYWHBBoxCoder.decode`` (means 0, stds 1, ``wh_ratio_clip=16/1000``, ``clip_border=True``): (N, 4)
-    anchors and deltas → (N, 4) xyxy boxes, clipped to ``max_shape`` ``(height, width)`` when given."""
-    if deltas.shape[0] == 0:
-        return deltas
-    pxy = (anchors[:, :2] + anchors[:, 2:]) * 0.5
-    pwh = anchors[:, 2:] - anchors[:, :2]
-    dxy_wh = pwh * deltas[:, :2]
-    max_ratio = abs(math.log(_WH_RATIO_CLIP))
-    dwh = deltas[:, 2:].clamp(min=-max_ratio, max=max_ratio)
-    gxy = pxy + dxy_wh
-    gwh = pwh * dwh.exp()
-    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
-    if max_shape is not None:
-        boxes[:, 0::2].clamp_(min=0, max=max_shape[1])
-        boxes[:, 1::2].clamp_(min=0, max=max_shape[0])
-    return boxes
-
-
+# ---------------------------------------------------------------------------------------------------- losses
 def _focal_loss(logits: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
     """Element-wise sigmoid focal loss as MMDetection's ``py_sigmoid_focal_loss`` writes it (same shapes in and out;
     ``targets`` one-hot floats)."""
@@ -325,6 +253,7 @@ class MMDetRetinaNet(RetinaNet):
         # the detection task refuses what needs the heads of a teacher whose heads were not loaded
         self.fpn_features_only = self.backbone_only
         self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou = fg_iou_thresh, bg_iou_thresh, min_pos_iou
+        self.box_coder = DeltaXYWHCoder()  # type: ignore[assignment]  # means 0, stds 1
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
 
     @property
@@ -416,7 +345,7 @@ class MMDetRetinaNet(RetinaNet):
             pos, neg = valid_idx[assigned > 0], valid_idx[assigned == 0]
             matched = assigned[assigned > 0] - 1
             if pos.numel() > 0:
-                bbox_targets[i, pos] = encode_deltas(anchors_i[pos], gt_boxes[matched])
+                bbox_targets[i, pos] = self.box_coder.encode(anchors_i[pos], gt_boxes[matched])
                 bbox_weights[i, pos] = 1.0
                 labels[i, pos] = gt_labels[matched] - 1
                 label_weights[i, pos] = 1.0
@@ -473,37 +402,21 @@ class MMDetRetinaNet(RetinaNet):
             anchor_levels = anchors[i].split(counts)
             kept_deltas, kept_anchors, kept_scores, kept_classes = [], [], [], []
             for logits, deltas, level_anchors in zip(logits_levels, deltas_levels, anchor_levels):
-                scores = logits.sigmoid()
-                valid = scores > self.score_thresh
-                scores = scores[valid]
-                valid_idxs = torch.nonzero(valid)
-                num_topk = min(self.topk_candidates, valid_idxs.shape[0])
-                scores, order = scores.sort(descending=True)
-                anchor_idx, classes = valid_idxs[order[:num_topk]].unbind(dim=1)
-                kept_scores.append(scores[:num_topk])
+                scores, classes, anchor_idx = filter_scores_and_topk(
+                    logits.sigmoid(), self.score_thresh, self.topk_candidates
+                )
+                kept_scores.append(scores)
                 kept_classes.append(classes)
                 kept_deltas.append(deltas[anchor_idx])
                 kept_anchors.append(level_anchors[anchor_idx])
-            boxes = decode_deltas(torch.cat(kept_anchors), torch.cat(kept_deltas), max_shape=image_size)
-            scores, classes = torch.cat(kept_scores), torch.cat(kept_classes)
-            # rescale=True: divided by MMDetection's scale_factor (new / old, per axis)
-            sx, sy = image_size[1] / original[1], image_size[0] / original[0]
-            boxes = boxes * boxes.new_tensor([1 / sx, 1 / sy]).repeat(1, 2)
-            wide = (boxes[:, 2] - boxes[:, 0] > 0) & (boxes[:, 3] - boxes[:, 1] > 0)  # min_bbox_size=0
-            if not wide.all():
-                boxes, scores, classes = boxes[wide], scores[wide], classes[wide]
-            if boxes.numel() > 0:
-                keep = self._batched_nms(boxes, scores, classes)[: self.detections_per_img]
-                boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+            boxes = self.box_coder.decode(torch.cat(kept_anchors), torch.cat(kept_deltas), max_shape=image_size)
+            # rescale=True: divided by MMDetection's scale_factor (new / old, per axis); min_bbox_size=0
+            boxes, scores, classes = bbox_post_process(
+                rescale_boxes(boxes, image_size, original), torch.cat(kept_scores), torch.cat(kept_classes),
+                self.nms_thresh, self.detections_per_img,
+            )  # fmt: skip
             detections.append({"boxes": boxes, "scores": scores, "labels": classes + 1})
         return detections
-
-    def _batched_nms(self, boxes: Tensor, scores: Tensor, classes: Tensor) -> Tensor:
-        """mmcv's ``batched_nms``: class-wise NMS by coordinate offsets; indices by decreasing score."""
-        from torchvision.ops import nms
-
-        offsets = classes.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
-        return nms(boxes + offsets[:, None], scores, self.nms_thresh)
 
     # ------------------------------------------------------------------ MMDetection checkpoints
     def head_rules(self) -> list[Rule]:
