@@ -262,5 +262,7 @@ class _NotAllowed:
 def test_untrusted_pickles_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"model": _fresh("smallcnn_student", 0).state_dict(), "extra": _NotAllowed()}, path)
-    with pytest.raises(RuntimeError, match=r"was refused: it holds Python objects outside what a weights-only load allows"):
+    with pytest.raises(
+        RuntimeError, match=r"was refused: it holds Python objects outside what a weights-only load allows"
+    ):
         load_weights(_fresh("smallcnn_student", 0), path)
