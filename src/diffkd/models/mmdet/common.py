@@ -1,5 +1,8 @@
 """The parts every MMDetection-compatible detector shares: its ResNet/ResNeXt, its FPN, its input transform, its
-anchors, and the backbone + neck half of reading an MMDetection checkpoint.
+anchors, and the backbone + neck half of reading an MMDetection checkpoint — with what every family's loader does
+alike: the config's backbone style (:func:`file_style`, :func:`check_style`), what a file holds and which model here
+reads it (:func:`describe_mmdet_checkpoint`), and a detector's backbone + FPN alone (:func:`convert_backbone_fpn`).
+The box arithmetic is :mod:`diffkd.models.mmdet.boxes`.
 
 Built from torchvision's detection classes so that the detection task, the taps (``backbone.fpn:*``), FPN DiffKD,
 FGD, exact resume and COCO evaluation work unchanged; every number that differs from torchvision's defaults is set
@@ -27,6 +30,7 @@ as MMDetection 3.3's configs and code set it (``../shared/docs/detection-segment
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -44,15 +48,25 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 __all__ = [
     "CAFFE_MEAN_BGR",
     "CAFFE_STD",
+    "COCO_NUM_CLASSES",
     "PYTORCH_MEAN_RGB",
     "PYTORCH_STD_RGB",
+    "RESNETS",
+    "BackboneFPNOnly",
     "EvalBatchNorm2d",
     "ExtraConvLevels",
     "MMDetAnchorGenerator",
     "MMDetTransform",
     "MMDetWeightsError",
     "backbone_neck_rules",
+    "check_style",
+    "config_text",
+    "convert_backbone_fpn",
     "convert_keys",
+    "describe_mmdet_checkpoint",
+    "file_style",
+    "fill_num_batches_tracked",
+    "fpn_description",
     "is_mmdet_checkpoint",
     "load_backbone_weights",
     "mmdet_fpn",
@@ -69,6 +83,18 @@ CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 CAFFE_STD = (1.0, 1.0, 1.0)
 
 Style = Literal["pytorch", "caffe"]
+
+log = logging.getLogger(__name__)
+
+#: The ResNets/ResNeXts of the registered models: suffix of the names (``mmdet_<family>_<suffix>_fpn``) → (depth,
+#: groups, width_per_group, MMDetection's name).
+RESNETS: dict[str, tuple[int, int, int, str]] = {
+    "r50": (50, 1, 64, "R-50"),
+    "r101": (101, 1, 64, "R-101"),
+    "x101_64x4d": (101, 64, 4, "X-101-64x4d"),
+}
+#: COCO's 80 classes + background 0, as our data gives them (``data.contiguous_labels=true``).
+COCO_NUM_CLASSES = 81
 
 #: ``depth`` → the torchvision builder (``groups``/``width_per_group`` make ResNeXt).
 _DEPTHS = {50: "resnet50", 101: "resnet101"}
@@ -460,3 +486,193 @@ def resnet_description(state: Mapping[str, Tensor]) -> str:
         groups = conv2.shape[0] // conv2.shape[1]
         return f"X-{depth}-{groups}x{conv2.shape[0] // groups}d"
     return f"R-{depth}"
+
+
+def config_text(meta: Mapping[str, Any]) -> str:
+    """The config a checkpoint was trained with, as text (v2 ``meta["config"]``, v3 ``meta["cfg"]``; ``""``: none)."""
+    for key in ("config", "cfg"):
+        value = meta.get(key)
+        if value:
+            return value if isinstance(value, str) else str(value)
+    return ""
+
+
+def file_style(meta: Mapping[str, Any]) -> Style | None:
+    """``"caffe"``/``"pytorch"`` where a checkpoint's config says which backbone style it trained (its first
+    ``style=...``, or ``'style': ...`` of a dict's text); ``None`` where it does not say."""
+    found = re.search(r"""['"]?\bstyle['"]?\s*[=:]\s*['"](caffe|pytorch)['"]""", config_text(meta))
+    return found.group(1) if found else None  # type: ignore[return-value]
+
+
+def check_style(meta: Mapping[str, Any], style: Style, origin: str, name: str, state: Mapping[str, Tensor]) -> None:
+    """Refuse a checkpoint whose config trained the other backbone style: it has this model's keys but computes
+    something else (the stride on the first 1×1 or on the 3×3 convolution; BGR with std 1 or RGB with ImageNet's).
+
+    Raises:
+        MMDetWeightsError: saying what the file holds (:func:`describe_mmdet_checkpoint`).
+    """
+    found = file_style(meta)
+    if found is not None and found != style:
+        raise MMDetWeightsError(
+            f"the MMDetection checkpoint {origin} trained a {found}-style backbone (its config sets "
+            f"style='{found}'), {name} is {style}-style (where the stride sits, the input normalisation): the file "
+            f"holds {describe_mmdet_checkpoint(state, meta)}"
+        )
+
+
+def fill_num_batches_tracked(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` (changed in place) with BatchNorm's ``num_batches_tracked``, absent from some files, filled with 0."""
+    for key in [k for k in state if k.endswith(".running_mean")]:
+        state.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0))
+    return state
+
+
+def fpn_description(state: Mapping[str, Tensor]) -> tuple[str, Literal["maxpool", "on_input", "on_output"] | None]:
+    """MMDetection's FPN in a state dict: its text (e.g. ``"FPN C3–C5 with 2 extra convs, P6 from C5
+    (RetinaNet's)"``) and the :func:`mmdet_fpn` ``extra`` that builds it (``None``: none of the FPNs here)."""
+    lateral = sorted(int(m.group(1)) for k in state if (m := re.match(r"neck\.lateral_convs\.(\d+)\.conv\.weight$", k)))
+    outputs = sorted(int(m.group(1)) for k in state if (m := re.match(r"neck\.fpn_convs\.(\d+)\.conv\.weight$", k)))
+    if not lateral:
+        return "no FPN (neck.lateral_convs)", None
+    first_in = int(state[f"neck.lateral_convs.{lateral[0]}.conv.weight"].shape[1])
+    start = {256: 2, 512: 3, 1024: 4}.get(first_in)
+    inputs = f"C{start}–C{start + len(lateral) - 1}" if start else f"{len(lateral)} inputs from {first_in} channels"
+    extra = [i for i in outputs if i >= len(lateral)]
+    if not extra:
+        fits = start == 2 and len(lateral) == len(outputs) == 4
+        return f"FPN {inputs}, no extra convs (a max-pooled P6 at most: Faster R-CNN's)", "maxpool" if fits else None
+    source = int(state[f"neck.fpn_convs.{extra[0]}.conv.weight"].shape[1])
+    on_input = source != int(state[f"neck.lateral_convs.{lateral[0]}.conv.weight"].shape[0])
+    where = "from C5 (RetinaNet's)" if on_input else "from P5 (FCOS's, ATSS's, ...)"
+    fits = start == 3 and len(lateral) == 3 and len(extra) == 2
+    return f"FPN {inputs} with {len(extra)} extra convs, P6 {where}", (
+        "on_input" if on_input else "on_output"
+    ) if fits else None
+
+
+def _detector(state: Mapping[str, Tensor]) -> tuple[str, int | None, str]:
+    """The detector of an MMDetection state dict, its classes (without background; ``None``: unknown) and what its
+    head is where the family has variants (FCOS: ``" GN-head"`` or ``" head without GroupNorm"``)."""
+    has = lambda prefix: any(k.startswith(prefix) for k in state)  # noqa: E731
+    mask = has("roi_head.mask_head")
+    for prefix, family in (
+        ("roi_head.bbox_head.0.", "Cascade Mask R-CNN" if mask else "Cascade R-CNN"),
+        ("roi_head.bbox_head.", "Mask R-CNN" if mask else "Faster R-CNN"),
+    ):
+        if has(prefix):
+            cls = state.get(f"{prefix}fc_cls.weight")
+            return family, None if cls is None else int(cls.shape[0]) - 1, ""
+    if "bbox_head.retina_cls.weight" in state and "bbox_head.retina_reg.weight" in state:
+        anchors = max(1, int(state["bbox_head.retina_reg.weight"].shape[0]) // 4)
+        return "RetinaNet", int(state["bbox_head.retina_cls.weight"].shape[0]) // anchors, ""
+    for name in ("conv", "fcos"):  # MMDetection < 2.3 named FCOS's predictors fcos_*
+        if f"bbox_head.{name}_centerness.weight" in state and f"bbox_head.{name}_cls.weight" in state:
+            gn = any(k.startswith("bbox_head.cls_convs.") and ".gn." in k for k in state)
+            classes = int(state[f"bbox_head.{name}_cls.weight"].shape[0])
+            return "FCOS", classes, " GN-head" if gn else " head without GroupNorm"
+    heads = sorted({k.split(".", 1)[0] for k in state} - {"backbone", "neck", "data_preprocessor"})
+    dense = sorted({k.split(".")[1] for k in state if k.startswith("bbox_head.") and k.count(".") >= 2})
+    listed = [f"bbox_head: {', '.join(dense)}" if h == "bbox_head" and dense else h for h in heads]
+    return f"a detector ({'; '.join(listed) or 'no head'}) on", None, ""
+
+
+#: The registered detectors by the file they read whole: family (+ head) → (the FPN's ``extra``, the backbone
+#: style, the name with the backbone's suffix, the suffixes registered).
+_MODELS: dict[str, tuple[str, Style, str, Sequence[str]]] = {
+    "RetinaNet": ("on_input", "pytorch", "mmdet_retinanet_{}_fpn", tuple(RESNETS)),
+    "Faster R-CNN": ("maxpool", "pytorch", "mmdet_faster_rcnn_{}_fpn", tuple(RESNETS)),
+    "FCOS GN-head": ("on_output", "caffe", "mmdet_fcos_{}_caffe_fpn_gn", ("r50", "r101")),
+}
+
+
+def describe_mmdet_checkpoint(state: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None) -> str:
+    """What an MMDetection state dict holds — the detector, its backbone (and style, where its config ``meta`` says
+    caffe), its classes — the registered model here that reads it, and its FPN, e.g. ``"RetinaNet X-101-64x4d FPN,
+    80 classes → mmdet_retinanet_x101_64x4d_fpn; FPN C3–C5 with 2 extra convs, P6 from C5 (RetinaNet's)"``.
+
+    The model: the whole detector's where family, backbone, style and FPN fit one (``mmdet_retinanet_*``,
+    ``mmdet_faster_rcnn_*``, ``mmdet_fcos_*``, with ``num_classes`` where the classes are not COCO's 80); else the one
+    that reads its backbone + FPN only (``mmdet_fpn_teacher_*`` for a Faster R-CNN FPN, e.g. a Cascade Mask R-CNN's;
+    ``mmdet_retinanet_*(backbone_only=True)`` for RetinaNet's); else none.
+    """
+    family, classes, head = _detector(state)
+    style = file_style(meta or {})
+    if "backbone.layer1.0.conv2.weight" in state and any(k.startswith("backbone.layer3.") for k in state):
+        backbone = resnet_description(state)
+    else:
+        backbone = "a backbone other than ResNet/ResNeXt"
+    neck, extra = fpn_description(state)
+    suffix = next((k for k, v in RESNETS.items() if v[3] == backbone), None)
+    text = f"{family} {backbone}{' caffe' if style == 'caffe' else ''} FPN{head}"
+    if classes is not None:
+        text += f", {classes} classes"
+    fit = _MODELS.get(family + head)
+    model = fit[2].format(suffix) if fit and extra == fit[0] and style in (None, fit[1]) and suffix in fit[3] else None
+    if model is not None:
+        if classes is not None and classes != COCO_NUM_CLASSES - 1:
+            model += f"(num_classes={classes + 1})"
+        return f"{text} → {model}; {neck}"
+    if extra == "maxpool" and suffix:
+        teacher = f"mmdet_fpn_teacher_{suffix}{', style=caffe' if style == 'caffe' else ''}"
+    elif extra == "on_input" and style != "caffe" and suffix:
+        teacher = f"mmdet_retinanet_{suffix}_fpn(backbone_only=True)"
+    else:
+        return f"{text} → no model here reads it; {neck}"
+    return f"{text} → its FPN features only: {teacher} (teacher_runs: backbone, no regression KD); {neck}"
+
+
+class BackboneFPNOnly(nn.Module):
+    """A detector's ``backbone`` alone, so that its keys (``backbone.*``) are checked strictly by themselves."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+
+def convert_backbone_fpn(
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    origin: str,
+    num_inputs: int,
+    extra: Literal["maxpool", "on_input", "on_output"],
+    fits: Callable[[Mapping[str, Tensor]], str] | None = describe_mmdet_checkpoint,
+    *,
+    logger: logging.Logger = log,
+    level: int = logging.WARNING,
+    consequence: str = "the model's heads keep their initialisation",
+) -> dict[str, Tensor]:
+    """``model``'s full state dict with the ``backbone.*`` + ``neck.*`` tensors of an MMDetection checkpoint in
+    ``model.backbone`` (:func:`mmdet_fpn`) and every other tensor (the heads) as the model has it; the heads left out
+    are logged.
+
+    Any zoo detector with a ResNet/ResNeXt + FPN that fit ``model.backbone`` can serve this way (a teacher whose FPN
+    levels are distilled, ``teacher_runs: backbone``): RetinaNet's ``backbone_only=True`` and the FPN teachers
+    (``mmdet_fpn_teacher_*``, whose model is the backbone alone) read their files with it.
+
+    Args:
+        state: the file's state dict (MMDetection's names).
+        origin: the file, for messages.
+        num_inputs, extra: the FPN's input levels and extra levels (see :func:`backbone_neck_rules`).
+        fits: ``fits(state)`` says what the file is in the error and the log line.
+        logger, level, consequence: where the log line goes, at which level, and what it says follows.
+
+    Raises:
+        MMDetWeightsError: the file's backbone or FPN does not fit ``model.backbone`` (listed).
+    """
+    picked = {k: v for k, v in state.items() if k.startswith(("backbone.", "neck."))}
+    if not picked:
+        raise MMDetWeightsError(f"the MMDetection checkpoint {origin} has no backbone.* / neck.* tensors")
+    described = fits(state) if fits is not None else ""  # the whole file, heads included
+    describe = None if fits is None else (lambda _: described)
+    converted = convert_keys(picked, backbone_neck_rules(num_inputs, extra), BackboneFPNOnly(model.backbone), origin,
+                             describe)  # fmt: skip
+    full = dict(model.state_dict())
+    full.update(converted)
+    left = sorted({k.split(".", 1)[0] for k in state} - {"backbone", "neck"})
+    logger.log(
+        level,
+        "%s: loaded only the backbone + FPN of %s (%s); left out %d tensors of its heads (%s): %s",
+        getattr(model, "name", type(model).__name__), origin, described.split(" → ")[0], len(state) - len(picked),
+        ", ".join(left) or "none", consequence,
+    )  # fmt: skip
+    return full

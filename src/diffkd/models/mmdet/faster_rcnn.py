@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -114,20 +113,24 @@ from diffkd.models.mmdet.boxes import (
 from diffkd.models.mmdet.common import (
     CAFFE_MEAN_BGR,
     CAFFE_STD,
+    COCO_NUM_CLASSES,
     PYTORCH_MEAN_RGB,
     PYTORCH_STD_RGB,
+    RESNETS,
     MMDetAnchorGenerator,
     MMDetTransform,
-    MMDetWeightsError,
     Rule,
     backbone_neck_rules,
+    check_style,
+    convert_backbone_fpn,
     convert_keys,
+    describe_mmdet_checkpoint,
+    fill_num_batches_tracked,
     is_mmdet_checkpoint,
     load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
-    resnet_description,
 )
 from diffkd.models.registry import register_model
 
@@ -153,16 +156,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TAGS = ("detection", "coco", "mmdet")
-_COCO_CLASSES = 81  # background 0 + MMDetection's 80 COCO classes, as our data gives them (contiguous_labels)
 _EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss adds it to every avg_factor
 
 #: ``suffix`` → (depth, groups, width_per_group, MMDetection's name).
-BACKBONES: dict[str, tuple[int, int, int, str]] = {
-    "r50": (50, 1, 64, "R-50"),
-    "r101": (101, 1, 64, "R-101"),
-    "x101_64x4d": (101, 64, 4, "X-101-64x4d"),
-}
-_BY_DESCRIPTION = {v[3]: k for k, v in BACKBONES.items()}
+BACKBONES: dict[str, tuple[int, int, int, str]] = RESNETS
 
 _ZOO_URL = "https://download.openmmlab.com/mmdetection/v2.0/"
 #: registered name → (MMDetection 3.x config, box AP, zoo file) of the model-zoo checkpoint it loads.
@@ -586,64 +583,6 @@ class MMDetRoIHeads(RoIHeads):
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def _config_text(meta: Mapping[str, Any]) -> str:
-    text = meta.get("config") or meta.get("cfg") or ""
-    return text if isinstance(text, str) else str(text)
-
-
-def _file_style(meta: Mapping[str, Any]) -> str | None:
-    """``"caffe"``/``"pytorch"`` where the checkpoint's meta config says which backbone style it trained."""
-    found = re.findall(r"style\s*=\s*['\"](caffe|pytorch)['\"]", _config_text(meta))
-    return found[0] if found else None
-
-
-def _fill_num_batches_tracked(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    for key in [k for k in state if k.endswith(".running_mean")]:
-        state.setdefault(key.removesuffix("running_mean") + "num_batches_tracked", torch.tensor(0))
-    return state
-
-
-def describe_mmdet_checkpoint(state: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None) -> str:
-    """What an MMDetection state dict holds, and the model here that reads it, e.g. "Faster R-CNN R-101 FPN,
-    80 classes → mmdet_faster_rcnn_r101_fpn"."""
-    keys = list(state)
-    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
-    classes = None
-    if has("roi_head.bbox_head.0."):
-        family = "Cascade Mask R-CNN" if has("roi_head.mask_head") else "Cascade R-CNN"
-        cls = state.get("roi_head.bbox_head.0.fc_cls.weight")
-        classes = None if cls is None else cls.shape[0] - 1
-    elif has("roi_head.bbox_head."):
-        family = "Mask R-CNN" if has("roi_head.mask_head") else "Faster R-CNN"
-        cls = state.get("roi_head.bbox_head.fc_cls.weight")
-        classes = None if cls is None else cls.shape[0] - 1
-    elif has("bbox_head.retina_cls"):
-        family = "RetinaNet"
-        anchors = max(1, state["bbox_head.retina_reg.weight"].shape[0] // 4)
-        classes = state["bbox_head.retina_cls.weight"].shape[0] // anchors
-    elif has("bbox_head.conv_centerness"):
-        family = "FCOS"
-        classes = state["bbox_head.conv_cls.weight"].shape[0]
-    else:
-        family = "an MMDetection detector (heads " + ", ".join(sorted({k.split(".")[0] for k in keys})) + ")"
-    backbone = resnet_description(state) if has("backbone.layer3.") else "a backbone other than ResNet/ResNeXt"
-    laterals = len({k.split(".")[2] for k in keys if k.startswith("neck.lateral_convs.")})
-    outputs = len({k.split(".")[2] for k in keys if k.startswith("neck.fpn_convs.")})
-    style = _file_style(meta or {})
-    text = f"{family} {backbone}{' caffe' if style == 'caffe' else ''} FPN"
-    if classes is not None:
-        text += f", {classes} classes"
-    suffix = _BY_DESCRIPTION.get(backbone)
-    if suffix is None or laterals != 4 or outputs != 4:
-        return f"{text} (FPN: {laterals} inputs, {outputs} outputs) → no Faster R-CNN or FPN teacher here reads it"
-    if family == "Faster R-CNN" and style != "caffe":
-        return f"{text} → mmdet_faster_rcnn_{suffix}_fpn"
-    caffe = ", style=caffe" if style == "caffe" else ""
-    return (
-        f"{text} → its FPN features only: mmdet_fpn_teacher_{suffix}{caffe} (teacher_runs: backbone, no regression KD)"
-    )
-
-
 def faster_rcnn_rules() -> list[Rule]:
     """MMDetection's Faster R-CNN names → :class:`MMDetFasterRCNN`'s."""
     return [
@@ -675,16 +614,6 @@ def _background_first(state: dict[str, Tensor]) -> dict[str, Tensor]:
             reg = out[reg_key]
             out[reg_key] = torch.cat([reg.new_zeros((4, *reg.shape[1:])), reg])
     return out
-
-
-def _check_style(meta: Mapping[str, Any], style: str, origin: str, state: Mapping[str, Tensor]) -> None:
-    found = _file_style(meta)
-    if found is not None and found != style:
-        raise MMDetWeightsError(
-            f"the MMDetection checkpoint {origin} trained a {found}-style backbone, this model is {style}-style "
-            f"(where the stride sits, the input normalisation): the file holds "
-            f"{describe_mmdet_checkpoint(state, meta)}"
-        )
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -740,10 +669,10 @@ class MMDetFasterRCNN(FasterRCNN):
         if not is_mmdet_checkpoint(obj):
             return None
         state, meta = mmdet_state_dict(obj)
-        _check_style(meta, "pytorch", origin, state)
+        check_style(meta, "pytorch", origin, self.name, state)
         fits = lambda s: describe_mmdet_checkpoint(s, meta)  # noqa: E731
         converted = convert_keys(
-            _background_first(_fill_num_batches_tracked(dict(state))), faster_rcnn_rules(), self, origin, fits
+            _background_first(fill_num_batches_tracked(dict(state))), faster_rcnn_rules(), self, origin, fits
         )
         log.info("loaded the MMDetection checkpoint %s (%s) into %s", origin, fits(state), self.name)
         return converted
@@ -778,20 +707,13 @@ class MMDetFPNTeacher(nn.Module):
         if not is_mmdet_checkpoint(obj):
             return None
         state, meta = mmdet_state_dict(obj)
-        _check_style(meta, self.style, origin, state)
-        kept = {k: v for k, v in state.items() if k.startswith(("backbone.", "neck."))}
-        heads = sorted({k.split(".", 1)[0] for k in state if k not in kept})
+        check_style(meta, self.style, origin, self.name, state)  # type: ignore[arg-type]
         described = describe_mmdet_checkpoint(state, meta)
-        converted = convert_keys(
-            _fill_num_batches_tracked(kept), backbone_neck_rules(4, "maxpool"), self, origin,
-            lambda _: described,
+        converted = convert_backbone_fpn(
+            self, fill_num_batches_tracked(dict(state)), origin, 4, "maxpool", lambda _: described, logger=log,
+            level=logging.INFO, consequence="this teacher provides FPN features only",
         )  # fmt: skip
         self.source = f"the backbone + FPN of {origin}: {described.split(' → ')[0]}"
-        log.info(
-            "%s: loaded the backbone + FPN of %s (%s); left out %d tensors of its heads (%s): this teacher provides "
-            "FPN features only",
-            self.name, origin, described.split(" → ")[0], len(state) - len(kept), ", ".join(heads) or "none",
-        )  # fmt: skip
         return converted
 
 
@@ -819,7 +741,7 @@ def _transform(min_size: int | Sequence[int], max_size: int, style: str, **kwarg
 
 def build_faster_rcnn(
     backbone: str,
-    num_classes: int = _COCO_CLASSES,
+    num_classes: int = COCO_NUM_CLASSES,
     pretrained: bool = False,
     weights: str | None = None,
     weights_backbone: str | None = None,
@@ -966,7 +888,7 @@ def _register(backbone: str) -> None:
     config, ap, url = ZOO[name]
 
     def fn(
-        num_classes: int = _COCO_CLASSES,
+        num_classes: int = COCO_NUM_CLASSES,
         pretrained: bool = False,
         weights: str | None = None,
         weights_backbone: str | None = None,

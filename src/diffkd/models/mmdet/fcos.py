@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +87,14 @@ from diffkd.models.mmdet.common import (
     MMDetTransform,
     MMDetWeightsError,
     backbone_neck_rules,
+    config_text,
     convert_keys,
+    describe_mmdet_checkpoint,
     is_mmdet_checkpoint,
     load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
-    resnet_description,
 )
 from diffkd.models.registry import register_model
 
@@ -526,7 +527,7 @@ class MMDetFCOS(FCOS):
         if not is_mmdet_checkpoint(obj):
             return None
         state, meta = mmdet_state_dict(obj)
-        config = _config_text(meta)
+        config = config_text(meta)
         changed = [k for k in ("norm_on_bbox", "centerness_on_reg") if re.search(rf"{k}['\"]?\s*[=:]\s*True", config)]
         if changed:
             raise MMDetWeightsError(
@@ -534,15 +535,8 @@ class MMDetFCOS(FCOS):
                 f"'-normbbox-centeronreg' config): its keys fit {self.label}, its outputs would not (this model "
                 "computes the caffe GN-head configs: both False)"
             )
-        return convert_keys(state, _HEAD_RULES + backbone_neck_rules(3, "on_output"), self, origin, describe_fcos)
-
-
-def _config_text(meta: Mapping[str, Any]) -> str:
-    for key in ("config", "cfg"):
-        value = meta.get(key)
-        if isinstance(value, str):
-            return value
-    return ""
+        rules = _HEAD_RULES + backbone_neck_rules(3, "on_output")
+        return convert_keys(state, rules, self, origin, lambda s: describe_mmdet_checkpoint(s, meta))
 
 
 _HEAD_RULES = [
@@ -552,24 +546,6 @@ _HEAD_RULES = [
     (r"^bbox_head\.(?:conv|fcos)_centerness\.(weight|bias)$", r"head.bbox_ctrness.\1"),
     (r"^bbox_head\.scales\.(\d+)\.scale$", r"head.scales.\1.scale"),
 ]
-
-
-def describe_fcos(state: Mapping[str, Tensor]) -> str:
-    """What an MMDetection state dict holds, e.g. ``"FCOS R-101 FPN GN-head, 80 classes →
-    mmdet_fcos_r101_caffe_fpn_gn"``."""
-    backbone = resnet_description(state)
-    tops = sorted({k.split(".", 1)[0] for k in state})
-    heads = sorted({k.split(".")[1] for k in state if k.startswith("bbox_head.") and k.count(".") >= 2})
-    if "rpn_head" in tops or "roi_head" in tops:
-        return f"a two-stage detector ({', '.join(t for t in tops if t.endswith('head'))}) on {backbone}: not FCOS"
-    cls_key = next((f"bbox_head.{n}_cls.weight" for n in ("conv", "fcos") if f"bbox_head.{n}_cls.weight" in state), "")
-    if not any(h.endswith("centerness") for h in heads) or not cls_key:
-        return f"a dense head without FCOS's centerness ({', '.join(heads)}) on {backbone}: not FCOS"
-    gn = any(".gn." in k for k in state if k.startswith("bbox_head.cls_convs."))
-    names = {"R-50": "mmdet_fcos_r50_caffe_fpn_gn", "R-101": "mmdet_fcos_r101_caffe_fpn_gn"}
-    name = names.get(backbone) if gn else None
-    what = f"FCOS {backbone} FPN {'GN-head' if gn else 'head without GroupNorm'}, {state[cls_key].shape[0]} classes"
-    return f"{what} → {name or 'no registered model'}"
 
 
 # ---------------------------------------------------------------------------------------------------- registry

@@ -52,8 +52,10 @@ What is MMDetection's, number for number (read from mmdet 3.3's configs and code
 * **Backbone-only teachers** (``backbone_only=True``): only ``backbone.*`` and ``neck.*`` of the file are read (any
   zoo detector whose ResNet/ResNeXt + FPN fit this model's: RetinaNet's FPN, C3–C5 with P6 from C5 — e.g. another
   RetinaNet file, FreeAnchor, PISA RetinaNet), the heads keep their initialisation, and a warning says so: such a
-  teacher serves ``teacher_runs: backbone`` (FPN DiffKD, FGD) only. :func:`convert_backbone_fpn` is the generic
-  function behind it, for any model whose ``backbone`` is :func:`~diffkd.models.mmdet.common.mmdet_fpn`'s.
+  teacher serves ``teacher_runs: backbone`` (FPN DiffKD, FGD) only.
+  :func:`~diffkd.models.mmdet.common.convert_backbone_fpn` is the generic function behind it (the FPN teachers of
+  :mod:`~diffkd.models.mmdet.faster_rcnn` read their files with it too), for any model whose ``backbone`` is
+  :func:`~diffkd.models.mmdet.common.mmdet_fpn`'s.
 
 Named differences (none changes a trained model's numbers beyond float rounding unless said):
 
@@ -81,8 +83,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,20 +103,24 @@ from diffkd.models.mmdet.boxes import (
     rescale_boxes,
 )
 from diffkd.models.mmdet.common import (
+    COCO_NUM_CLASSES,
     PYTORCH_MEAN_RGB,
     PYTORCH_STD_RGB,
+    RESNETS,
+    BackboneFPNOnly,
     MMDetAnchorGenerator,
     MMDetTransform,
-    MMDetWeightsError,
     Rule,
     backbone_neck_rules,
+    check_style,
+    convert_backbone_fpn,
     convert_keys,
+    describe_mmdet_checkpoint,
     is_mmdet_checkpoint,
     load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
-    resnet_description,
 )
 from diffkd.models.registry import register_model
 
@@ -134,17 +139,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _TAGS = ("detection", "coco", "mmdet")
-_COCO_CLASSES = 81  # background 0 + MMDetection's 80 classes (our contiguous COCO labels)
 _STRIDES = (8, 16, 32, 64, 128)
 _EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss: loss.sum() / (avg_factor + eps)
 _ZOO_URL = "https://download.openmmlab.com/mmdetection/v2.0/retinanet"
 
 #: model name → (depth, groups, width_per_group, the zoo's name of the backbone).
-BACKBONES: dict[str, tuple[int, int, int, str]] = {
-    "mmdet_retinanet_r50_fpn": (50, 1, 64, "R-50"),
-    "mmdet_retinanet_r101_fpn": (101, 1, 64, "R-101"),
-    "mmdet_retinanet_x101_64x4d_fpn": (101, 64, 4, "X-101-64x4d"),
-}
+BACKBONES: dict[str, tuple[int, int, int, str]] = {f"mmdet_retinanet_{k}_fpn": v for k, v in RESNETS.items()}
 
 #: MMDetection's zoo files of these models: model name → [(schedule, box AP, url)].
 ZOO: dict[str, list[tuple[str, float, str]]] = {
@@ -438,137 +438,21 @@ class MMDetRetinaNet(RetinaNet):
         if not is_mmdet_checkpoint(obj):
             return None
         state, meta = mmdet_state_dict(obj)
-        _refuse_caffe(meta, origin, self.name)
+        check_style(meta, "pytorch", origin, self.name, state)
+        fits = lambda s: describe_mmdet_checkpoint(s, meta)  # noqa: E731
         if self.backbone_only:
-            return convert_backbone_fpn(self, state, origin, num_inputs=3, extra="on_input", fits=self._fits)
-        rules = backbone_neck_rules(3, "on_input") + self.head_rules()
-        return convert_keys(state, rules, self, origin, fits=self._fits)
-
-    def _fits(self, state: Mapping[str, Tensor]) -> str:
-        return describe_mmdet_checkpoint(state)
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def _refuse_caffe(meta: Mapping[str, Any], origin: str, name: str) -> None:
-    """A file whose config (v2 ``meta["config"]``, v3 ``meta["cfg"]``) sets a caffe-style backbone has this model's
-    keys but computes something else (stride on the 1×1, BGR, std 1)."""
-    config = meta.get("config") or meta.get("cfg") or ""
-    if isinstance(config, str) and re.search(r"style\s*=\s*['\"]caffe['\"]|['\"]style['\"]\s*:\s*['\"]caffe", config):
-        raise MMDetWeightsError(
-            f"the MMDetection checkpoint {origin} is a caffe-style model (its config sets style='caffe': stride on "
-            f"the 1×1 convolutions, BGR input, std 1); {name} is the pytorch-style RetinaNet of the zoo's "
-            "retinanet_*_fpn_* configs"
-        )
-
-
-def _neck_description(state: Mapping[str, Tensor]) -> str:
-    """MMDetection's FPN in a file, e.g. ``"FPN C3–C5, P6 from C5 (RetinaNet's)"``."""
-    lateral = sorted(int(m.group(1)) for k in state if (m := re.match(r"neck\.lateral_convs\.(\d+)\.conv\.weight$", k)))
-    outputs = sorted(int(m.group(1)) for k in state if (m := re.match(r"neck\.fpn_convs\.(\d+)\.conv\.weight$", k)))
-    if not lateral:
-        return "no FPN (neck.lateral_convs)"
-    first_in = int(state[f"neck.lateral_convs.{lateral[0]}.conv.weight"].shape[1])
-    start = {256: 2, 512: 3, 1024: 4}.get(first_in)
-    inputs = f"C{start}–C{start + len(lateral) - 1}" if start else f"{len(lateral)} inputs from {first_in} channels"
-    extra = [i for i in outputs if i >= len(lateral)]
-    if not extra:
-        return f"FPN {inputs}, no extra convs (a max-pooled P6 at most: Faster R-CNN's)"
-    source = int(state[f"neck.fpn_convs.{extra[0]}.conv.weight"].shape[1])
-    where = "from C5 (RetinaNet's)" if source > 256 else "from P5 (FCOS's, ATSS's, ...)"
-    return f"FPN {inputs} with {len(extra)} extra convs, P6 {where}"
-
-
-def _family(state: Mapping[str, Tensor]) -> tuple[str, int | None]:
-    """The detector of an MMDetection state dict and its number of classes (without background)."""
-    if "bbox_head.retina_cls.weight" in state:
-        anchors = int(state["bbox_head.retina_reg.weight"].shape[0]) // 4
-        return "RetinaNet", int(state["bbox_head.retina_cls.weight"].shape[0]) // max(anchors, 1)
-    if "bbox_head.conv_centerness.weight" in state:
-        return "FCOS", int(state["bbox_head.conv_cls.weight"].shape[0])
-    mask = " Mask" if any(k.startswith("roi_head.mask_head") for k in state) else ""
-    if "roi_head.bbox_head.fc_cls.weight" in state:
-        return f"Faster R-CNN{mask and ' (Mask R-CNN)'}", int(state["roi_head.bbox_head.fc_cls.weight"].shape[0]) - 1
-    if "roi_head.bbox_head.0.fc_cls.weight" in state:
-        return f"Cascade{mask} R-CNN", int(state["roi_head.bbox_head.0.fc_cls.weight"].shape[0]) - 1
-    heads = sorted({k.split(".", 1)[0] for k in state} - {"backbone", "neck", "data_preprocessor"})
-    return f"a detector ({', '.join(heads) or 'no head'}) on", None
-
-
-def describe_mmdet_checkpoint(state: Mapping[str, Tensor]) -> str:
-    """What an MMDetection state dict holds and which model of this family takes it, e.g.
-    ``"RetinaNet X-101-64x4d FPN, 80 classes → mmdet_retinanet_x101_64x4d_fpn"``."""
-    family, classes = _family(state)
-    backbone = resnet_description(state) if "backbone.layer1.0.conv2.weight" in state else "an unknown backbone"
-    names = {v[3]: k for k, v in BACKBONES.items()}
-    neck = _neck_description(state)
-    what = f"{family} {backbone} FPN" + (f", {classes} classes" if classes is not None else "")
-    if family == "RetinaNet" and backbone in names:
-        extra = "" if classes == _COCO_CLASSES - 1 else f"(num_classes={(classes or 0) + 1})"
-        return f"{what} → {names[backbone]}{extra}"
-    if "RetinaNet's" in neck and backbone in names:
-        return f"{what}; its backbone + FPN ({neck}) fit {names[backbone]}(backbone_only=True)"
-    return f"{what}; {neck}: no mmdet_retinanet_* model takes it (another family's, or backbone_only=True there)"
-
-
-class BackboneFPNOnly(nn.Module):
-    """A detector's ``backbone`` alone, so that its keys (``backbone.*``) are checked strictly by themselves."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-
-
-def convert_backbone_fpn(
-    model: nn.Module,
-    state: Mapping[str, Tensor],
-    origin: str,
-    num_inputs: int,
-    extra: str,
-    fits: Callable[[Mapping[str, Tensor]], str] | None = describe_mmdet_checkpoint,
-) -> dict[str, Tensor]:
-    """``model``'s full state dict with the ``backbone.*`` + ``neck.*`` tensors of an MMDetection checkpoint in
-    ``model.backbone`` (:func:`~diffkd.models.mmdet.common.mmdet_fpn`) and every other tensor (the heads) as the model
-    has it; the heads left out are logged.
-
-    Any zoo detector with a ResNet/ResNeXt + FPN that fit ``model.backbone`` can serve this way (a teacher whose FPN
-    levels are distilled, ``teacher_runs: backbone``).
-
-    Args:
-        state: the file's state dict (MMDetection's names).
-        origin: the file, for messages.
-        num_inputs, extra: the FPN's input levels and extra levels (see
-            :func:`~diffkd.models.mmdet.common.backbone_neck_rules`).
-        fits: ``fits(state)`` says what the file is in the error.
-
-    Raises:
-        MMDetWeightsError: the file's backbone or FPN does not fit ``model.backbone`` (listed).
-    """
-    picked = {k: v for k, v in state.items() if k.startswith(("backbone.", "neck."))}
-    if not picked:
-        raise MMDetWeightsError(f"the MMDetection checkpoint {origin} has no backbone.* / neck.* tensors")
-    rules = backbone_neck_rules(num_inputs, extra)
-    describe = None if fits is None else (lambda _: fits(state))  # the whole file, heads included
-    converted = convert_keys(picked, rules, BackboneFPNOnly(model.backbone), origin, describe)
-    full = dict(model.state_dict())
-    full.update(converted)
-    left = sorted({k.split(".", 1)[0] for k in state} - {"backbone", "neck"})
-    log.warning(
-        "%s: loaded only the backbone + FPN of %s (%s); its %s (%d tensors) are not read and the model's heads keep "
-        "their initialisation: this model's FPN features are the file's (teacher_runs: backbone), its detections "
-        "and losses are not a trained detector's",
-        getattr(model, "name", type(model).__name__),
-        origin,
-        fits(state) if fits is not None else "",
-        ", ".join(left) or "no heads",
-        len(state) - len(picked),
-    )
-    return full
+            return convert_backbone_fpn(
+                self, state, origin, 3, "on_input", fits, logger=log, level=logging.WARNING,
+                consequence="the model's heads keep their initialisation: its FPN features are the file's "
+                "(teacher_runs: backbone), its detections and losses are not a trained detector's",
+            )  # fmt: skip
+        return convert_keys(state, backbone_neck_rules(3, "on_input") + self.head_rules(), self, origin, fits)
 
 
 # ---------------------------------------------------------------------------------------------------- builders
 def build_mmdet_retinanet(
     name: str,
-    num_classes: int = _COCO_CLASSES,
+    num_classes: int = COCO_NUM_CLASSES,
     weights_backbone: str | None = None,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
@@ -644,7 +528,7 @@ def _register(name: str) -> None:
     backbone_name = BACKBONES[name][3]
 
     def fn(
-        num_classes: int = _COCO_CLASSES,
+        num_classes: int = COCO_NUM_CLASSES,
         weights_backbone: str | None = None,
         min_size: int | Sequence[int] = 800,
         max_size: int = 1333,
