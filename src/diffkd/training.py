@@ -172,6 +172,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
     metrics, best, last = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path)
+    if trainer.global_rank == 0:
+        write_run_metrics(cfg, metrics)
     objects = {"trainer": trainer, "module": module, "datamodule": datamodule, "best_ckpt": best, "last_ckpt": last}
     return metrics, objects
 
@@ -234,3 +236,51 @@ def _fit_and_test(
                 os.environ[key] = value
     _release_process_group()
     return metrics, best, last
+
+
+# --- metrics.json: the finished run's final metrics, for `python -m diffkd.report` -----------------------------------
+
+METRICS_FILE = "metrics.json"
+
+
+def _hydra_choices(cfg: DictConfig) -> dict[str, Any]:
+    """The running Hydra app's config-group choices when this run is that app's own job (its folder is Hydra's output
+    folder); ``{}`` for a run composed otherwise (the demo's runs, tests)."""
+    if not HydraConfig.initialized():
+        return {}
+    hc = HydraConfig.get()
+    try:
+        own = Path(str(hc.runtime.output_dir)).resolve() == Path(str(cfg.paths.output_dir)).resolve()
+    except Exception:  # an unresolvable paths.output_dir
+        return {}
+    return dict(hc.runtime.choices) if own else {}
+
+
+def write_run_metrics(cfg: DictConfig, metrics: dict[str, float]) -> Path:
+    """Write ``<paths.output_dir>/metrics.json`` atomically at the end of a run: its final (and test) metrics, with
+    what identifies it — ``task_name``, ``experiment`` and ``method`` (the ``distill`` group choice, when Hydra ran
+    this job), ``seed``, ``optimized_metric``. Its presence says the run finished; ``diffkd.report`` reads it."""
+    import json
+    import math
+    import tempfile
+    from datetime import UTC, datetime
+
+    choices = _hydra_choices(cfg)
+    record = {
+        "task_name": cfg.get("task_name"),
+        "experiment": choices.get("experiment"),
+        "method": choices.get("distill"),
+        "seed": cfg.get("seed"),
+        "optimized_metric": cfg.get("optimized_metric"),
+        "train": bool(cfg.get("train", True)),
+        "test": bool(cfg.get("test", False)),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metrics": {k: (v if math.isfinite(v) else None) for k, v in sorted(metrics.items())},
+    }
+    folder = Path(str(cfg.paths.output_dir))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / METRICS_FILE
+    with tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{METRICS_FILE}.", delete=False) as tmp:
+        json.dump(record, tmp, indent=2)
+    os.replace(tmp.name, path)
+    return path
