@@ -31,6 +31,7 @@ as MMDetection 3.3's configs and code set it (``../shared/docs/detection-segment
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -49,9 +50,11 @@ __all__ = [
     "CAFFE_MEAN_BGR",
     "CAFFE_STD",
     "COCO_NUM_CLASSES",
+    "LOSS_EPS",
     "PYTORCH_MEAN_RGB",
     "PYTORCH_STD_RGB",
     "RESNETS",
+    "TAGS",
     "BackboneFPNOnly",
     "EvalBatchNorm2d",
     "ExtraConvLevels",
@@ -60,6 +63,7 @@ __all__ = [
     "MMDetWeightsError",
     "backbone_neck_rules",
     "check_style",
+    "check_target_boxes",
     "config_text",
     "convert_backbone_fpn",
     "convert_keys",
@@ -67,12 +71,17 @@ __all__ = [
     "file_style",
     "fill_num_batches_tracked",
     "fpn_description",
+    "frozen_stages_of",
     "is_mmdet_checkpoint",
+    "is_weights_file",
     "load_backbone_weights",
     "mmdet_fpn",
     "mmdet_resnet",
     "mmdet_state_dict",
+    "mmdet_transform",
+    "refuse_pretrained",
     "resnet_description",
+    "sigmoid_focal_loss",
 ]
 
 #: MMDetection's ``data_preprocessor`` of the pytorch-style models (0..255 RGB).
@@ -95,6 +104,10 @@ RESNETS: dict[str, tuple[int, int, int, str]] = {
 }
 #: COCO's 80 classes + background 0, as our data gives them (``data.contiguous_labels=true``).
 COCO_NUM_CLASSES = 81
+#: The registry tags of every model here.
+TAGS = ("detection", "coco", "mmdet")
+#: MMDetection's ``weight_reduce_loss``: ``loss.sum() / (avg_factor + eps)``.
+LOSS_EPS = torch.finfo(torch.float32).eps
 
 #: ``depth`` → the torchvision builder (``groups``/``width_per_group`` make ResNeXt).
 _DEPTHS = {50: "resnet50", 101: "resnet101"}
@@ -158,6 +171,12 @@ def mmdet_resnet(
     return model
 
 
+def is_weights_file(source: str) -> bool:
+    """Whether a ``weights_backbone`` names a file (a checkpoint suffix, or an existing path; ``~`` expanded) rather
+    than torchvision weights (``"IMAGENET1K_V1"``)."""
+    return Path(source).suffix in (".pth", ".pt", ".pkl", ".safetensors") or Path(source).expanduser().exists()
+
+
 def load_backbone_weights(body: nn.Module, source: str, depth: int, groups: int = 1) -> None:
     """ImageNet weights into :func:`mmdet_resnet`'s ``body`` as MMDetection initialises it.
 
@@ -173,8 +192,8 @@ def load_backbone_weights(body: nn.Module, source: str, depth: int, groups: int 
 
     from diffkd.models.checkpoint import extract_state_dict, read_checkpoint
 
-    if Path(source).suffix in (".pth", ".pt", ".pkl", ".safetensors") or Path(source).exists():
-        state = extract_state_dict(read_checkpoint(source), origin=f"'{source}'")
+    if is_weights_file(source):
+        state = extract_state_dict(read_checkpoint(str(Path(source).expanduser())), origin=f"'{source}'")
         origin = f"'{source}'"
     else:
         arch = {(50, 1): "resnet50", (101, 1): "resnet101", (101, 64): "resnext101_64x4d"}.get((depth, groups))
@@ -338,6 +357,19 @@ class MMDetTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def mmdet_transform(
+    min_size: int | Sequence[int], max_size: int, style: Style = "pytorch", **kwargs: Any
+) -> MMDetTransform:
+    """The :class:`MMDetTransform` of a ``style`` backbone: RGB with ImageNet's mean/std (``"pytorch"``) or BGR minus
+    the Detectron mean, std 1 (``"caffe"``). ``min_size``: one short edge, or several (one per training image; a
+    config's list arrives as an omegaconf ``ListConfig``, which torchvision's transform would take for one size).
+    ``**kwargs``: the transform's (``_skip_resize``, ``size_divisible``, ...)."""
+    sizes = (int(min_size),) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
+    if style == "caffe":
+        return MMDetTransform(sizes, int(max_size), CAFFE_MEAN_BGR, CAFFE_STD, bgr=True, **kwargs)
+    return MMDetTransform(sizes, int(max_size), PYTORCH_MEAN_RGB, PYTORCH_STD_RGB, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------------- anchors
 class MMDetAnchorGenerator(AnchorGenerator):
     """MMDetection's ``AnchorGenerator`` in torchvision's interface (see the module docstring).
@@ -380,6 +412,27 @@ class MMDetAnchorGenerator(AnchorGenerator):
         hs = (h_ratios[:, None] * scales_t[None, :]).view(-1)
         return torch.stack([-0.5 * ws, -0.5 * hs, 0.5 * ws, 0.5 * hs], dim=1)  # not rounded
 
+    def valid_flags(
+        self,
+        grid_sizes: Sequence[Sequence[int]],
+        image_size: Sequence[int],
+        size_divisible: int = 32,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
+        """MMDetection's ``valid_flags`` of one image: (Σ H·W·A,) bool, the anchors whose cell lies inside the image
+        ``image_size`` (H, W) padded to a multiple of ``size_divisible`` (its own ``pad_shape``, not the batch's), for
+        feature maps of ``grid_sizes`` (H_l, W_l), in :meth:`forward`'s order."""
+        pad_h = math.ceil(int(image_size[0]) / size_divisible) * size_divisible
+        pad_w = math.ceil(int(image_size[1]) / size_divisible) * size_divisible
+        flags = []
+        for (feat_h, feat_w), stride, a in zip(grid_sizes, self.strides, self.num_anchors_per_location()):
+            valid_h, valid_w = min(math.ceil(pad_h / stride), int(feat_h)), min(math.ceil(pad_w / stride), int(feat_w))
+            inside = (torch.arange(int(feat_h), device=device) < valid_h)[:, None] & (
+                torch.arange(int(feat_w), device=device) < valid_w
+            )[None, :]
+            flags.append(inside.reshape(-1, 1).expand(-1, a).reshape(-1))
+        return torch.cat(flags)
+
     def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
         if len(feature_maps) != len(self.strides):
             raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides")
@@ -390,6 +443,82 @@ class MMDetAnchorGenerator(AnchorGenerator):
         per_level = self.grid_anchors(grid_sizes, strides)
         joined = torch.cat(per_level)
         return [joined for _ in image_list.image_sizes]
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def check_target_boxes(targets: Sequence[Mapping[str, Tensor]], name: str) -> None:
+    """Refuse a target box without a positive width and height (MMDetection's encoders would divide by zero).
+
+    Raises:
+        ValueError: naming the first such box and its target.
+    """
+    for index, target in enumerate(targets):
+        boxes = target["boxes"]
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if bool(degenerate.any()):
+            box = boxes[degenerate][0].tolist()
+            raise ValueError(f"{name}: all boxes need a positive width and height; target {index} has {box}")
+
+
+def sigmoid_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:
+    """Element-wise sigmoid focal loss as MMDetection's ``py_sigmoid_focal_loss`` writes it (same shapes in and out;
+    ``targets`` one-hot floats). Named difference: on the GPU MMDetection calls mmcv's CUDA kernel of the same
+    formula (``log(p)`` of the probability); this is its CPU path (the logit form): equal up to float rounding."""
+    p = logits.sigmoid()
+    pt = (1 - p) * targets + p * (1 - targets)
+    focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight
+
+
+# ---------------------------------------------------------------------------------------------------- builders
+def refuse_pretrained(label: str, zoo: str = "") -> None:
+    """``pretrained=True`` downloads nothing: MMDetection's weights are zoo files (``zoo`` names them), passed as
+    ``weights=<file>``.
+
+    Raises:
+        ValueError: always.
+    """
+    files = f" ({zoo})" if zoo else ""
+    raise ValueError(
+        f"{label}: pretrained=True downloads nothing (the registry has no weights of its own); MMDetection's weights "
+        f"are zoo files{files}: download one and pass it as weights=<file> (a teacher: model.teacher.weights=<file>)"
+    )
+
+
+def frozen_stages_of(
+    label: str, frozen_stages: int | None, trainable_layers: int | None = None, frozen_bn: bool = True
+) -> int:
+    """MMDetection's ``frozen_stages`` from a builder's arguments: ``frozen_stages`` itself (``None``: 1, the configs'
+    value), or torchvision's spelling ``trainable_layers`` (``frozen_stages = 4 - trainable_layers``; 3 ↔ 1, 5 ↔ -1),
+    accepted so that the detection model config (``conf/model/detection.yaml``) builds these models.
+
+    Args:
+        label: the model's name, for messages.
+        frozen_bn: must stay true (MMDetection's ``norm_eval=True``).
+
+    Raises:
+        ValueError: ``frozen_bn`` false, both given and disagreeing, or out of range (-1..4; 0..5).
+    """
+    if not frozen_bn:
+        raise ValueError(
+            f"{label}: MMDetection freezes BatchNorm statistics (norm_eval=True); frozen_bn=false has no MMDetection "
+            "counterpart here"
+        )
+    if trainable_layers is not None:
+        if not 0 <= int(trainable_layers) <= 5:
+            raise ValueError(f"{label}: trainable_layers must be 0..5, got {trainable_layers}")
+        implied = 4 - int(trainable_layers)
+        if frozen_stages is not None and int(frozen_stages) != implied:
+            raise ValueError(
+                f"{label}: trainable_layers={trainable_layers} means frozen_stages={implied}, but frozen_stages="
+                f"{frozen_stages}: they disagree; set one of them (MMDetection's configs: frozen_stages=1, i.e. "
+                "trainable_layers=3)"
+            )
+        frozen_stages = implied
+    frozen_stages = 1 if frozen_stages is None else int(frozen_stages)
+    if not -1 <= frozen_stages <= 4:
+        raise ValueError(f"{label}: frozen_stages={frozen_stages}; choose -1..4")
+    return frozen_stages
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

@@ -5,9 +5,9 @@ Registered names (tags ``"detection"``, ``"coco"``, ``"mmdet"``):
 
 * ``mmdet_faster_rcnn_r50_fpn``, ``mmdet_faster_rcnn_r101_fpn``, ``mmdet_faster_rcnn_x101_64x4d_fpn``:
   ``fn(num_classes=81, pretrained=False, weights=None, weights_backbone=None, min_size=800, max_size=1333,
-  frozen_stages=1, **kwargs)`` → :class:`MMDetFasterRCNN`. ``num_classes`` counts background 0 (our COCO data with
-  ``data.contiguous_labels=true``: labels 1..80, so 81). ``weights`` loads a checkpoint (an MMDetection zoo file is
-  converted, see below); ``weights_backbone`` ImageNet weights (``"IMAGENET1K_V1"``: torchvision's ResNet-50/101,
+  frozen_stages=None (1), **kwargs)`` → :class:`MMDetFasterRCNN`. ``num_classes`` counts background 0 (our COCO data
+  with ``data.contiguous_labels=true``: labels 1..80, so 81). ``weights`` loads a checkpoint (an MMDetection zoo file
+  is converted, see below); ``weights_backbone`` ImageNet weights (``"IMAGENET1K_V1"``: torchvision's ResNet-50/101,
   MMDetection's ``torchvision://resnet50/101``; or a file path). ``**kwargs``: the test/train settings under
   torchvision's names (``rpn_pre_nms_top_n_test``, ``box_detections_per_img``, ... see :data:`SETTINGS`), defaults
   MMDetection's; ``_skip_resize``; and the torchvision detectors' ``trainable_layers`` (= 4 - ``frozen_stages``) and
@@ -86,7 +86,6 @@ Named differences from MMDetection (everything else is computed as it computes i
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -111,26 +110,28 @@ from diffkd.models.mmdet.boxes import (
     rescale_boxes,
 )
 from diffkd.models.mmdet.common import (
-    CAFFE_MEAN_BGR,
-    CAFFE_STD,
     COCO_NUM_CLASSES,
-    PYTORCH_MEAN_RGB,
-    PYTORCH_STD_RGB,
+    LOSS_EPS,
     RESNETS,
+    TAGS,
     MMDetAnchorGenerator,
     MMDetTransform,
     Rule,
     backbone_neck_rules,
     check_style,
+    check_target_boxes,
     convert_backbone_fpn,
     convert_keys,
     describe_mmdet_checkpoint,
     fill_num_batches_tracked,
+    frozen_stages_of,
     is_mmdet_checkpoint,
     load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
+    mmdet_transform,
+    refuse_pretrained,
 )
 from diffkd.models.registry import register_model
 
@@ -155,8 +156,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TAGS = ("detection", "coco", "mmdet")
-_EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss adds it to every avg_factor
 
 #: ``suffix`` → (depth, groups, width_per_group, MMDetection's name).
 BACKBONES: dict[str, tuple[int, int, int, str]] = RESNETS
@@ -315,23 +314,6 @@ class MMDetRPN(RegionProposalNetwork):
         )
         return boxes
 
-    def valid_flags(
-        self, grid_sizes: Sequence[Sequence[int]], image_size: Sequence[int], device: torch.device
-    ) -> Tensor:
-        """(ΣH·W·A,) bool: anchors inside the image's own padded size (MMDetection's ``valid_flags`` of
-        ``pad_shape``: the image padded to a multiple of 32, not the batch)."""
-        pad_h = math.ceil(int(image_size[0]) / self.size_divisible) * self.size_divisible
-        pad_w = math.ceil(int(image_size[1]) / self.size_divisible) * self.size_divisible
-        generator: MMDetAnchorGenerator = self.anchor_generator  # type: ignore[assignment]
-        flags = []
-        for (feat_h, feat_w), stride, a in zip(grid_sizes, generator.strides, generator.num_anchors_per_location()):
-            valid_h, valid_w = min(math.ceil(pad_h / stride), int(feat_h)), min(math.ceil(pad_w / stride), int(feat_w))
-            inside = (torch.arange(int(feat_h), device=device) < valid_h)[:, None] & (
-                torch.arange(int(feat_w), device=device) < valid_w
-            )[None, :]
-            flags.append(inside.reshape(-1, 1).expand(-1, a).reshape(-1))
-        return torch.cat(flags)
-
     def compute_losses(
         self,
         objectness: list[Tensor],
@@ -347,7 +329,7 @@ class MMDetRPN(RegionProposalNetwork):
         cls_targets, cls_weights, box_targets, box_weights = [], [], [], []
         avg_factor = 0
         for image_size, target in zip(image_sizes, targets):
-            valid = self.valid_flags(grid_sizes, image_size, device)
+            valid = self.anchor_generator.valid_flags(grid_sizes, image_size, self.size_divisible, device)
             gt = target["boxes"].to(device=device, dtype=torch.float32)
             inside = flat_anchors[valid]
             assigned = max_iou_assign(gt, inside, self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou, True)
@@ -380,10 +362,10 @@ class MMDetRPN(RegionProposalNetwork):
             label, weight, box_target, box_weight = (s[:, start:end] for s in stacked)
             pred = logit.float().permute(0, 2, 3, 1).reshape(-1)
             bce = F.binary_cross_entropy_with_logits(pred, label.reshape(-1), reduction="none")
-            loss_cls = loss_cls + (bce * weight.reshape(-1)).sum() / (avg_factor + _EPS)
+            loss_cls = loss_cls + (bce * weight.reshape(-1)).sum() / (avg_factor + LOSS_EPS)
             reg = delta.float().permute(0, 2, 3, 1).reshape(-1, 4)
             l1 = (reg - box_target.reshape(-1, 4)).abs() * box_weight.reshape(-1, 4)
-            loss_box = loss_box + l1.sum() / (avg_factor + _EPS)
+            loss_box = loss_box + l1.sum() / (avg_factor + LOSS_EPS)
             start = end
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_box}  # type: ignore[dict-item]
 
@@ -536,11 +518,11 @@ class MMDetRoIHeads(RoIHeads):
         mm_logits = logits.float()[:, self.mmdet_order(num_classes, logits.device)]
         mm_labels = torch.where(labels > 0, labels - 1, torch.full_like(labels, num_classes - 1))
         avg_factor = max(float(num_rois), 1.0)
-        loss_cls = F.cross_entropy(mm_logits, mm_labels, reduction="none").sum() / (avg_factor + _EPS)
+        loss_cls = F.cross_entropy(mm_logits, mm_labels, reduction="none").sum() / (avg_factor + LOSS_EPS)
         pos = labels > 0
         if bool(pos.any()):
             pred = regression.float().view(num_rois, num_classes, 4)[pos, labels[pos]]
-            loss_box = (pred - box_targets).abs().sum() / (num_rois + _EPS)
+            loss_box = (pred - box_targets).abs().sum() / (num_rois + LOSS_EPS)
         else:
             loss_box = regression[pos].sum()
         return {"loss_cls": loss_cls, "loss_bbox": loss_box}
@@ -644,12 +626,7 @@ class MMDetFasterRCNN(FasterRCNN):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         if targets is not None:
-            for i, target in enumerate(targets):
-                boxes = target["boxes"]
-                degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-                if bool(degenerate.any()):
-                    box = boxes[degenerate][0].tolist()
-                    raise ValueError(f"box {box} of target {i} has no positive width and height")
+            check_target_boxes(targets, self.name)
         features = self.backbone(image_list.tensors)
         proposals, proposal_losses = self.rpn(image_list, features, targets)
         detections, detector_losses = self.roi_heads(
@@ -718,25 +695,10 @@ class MMDetFPNTeacher(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------- builders
-def _frozen_stages(frozen_stages: int, trainable_layers: int | None, label: str) -> int:
-    if trainable_layers is None:
-        return frozen_stages
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"{label}: trainable_layers must be 0..5, got {trainable_layers}")
-    implied = 4 - trainable_layers if trainable_layers < 5 else -1
-    if implied != frozen_stages:
-        raise ValueError(
-            f"{label}: trainable_layers={trainable_layers} means frozen_stages={implied}, but frozen_stages="
-            f"{frozen_stages}; set one of them (MMDetection's configs: frozen_stages=1, i.e. trainable_layers=3)"
-        )
-    return frozen_stages
-
-
-def _transform(min_size: int | Sequence[int], max_size: int, style: str, **kwargs: Any) -> MMDetTransform:
-    sizes = int(min_size) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
-    if style == "caffe":
-        return MMDetTransform(sizes, int(max_size), CAFFE_MEAN_BGR, CAFFE_STD, bgr=True, **kwargs)
-    return MMDetTransform(sizes, int(max_size), PYTORCH_MEAN_RGB, PYTORCH_STD_RGB, **kwargs)
+def _zoo_file(label: str) -> str:
+    """The zoo checkpoint :data:`ZOO` lists for ``label``, for messages (``""``: none)."""
+    config, ap, url = ZOO.get(label, ("", 0.0, ""))
+    return f"{config}, box AP {ap}: {url}" if url else ""
 
 
 def build_faster_rcnn(
@@ -747,7 +709,7 @@ def build_faster_rcnn(
     weights_backbone: str | None = None,
     min_size: int | Sequence[int] = 800,
     max_size: int = 1333,
-    frozen_stages: int = 1,
+    frozen_stages: int | None = None,
     *,
     label: str | None = None,
     backbone_only: bool = False,
@@ -764,8 +726,9 @@ def build_faster_rcnn(
         weights: a checkpoint to load (an MMDetection zoo file, or this model's own state dict).
         weights_backbone: ImageNet weights of the backbone (``"IMAGENET1K_V1"`` or a path).
         min_size, max_size: the resize (a tuple ``min_size`` picks one per training image).
-        frozen_stages: stem + this many ResNet stages frozen (MMDetection: 1).
-        trainable_layers: torchvision's count of trainable stages (3 = frozen_stages 1), accepted when consistent.
+        frozen_stages: stem + this many ResNet stages frozen (``None``: MMDetection's 1, or from ``trainable_layers``).
+        trainable_layers: torchvision's count of trainable stages (3 = frozen_stages 1), accepted when consistent
+            (:func:`~diffkd.models.mmdet.common.frozen_stages_of`).
         frozen_bn: must be true (MMDetection's ``norm_eval=True``: BatchNorm statistics never update).
         backbone_only: build :class:`MMDetFPNTeacher` instead (``mmdet_fpn_teacher_<backbone>``: the backbone +
             FPN of any fitting MMDetection checkpoint, no heads); the head settings are then ignored.
@@ -788,18 +751,12 @@ def build_faster_rcnn(
     if unknown:
         raise TypeError(f"{label}: unknown keyword arguments {unknown}; settings are {sorted(SETTINGS)}")
     if pretrained:
-        config, ap, url = ZOO.get(label, ("", 0.0, ""))
-        raise ValueError(
-            f"{label}: pretrained=True downloads nothing; the MMDetection zoo file ({config}, box AP {ap}) is "
-            f"{url}: download it and pass weights=<file> (model.teacher.weights=<file>)"
-        )
-    if not frozen_bn:
-        raise ValueError(f"{label}: MMDetection's configs freeze BatchNorm statistics (norm_eval=True); keep frozen_bn")
+        refuse_pretrained(label, _zoo_file(label))
+    stages = frozen_stages_of(label, frozen_stages, trainable_layers, frozen_bn)
     if num_classes < 2:
         raise ValueError(f"{label}: num_classes counts background 0 and needs at least one class, got {num_classes}")
     s = {k: v[0] for k, v in SETTINGS.items()} | settings
     depth, groups, width, description = BACKBONES[backbone]
-    stages = _frozen_stages(int(frozen_stages), trainable_layers, label)
     body = mmdet_resnet(depth, groups, width, "pytorch", stages)
     if weights_backbone is not None:
         load_backbone_weights(body, weights_backbone, depth, groups)
@@ -841,7 +798,7 @@ def build_faster_rcnn(
         nms_thresh=s["box_nms_thresh"],
         detections_per_img=int(s["box_detections_per_img"]),
     )
-    transform = _transform(min_size, max_size, "pytorch", _skip_resize=_skip_resize)
+    transform = mmdet_transform(min_size, max_size, "pytorch", _skip_resize=_skip_resize)
     model = MMDetFasterRCNN(fpn, rpn, roi_heads, transform, description=f"Faster R-CNN {description} FPN", name=label)
     if weights is not None:
         from diffkd.models.checkpoint import load_weights
@@ -869,9 +826,7 @@ def build_fpn_teacher(
     if backbone not in BACKBONES:
         raise ValueError(f"{label}: unknown backbone {backbone!r}; choose one of {list(BACKBONES)}")
     if pretrained:
-        config, ap, url = ZOO.get(label, ("", 0.0, ""))
-        where = f" (e.g. {config}, box AP {ap}: {url})" if url else ""
-        raise ValueError(f"{label}: pretrained=True downloads nothing; pass weights=<an MMDetection checkpoint>{where}")
+        refuse_pretrained(label, _zoo_file(label))
     unknown = sorted(set(kwargs) - {"trainable_layers", "frozen_bn", "_skip_resize"})
     if unknown:
         raise TypeError(f"{label}: unknown keyword arguments {unknown}")
@@ -879,7 +834,7 @@ def build_fpn_teacher(
     body = mmdet_resnet(depth, groups, width, style, frozen_stages=4, bn_requires_grad=False)
     if weights_backbone is not None:
         load_backbone_weights(body, weights_backbone, depth, groups)
-    transform = _transform(min_size, max_size, style, _skip_resize=bool(kwargs.get("_skip_resize", False)))
+    transform = mmdet_transform(min_size, max_size, style, _skip_resize=bool(kwargs.get("_skip_resize", False)))
     return MMDetFPNTeacher(mmdet_fpn(body, 0, "maxpool"), transform, style=style, name=label)
 
 
@@ -894,7 +849,7 @@ def _register(backbone: str) -> None:
         weights_backbone: str | None = None,
         min_size: int | Sequence[int] = 800,
         max_size: int = 1333,
-        frozen_stages: int = 1,
+        frozen_stages: int | None = None,
         **kwargs: Any,
     ) -> MMDetFasterRCNN | MMDetFPNTeacher:
         return build_faster_rcnn(
@@ -907,7 +862,7 @@ def _register(backbone: str) -> None:
         f"MMDetection's Faster R-CNN {BACKBONES[backbone][3]} FPN ({config}; zoo file {url}, box AP {ap}); see "
         ":func:`build_faster_rcnn`. FPN levels '0', '1', '2', '3', 'pool' (P2–P6), 256 channels."
     )
-    register_model(fn, name=name, tags=_TAGS)
+    register_model(fn, name=name, tags=TAGS)
 
     teacher = f"mmdet_fpn_teacher_{backbone}"
 
@@ -924,7 +879,7 @@ def _register(backbone: str) -> None:
         f"The {BACKBONES[backbone][3]} backbone + Faster R-CNN FPN of any MMDetection checkpoint (FPN features only; "
         "see :func:`build_fpn_teacher`). FPN levels '0', '1', '2', '3', 'pool'."
     )
-    register_model(teacher_fn, name=teacher, tags=_TAGS)
+    register_model(teacher_fn, name=teacher, tags=TAGS)
 
 
 for _backbone in BACKBONES:

@@ -3,7 +3,7 @@ and teacher (R-101, 40.8 AP): MMDetection 3.3's ``fcos/fcos_r{50,101}-caffe_fpn_
 
 Registered (tags ``"detection"``, ``"coco"``, ``"mmdet"``): ``mmdet_fcos_r50_caffe_fpn_gn``,
 ``mmdet_fcos_r101_caffe_fpn_gn``, each ``fn(num_classes=81, weights_backbone=None, min_size=(640, 800),
-max_size=1333, frozen_stages=1, **kwargs)``. Built on torchvision's ``FCOS`` (``model.backbone`` = the FPN with
+max_size=1333, frozen_stages=None, **kwargs)``. Built on torchvision's ``FCOS`` (``model.backbone`` = the FPN with
 levels ``'0', '1', '2', 'p6', 'p7'`` = P3–P7, ``model.head``, ``model.transform``; training returns a loss dict, eval
 a list of ``{boxes, scores, labels}`` in the input images' coordinates), with MMDetection's numbers throughout:
 
@@ -70,7 +70,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,19 +81,23 @@ from torchvision.models.detection.image_list import ImageList
 
 from diffkd.models.mmdet.boxes import bbox_overlaps, bbox_post_process, filter_scores_and_topk, rescale_boxes
 from diffkd.models.mmdet.common import (
-    CAFFE_MEAN_BGR,
-    CAFFE_STD,
-    MMDetTransform,
+    LOSS_EPS,
+    TAGS,
     MMDetWeightsError,
     backbone_neck_rules,
     config_text,
     convert_keys,
     describe_mmdet_checkpoint,
+    frozen_stages_of,
     is_mmdet_checkpoint,
+    is_weights_file,
     load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
+    mmdet_transform,
+    refuse_pretrained,
+    sigmoid_focal_loss,
 )
 from diffkd.models.registry import register_model
 
@@ -111,11 +114,9 @@ __all__ = [
     "fcos_targets",
 ]
 
-_TAGS = ("detection", "coco", "mmdet")
 INF = 1e8
 STRIDES = (8, 16, 32, 64, 128)
 REGRESS_RANGES: tuple[tuple[float, float], ...] = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, INF))
-_EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss: sum / (avg_factor + eps)
 _CAFFE_FILES = {
     50: "open-mmlab://detectron/resnet50_caffe = resnet50_caffe-788b5fa3.pth",
     101: "open-mmlab://detectron/resnet101_caffe = resnet101_caffe-3ad79236.pth",
@@ -348,9 +349,7 @@ class MMDetFCOS(FCOS):
             detections_per_img=detections_per_img,
             topk_candidates=topk_candidates,
         )
-        # a config's list arrives as an omegaconf ListConfig, which torchvision's transform takes for one size
-        sizes = (int(min_size),) if isinstance(min_size, int) else tuple(int(s) for s in min_size)
-        self.transform = MMDetTransform(sizes, max_size, CAFFE_MEAN_BGR, CAFFE_STD, bgr=True, **kwargs)
+        self.transform = mmdet_transform(min_size, max_size, "caffe", **kwargs)
         if len(regress_ranges) != len(STRIDES):
             raise ValueError(f"{label}: {len(regress_ranges)} regress ranges for {len(STRIDES)} levels")
         self.regress_ranges = tuple((float(lo), float(hi)) for lo, hi in regress_ranges)
@@ -427,11 +426,7 @@ class MMDetFCOS(FCOS):
         num_pos = _reduce_mean(torch.tensor(float(len(pos)), device=device)).clamp(min=1.0)
 
         one_hot = F.one_hot(flat_labels, num_classes + 1)[:, :num_classes].to(flat_cls.dtype)
-        prob = flat_cls.sigmoid()
-        pt = (1 - prob) * one_hot + prob * (1 - one_hot)
-        focal_weight = (0.25 * one_hot + 0.75 * (1 - one_hot)) * pt.pow(2.0)
-        focal = F.binary_cross_entropy_with_logits(flat_cls, one_hot, reduction="none") * focal_weight
-        loss_cls = focal.sum() / (num_pos + _EPS)
+        loss_cls = sigmoid_focal_loss(flat_cls, one_hot, 2.0, 0.25).sum() / (num_pos + LOSS_EPS)
 
         pos_reg, pos_ctr, pos_targets = flat_reg[pos], flat_ctr[pos], flat_targets[pos]
         ctr_targets = self.centerness_target(pos_targets)
@@ -443,9 +438,9 @@ class MMDetFCOS(FCOS):
             else:
                 iou = bbox_overlaps(_decode(pos_points, pos_reg), _decode(pos_points, pos_targets), is_aligned=True)
                 iou = iou.clamp(min=1e-6)
-                loss_box = (-iou.log() * ctr_targets).sum() / (ctr_denorm + _EPS)
+                loss_box = (-iou.log() * ctr_targets).sum() / (ctr_denorm + LOSS_EPS)
             bce = F.binary_cross_entropy_with_logits(pos_ctr, ctr_targets, reduction="none")
-            loss_ctr = bce.sum() / (num_pos + _EPS)
+            loss_ctr = bce.sum() / (num_pos + LOSS_EPS)
         else:
             loss_box = pos_reg.sum()
             loss_ctr = pos_ctr.sum()
@@ -549,17 +544,13 @@ _HEAD_RULES = [
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-def _is_path(source: str) -> bool:
-    return Path(source).suffix in (".pth", ".pt", ".pkl", ".safetensors") or Path(source).expanduser().exists()
-
-
 def build_mmdet_fcos(
     depth: int,
     num_classes: int = 81,
     weights_backbone: str | None = None,
     min_size: int | Sequence[int] = (640, 800),
     max_size: int = 1333,
-    frozen_stages: int = 1,
+    frozen_stages: int | None = None,
     *,
     pretrained: bool = False,
     trainable_layers: int | None = None,
@@ -575,40 +566,29 @@ def build_mmdet_fcos(
         weights_backbone: the path of the Detectron caffe ResNet file (module docstring), or ``None``.
         min_size, max_size: training short sides (one chosen per image; evaluation uses the last) and the long-side
             limit.
-        frozen_stages: the stem and this many stages take no gradient (-1: none).
+        frozen_stages: the stem and this many stages take no gradient (-1: none; ``None``: 1, or from
+            ``trainable_layers``).
         pretrained: only ``False``: the registry publishes no weights; load a zoo file with ``weights=``.
         trainable_layers: torchvision's spelling of ``frozen_stages`` (stages trained from ``layer4`` down:
-            ``frozen_stages = 4 - trainable_layers``), as the detection configs pass it.
+            ``frozen_stages = 4 - trainable_layers``), as the detection configs pass it
+            (:func:`~diffkd.models.mmdet.common.frozen_stages_of`).
         frozen_bn: only ``True`` (the configs freeze BatchNorm).
         label: the registry name, for messages.
         **kwargs: :class:`MMDetFCOS`'s (test settings, ``_skip_resize``...).
     """
     if pretrained:
-        raise ValueError(
-            f"{label}: the registry has no weights of its own; download the MMDetection zoo checkpoint and pass "
-            "its path (model.teacher.weights=<.pth>, create_teacher(name, weights=<.pth>))"
-        )
-    if not frozen_bn:
-        raise ValueError(f"{label}: MMDetection's caffe FCOS freezes BatchNorm (requires_grad=False, norm_eval)")
-    if trainable_layers is not None:
-        if not 0 <= trainable_layers <= 5:
-            raise ValueError(f"{label}: trainable_layers={trainable_layers} is not in 0..5")
-        if frozen_stages != 1 and frozen_stages != 4 - int(trainable_layers):
-            raise ValueError(
-                f"{label}: frozen_stages={frozen_stages} and trainable_layers={trainable_layers} (frozen_stages "
-                f"{4 - int(trainable_layers)}) disagree; set one of them"
-            )
-        frozen_stages = 4 - int(trainable_layers)
+        refuse_pretrained(label)
+    frozen_stages = frozen_stages_of(label, frozen_stages, trainable_layers, frozen_bn)
     body = mmdet_resnet(depth, style="caffe", frozen_stages=frozen_stages, bn_requires_grad=False)
     if weights_backbone is not None:
-        if not _is_path(str(weights_backbone)):
+        if not is_weights_file(str(weights_backbone)):
             raise ValueError(
                 f"{label}: weights_backbone={weights_backbone!r} names pytorch-style ImageNet weights, but this "
                 f"model is MMDetection's caffe-style R-{depth} (BGR 0..255, std 1, stride on the 1×1), initialised "
                 f"from {_CAFFE_FILES[depth]}: download {_CAFFE_URL}{_CAFFE_FILES[depth].rsplit(' ', 1)[-1]} and "
                 "pass its path"
             )
-        load_backbone_weights(body, str(Path(str(weights_backbone)).expanduser()), depth)
+        load_backbone_weights(body, str(weights_backbone), depth)
     backbone = mmdet_fpn(body, 1, "on_output", relu_before_extra=True)
     return MMDetFCOS(backbone, num_classes, min_size, max_size, label=label, **kwargs)
 
@@ -621,7 +601,7 @@ def _register(depth: int) -> None:
         weights_backbone: str | None = None,
         min_size: int | Sequence[int] = (640, 800),
         max_size: int = 1333,
-        frozen_stages: int = 1,
+        frozen_stages: int | None = None,
         **kwargs: Any,
     ) -> MMDetFCOS:
         return build_mmdet_fcos(
@@ -633,7 +613,7 @@ def _register(depth: int) -> None:
         f"MMDetection's fcos_r{depth}-caffe_fpn_gn-head_ms-640-800-2x_coco (see :func:`build_mmdet_fcos`); FPN "
         "levels '0', '1', '2', 'p6', 'p7' (P3–P7), 256 channels."
     )
-    register_model(fn, name=name, tags=_TAGS)
+    register_model(fn, name=name, tags=TAGS)
 
 
 for _depth in (50, 101):

@@ -82,13 +82,11 @@ Named differences (none changes a trained model's numbers beyond float rounding 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -104,23 +102,28 @@ from diffkd.models.mmdet.boxes import (
 )
 from diffkd.models.mmdet.common import (
     COCO_NUM_CLASSES,
-    PYTORCH_MEAN_RGB,
-    PYTORCH_STD_RGB,
+    LOSS_EPS,
     RESNETS,
+    TAGS,
     BackboneFPNOnly,
     MMDetAnchorGenerator,
     MMDetTransform,
     Rule,
     backbone_neck_rules,
     check_style,
+    check_target_boxes,
     convert_backbone_fpn,
     convert_keys,
     describe_mmdet_checkpoint,
+    frozen_stages_of,
     is_mmdet_checkpoint,
     load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
+    mmdet_transform,
+    refuse_pretrained,
+    sigmoid_focal_loss,
 )
 from diffkd.models.registry import register_model
 
@@ -138,9 +141,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TAGS = ("detection", "coco", "mmdet")
 _STRIDES = (8, 16, 32, 64, 128)
-_EPS = torch.finfo(torch.float32).eps  # MMDetection's weight_reduce_loss: loss.sum() / (avg_factor + eps)
 _ZOO_URL = "https://download.openmmlab.com/mmdetection/v2.0/retinanet"
 
 #: model name → (depth, groups, width_per_group, the zoo's name of the backbone).
@@ -167,29 +168,6 @@ ZOO: dict[str, list[tuple[str, float, str]]] = {
         ),
     ],
 }
-
-
-# ---------------------------------------------------------------------------------------------------- losses
-def _focal_loss(logits: Tensor, targets: Tensor, gamma: float, alpha: float) -> Tensor:
-    """Element-wise sigmoid focal loss as MMDetection's ``py_sigmoid_focal_loss`` writes it (same shapes in and out;
-    ``targets`` one-hot floats)."""
-    p = logits.sigmoid()
-    pt = (1 - p) * targets + p * (1 - targets)
-    focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
-    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight
-
-
-def _valid_flags(level_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int], num_anchors: int) -> Tensor:
-    """MMDetection's ``AnchorGenerator.valid_flags`` for one image: (sum H·W·A,) bool, anchors whose cell lies in
-    the image padded to 32 (``pad_shape``)."""
-    pad_h, pad_w = (math.ceil(s / 32) * 32 for s in image_size)
-    flags = []
-    for (h, w), stride in zip(level_sizes, _STRIDES):
-        valid_h, valid_w = min(math.ceil(pad_h / stride), h), min(math.ceil(pad_w / stride), w)
-        grid = torch.zeros(h, w, dtype=torch.bool)
-        grid[:valid_h, :valid_w] = True
-        flags.append(grid.reshape(-1, 1).expand(-1, num_anchors).reshape(-1))
-    return torch.cat(flags)
 
 
 # ---------------------------------------------------------------------------------------------------- the model
@@ -283,13 +261,7 @@ class MMDetRetinaNet(RetinaNet):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         image_list, targets = self.transform(images, targets)
         if targets is not None:
-            for index, target in enumerate(targets):
-                degenerate = (target["boxes"][:, 2:] <= target["boxes"][:, :2]).any(dim=1)
-                if degenerate.any():
-                    box = target["boxes"][degenerate][0].tolist()
-                    raise ValueError(
-                        f"{self.name}: all boxes need a positive width and height; target {index} has {box}"
-                    )
+            check_target_boxes(targets, self.name)
         features = list(self.backbone(image_list.tensors).values())
         head_outputs = self.head(features)
         # anchors in float32 whatever the features' dtype (bf16 anchors would be off by pixels): the generator reads
@@ -331,7 +303,7 @@ class MMDetRetinaNet(RetinaNet):
         bbox_weights = cls_logits.new_zeros((num_images, num_total, 4))
         avg_factor = 0
         for i, (target, anchors_i) in enumerate(zip(targets, anchors)):
-            valid = _valid_flags(level_sizes, image_sizes[i], self.num_anchors).to(device)
+            valid = self.anchor_generator.valid_flags(level_sizes, image_sizes[i], device=device)
             valid_idx = valid.nonzero().squeeze(1)
             candidates = anchors_i[valid_idx]
             gt_boxes = target["boxes"].to(candidates.dtype)
@@ -367,10 +339,10 @@ class MMDetRetinaNet(RetinaNet):
             bbox_targets.split(counts, 1),
             bbox_weights.split(counts, 1),
         ):
-            focal = _focal_loss(logits.reshape(-1, num_classes), onehot_l.reshape(-1, num_classes), self.focal_gamma,
-                                self.focal_alpha)  # fmt: skip
-            loss_cls = loss_cls + (focal * weight_l.reshape(-1, 1)).sum() / (avg_factor + _EPS)
-            loss_bbox = loss_bbox + (torch.abs(reg - reg_t) * reg_w).sum() / (avg_factor + _EPS)
+            focal = sigmoid_focal_loss(logits.reshape(-1, num_classes), onehot_l.reshape(-1, num_classes),
+                                       self.focal_gamma, self.focal_alpha)  # fmt: skip
+            loss_cls = loss_cls + (focal * weight_l.reshape(-1, 1)).sum() / (avg_factor + LOSS_EPS)
+            loss_bbox = loss_bbox + (torch.abs(reg - reg_t) * reg_w).sum() / (avg_factor + LOSS_EPS)
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
 
     # ------------------------------------------------------------------ evaluation
@@ -485,34 +457,15 @@ def build_mmdet_retinanet(
     """
     depth, groups, width, backbone_name = BACKBONES[name]
     if pretrained:
-        files = "; ".join(f"{s} {ap} AP: {url}" for s, ap, url in ZOO[name])
-        raise ValueError(
-            f"{name}: MMDetection's COCO weights are zoo files, not a built-in download; download one ({files}) and "
-            "pass it as weights=<file> (a teacher: model.teacher.weights=<file>)"
-        )
-    if not frozen_bn:
-        raise ValueError(
-            f"{name}: MMDetection's RetinaNet keeps BatchNorm statistics frozen (norm_eval=True); frozen_bn=false has "
-            "no MMDetection counterpart here"
-        )
-    if trainable_layers is not None:
-        from_layers = 4 - int(trainable_layers)
-        if frozen_stages is not None and frozen_stages != from_layers:
-            raise ValueError(
-                f"{name}: frozen_stages={frozen_stages} and trainable_layers={trainable_layers} "
-                f"(= frozen_stages {from_layers}) disagree; give one"
-            )
-        frozen_stages = from_layers
-    frozen_stages = 1 if frozen_stages is None else int(frozen_stages)
-    if not -1 <= frozen_stages <= 4:
-        raise ValueError(f"{name}: frozen_stages={frozen_stages}; choose -1..4")
+        refuse_pretrained(name, "; ".join(f"{s} {ap} AP: {url}" for s, ap, url in ZOO[name]))
+    frozen_stages = frozen_stages_of(name, frozen_stages, trainable_layers, frozen_bn)
     transform_keys = ("_skip_resize", "fixed_size", "size_divisible")
     transform_kwargs = {k: kwargs.pop(k) for k in transform_keys if k in kwargs}
     body = mmdet_resnet(depth, groups=groups, width_per_group=width, style="pytorch", frozen_stages=frozen_stages)
     if weights_backbone is not None:
         load_backbone_weights(body, weights_backbone, depth, groups)
     backbone = mmdet_fpn(body, start_level=1, extra="on_input")
-    transform = MMDetTransform(min_size, max_size, PYTORCH_MEAN_RGB, PYTORCH_STD_RGB, bgr=False, **transform_kwargs)
+    transform = mmdet_transform(min_size, max_size, "pytorch", **transform_kwargs)
     model = MMDetRetinaNet(
         backbone, num_classes, transform, name=name, description=f"RetinaNet {backbone_name} FPN",
         backbone_only=backbone_only, **kwargs,
@@ -547,7 +500,7 @@ def _register(name: str) -> None:
         f"MMDetection's RetinaNet {backbone_name} FPN (zoo {zoo}); see :func:`build_mmdet_retinanet`. FPN levels "
         "'0', '1', '2', 'p6', 'p7' (P3–P7), 256 channels."
     )
-    register_model(fn, name=name, tags=_TAGS)
+    register_model(fn, name=name, tags=TAGS)
 
 
 for _name in BACKBONES:
