@@ -2,7 +2,8 @@
 
 Rows are methods (the ``distill`` config choice), columns are pairs (the experiment, else the run's ``task_name``);
 each cell is the mean ± sample standard deviation (n − 1) over the runs' seeds and their number, with the paper's
-number beside it where :mod:`diffkd.paper_results` has one. E.g. after
+number beside it where :mod:`diffkd.paper_results` has one (for accuracy-like metrics only: the paper's numbers are
+top-1 accuracies). E.g. after
 ``python -m diffkd.train -m experiment=cifar_wrn40_wrn40_1 distill=fitnet,kd,dist,diffkd seed=0,1,2``::
 
     python -m diffkd.report logs/cifar_wrn40_wrn40_1/multiruns/<time> --out table.md
@@ -257,9 +258,10 @@ def _percent(metric: str) -> bool:
 
 
 def _number(value: float, std: float | None, metric: str) -> str:
-    scale, digits = (100.0, 2) if _percent(metric) else (1.0, 4)
-    text = f"{scale * value:.{digits}f}"
-    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
+    spec = ".2f" if _percent(metric) else ".4g"  # percent: 2 decimals as the paper; anything else: 4 digits
+    scale = 100.0 if _percent(metric) else 1.0
+    text = f"{scale * value:{spec}}"
+    return text if std is None else f"{text} ± {scale * std:{spec}}"
 
 
 def _paper(value: tuple[float, float | None] | None) -> str:
@@ -299,7 +301,7 @@ def format_markdown(table: Table) -> str:
                 else:
                     mean, std = cell.mean_std
                     row.append(f"{_number(mean, std, metric)} (n={len(cell.values)})")
-                row.append(_paper(paper_result(pair, method)))
+                row.append(_paper(paper_result(pair, method) if _percent(metric) else None))
             lines.append("| " + " | ".join(row) + " |")
         metrics = sorted({metric for _, metric in columns})
         unit = " (%)" if all(_percent(m) for m in metrics) else ""
