@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from diffkd.paper_results import PAPER_RESULTS, paper_result
 from diffkd.report import Run, Skipped, build_table, format_markdown, main
+from tests.conftest import CONF_DIR
 from tests.test_sweeps import _tiny, run_cli
 
 
@@ -139,3 +141,19 @@ def test_the_demos_runs(tmp_path, fmnist_root, capsys):
         name = "none (student alone)" if method == "none" else method
         assert f"| {name} | {100 * mean:.2f} ± {100 * std:.2f} (n=2) | — |" in printed
     assert "| teacher | " in printed and "5 runs; metric val/acc_best (%)" in printed
+
+
+def test_the_paper_numbers_agree_with_the_experiment_files_comments():
+    """Each experiment file's "Paper Table N: teacher …, student alone …, KD …, DiffKD …" header line."""
+    names = {"teacher": "teacher", "student alone": "none", "KD": "kd", "DIST": "dist", "DiffKD": "diffkd"}
+    pattern = re.compile(r"(teacher|student alone|KD|DIST|DiffKD) (\d+\.\d+)(?:±(\d+\.\d+))?")
+    checked = 0
+    for experiment in PAPER_RESULTS:
+        text = (CONF_DIR / "experiment" / f"{experiment}.yaml").read_text()
+        [line] = [line for line in text.splitlines() if line.startswith("# Paper Table")]
+        found = pattern.findall(line.split(":", 1)[1])
+        assert found, line
+        for name, mean, std in found:
+            assert paper_result(experiment, names[name]) == (float(mean), float(std) if std else None), line
+            checked += 1
+    assert checked >= 3 * len(PAPER_RESULTS)

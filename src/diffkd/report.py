@@ -47,7 +47,21 @@ METRICS_FILE = "metrics.json"
 #: Folders inside a run that never hold another run.
 _RUN_PARTS = {".hydra", "checkpoints", "csv", "wandb", "tensorboard", "lightning_logs", ".submitit"}
 #: Row order: the paper's Table 9 order, then any other method alphabetically.
-_METHOD_ORDER = ("teacher", "none", "fitnet", "vid", "rkd", "pkt", "crd", "kd", "dist", "dkd", "reviewkd", "diffkd")
+_METHOD_ORDER = (
+    "teacher",
+    "none",
+    "fitnet",
+    "vid",
+    "rkd",
+    "pkt",
+    "crd",
+    "kd",
+    "dist",
+    "dkd",
+    "reviewkd",
+    "diffkd",
+    "diffkd_dist",
+)
 _METHOD_NAMES = {"none": "none (student alone)"}
 _PERCENT = re.compile(r"(^|_)(acc|map|miou|top1|top5)")
 
