@@ -157,3 +157,25 @@ def test_the_paper_numbers_agree_with_the_experiment_files_comments():
             assert paper_result(experiment, names[name]) == (float(mean), float(std) if std else None), line
             checked += 1
     assert checked >= 3 * len(PAPER_RESULTS)
+
+
+def test_metrics_json_is_written_at_the_end_and_removed_when_the_folder_trains_again(cifar_cfg, tmp_path, monkeypatch):
+    import diffkd.training
+    from diffkd.training import train
+
+    cfg = cifar_cfg("cifar_wrn40_wrn16", "distill=kd")
+    metrics, objs = train(cfg)
+    record = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert record["metrics"] == pytest.approx(metrics) and "test/acc" in record["metrics"]
+    assert record["task_name"] == "cifar_wrn40_wrn16" and record["optimized_metric"] == "val/acc_best"
+    assert record["method"] is None  # composed outside a Hydra app: the report reads it from .hydra/ or the layout
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffkd.training, "_fit_and_test", killed)
+    with pytest.raises(KeyboardInterrupt):  # a resume of the finished run, killed: the folder is unfinished again
+        train(cifar_cfg("cifar_wrn40_wrn16", "distill=kd", f"paths.output_dir={tmp_path / 'out'}",
+                        f"ckpt_path={objs['last_ckpt']}", "trainer.max_epochs=2"))  # fmt: skip
+    assert not (tmp_path / "out" / "metrics.json").exists()
+    assert not list((tmp_path / "out").glob(".metrics.json.*"))

@@ -171,6 +171,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     _check_sync_batchnorm(cfg, trainer)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
+    if trainer.global_rank == 0:  # a resumed run's folder: its metrics.json says finished only once this run is
+        (Path(str(cfg.paths.output_dir)) / METRICS_FILE).unlink(missing_ok=True)
     metrics, best, last = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path)
     if trainer.global_rank == 0:
         write_run_metrics(cfg, metrics)
