@@ -64,6 +64,7 @@ __all__ = [
     "backbone_neck_rules",
     "check_style",
     "check_target_boxes",
+    "check_target_labels",
     "config_text",
     "convert_backbone_fpn",
     "convert_keys",
@@ -433,15 +434,23 @@ class MMDetAnchorGenerator(AnchorGenerator):
             flags.append(inside.reshape(-1, 1).expand(-1, a).reshape(-1))
         return torch.cat(flags)
 
-    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
-        if len(feature_maps) != len(self.strides):
-            raise ValueError(f"{len(feature_maps)} feature maps for {len(self.strides)} anchor strides")
-        grid_sizes = [list(f.shape[-2:]) for f in feature_maps]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+    def level_anchors(
+        self,
+        grid_sizes: Sequence[Sequence[int]],
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[Tensor]:
+        """Anchors per level of size (H_l, W_l): (H_l·W_l·A, 4) each, MMDetection's order (per location: ratio-major,
+        scale-minor)."""
+        if len(grid_sizes) != len(self.strides):
+            raise ValueError(f"{len(grid_sizes)} feature maps for {len(self.strides)} anchor strides")
         strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
         self.set_cell_anchors(dtype, device)
-        per_level = self.grid_anchors(grid_sizes, strides)
-        joined = torch.cat(per_level)
+        return self.grid_anchors([[int(h), int(w)] for h, w in grid_sizes], strides)
+
+    def forward(self, image_list: ImageList, feature_maps: list[Tensor]) -> list[Tensor]:
+        f = feature_maps[0]
+        joined = torch.cat(self.level_anchors([m.shape[-2:] for m in feature_maps], f.device, f.dtype))
         return [joined for _ in image_list.image_sizes]
 
 
@@ -458,6 +467,22 @@ def check_target_boxes(targets: Sequence[Mapping[str, Tensor]], name: str) -> No
         if bool(degenerate.any()):
             box = boxes[degenerate][0].tolist()
             raise ValueError(f"{name}: all boxes need a positive width and height; target {index} has {box}")
+
+
+def check_target_labels(targets: Sequence[Mapping[str, Tensor]], num_classes: int, name: str) -> None:
+    """Refuse target labels outside the foreground classes ``1..num_classes`` (0 is background).
+
+    Raises:
+        ValueError: naming the labels and the target, and the data setting that gives contiguous labels.
+    """
+    for index, target in enumerate(targets):
+        labels = target["labels"]
+        if labels.numel() and not bool(((labels >= 1) & (labels <= num_classes)).all()):
+            raise ValueError(
+                f"{name}: target labels must lie in 1..{num_classes} (0 is background; num_classes={num_classes + 1}), "
+                f"got {sorted(set(labels.tolist()))[:10]} in target {index}: use data.contiguous_labels=true, or set "
+                "num_classes to the data's label count"
+            )
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, alpha: float = 0.25) -> Tensor:

@@ -261,21 +261,13 @@ class MMDetRPN(RegionProposalNetwork):
         self.min_bbox_size = float(min_bbox_size)
         self.size_divisible = int(size_divisible)
 
-    def level_anchors(self, grid_sizes: Sequence[Sequence[int]], device: torch.device) -> list[Tensor]:
-        """Anchors per level, (H·W·A, 4) float32 each (float32 whatever the features' dtype)."""
-        generator: MMDetAnchorGenerator = self.anchor_generator  # type: ignore[assignment]
-        if len(grid_sizes) != len(generator.strides):
-            raise ValueError(f"{len(grid_sizes)} feature maps for {len(generator.strides)} anchor strides")
-        generator.set_cell_anchors(torch.float32, device)
-        strides = [[torch.tensor(s, device=device)] * 2 for s in generator.strides]
-        return generator.grid_anchors([list(map(int, g)) for g in grid_sizes], strides)
-
     def forward(  # type: ignore[override]
         self, images: ImageList, features: dict[str, Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> tuple[list[Tensor], dict[str, Tensor]]:
         feats = list(features.values())
         objectness, deltas = self.head(feats)  # per level (N, A, H, W), (N, 4A, H, W)
-        anchors = self.level_anchors([f.shape[-2:] for f in feats], feats[0].device)
+        generator: MMDetAnchorGenerator = self.anchor_generator  # type: ignore[assignment]
+        anchors = generator.level_anchors([f.shape[-2:] for f in feats], feats[0].device)  # float32 always
         n = len(images.image_sizes)
         scores = [o.detach().float().permute(0, 2, 3, 1).reshape(n, -1) for o in objectness]
         regs = [d.detach().float().permute(0, 2, 3, 1).reshape(n, -1, 4) for d in deltas]

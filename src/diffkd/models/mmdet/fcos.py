@@ -85,6 +85,7 @@ from diffkd.models.mmdet.common import (
     TAGS,
     MMDetWeightsError,
     backbone_neck_rules,
+    check_target_labels,
     config_text,
     convert_keys,
     describe_mmdet_checkpoint,
@@ -403,7 +404,7 @@ class MMDetFCOS(FCOS):
         num_classes = self.head.num_classes
         num_images = cls_scores[0].shape[0]
         device = bbox_preds[0].device
-        self._check_labels(targets, num_classes)
+        check_target_labels(targets, num_classes, self.label)
 
         num_points = [p.shape[0] for p in points]
         all_points = torch.cat(points)
@@ -453,18 +454,6 @@ class MMDetFCOS(FCOS):
             return distances[:, 0]
         lr, tb = distances[:, [0, 2]], distances[:, [1, 3]]
         return torch.sqrt((lr.min(-1)[0] / lr.max(-1)[0]) * (tb.min(-1)[0] / tb.max(-1)[0]))
-
-    def _check_labels(self, targets: list[dict[str, Tensor]], num_classes: int) -> None:
-        labels = [t["labels"] for t in targets if t["labels"].numel()]
-        if not labels:
-            return
-        joined = torch.cat([lab.reshape(-1) for lab in labels])
-        low, high = int(joined.min()), int(joined.max())
-        if low < 1 or high > num_classes:
-            raise ValueError(
-                f"{self.label}: target labels {low}..{high} outside 1..{num_classes} (num_classes={num_classes + 1} "
-                "with background 0): use data.contiguous_labels=true, or set num_classes to the data's label count"
-            )
 
     # ------------------------------------------------------------------ evaluation
     def postprocess_detections(  # type: ignore[override]

@@ -112,6 +112,7 @@ from diffkd.models.mmdet.common import (
     backbone_neck_rules,
     check_style,
     check_target_boxes,
+    check_target_labels,
     convert_backbone_fpn,
     convert_keys,
     describe_mmdet_checkpoint,
@@ -301,6 +302,7 @@ class MMDetRetinaNet(RetinaNet):
         label_weights = cls_logits.new_zeros((num_images, num_total))
         bbox_targets = cls_logits.new_zeros((num_images, num_total, 4))
         bbox_weights = cls_logits.new_zeros((num_images, num_total, 4))
+        check_target_labels(targets, num_classes, self.name)
         avg_factor = 0
         for i, (target, anchors_i) in enumerate(zip(targets, anchors)):
             valid = self.anchor_generator.valid_flags(level_sizes, image_sizes[i], device=device)
@@ -308,11 +310,6 @@ class MMDetRetinaNet(RetinaNet):
             candidates = anchors_i[valid_idx]
             gt_boxes = target["boxes"].to(candidates.dtype)
             gt_labels = target["labels"].to(device)
-            if gt_labels.numel() and not bool(((gt_labels >= 1) & (gt_labels <= num_classes)).all()):
-                raise ValueError(
-                    f"{self.name}: target labels must lie in 1..{num_classes} (0 is background), got "
-                    f"{sorted(set(gt_labels.tolist()))[:10]} in target {i}"
-                )
             assigned = max_iou_assign(gt_boxes, candidates, self.fg_iou_thresh, self.bg_iou_thresh, self.min_pos_iou)
             pos, neg = valid_idx[assigned > 0], valid_idx[assigned == 0]
             matched = assigned[assigned > 0] - 1
