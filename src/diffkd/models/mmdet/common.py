@@ -698,10 +698,9 @@ def fpn_description(state: Mapping[str, Tensor]) -> tuple[str, Literal["maxpool"
     source = int(state[f"neck.fpn_convs.{extra[0]}.conv.weight"].shape[1])
     on_input = source != int(state[f"neck.lateral_convs.{lateral[0]}.conv.weight"].shape[0])
     where = "from C5 (RetinaNet's)" if on_input else "from P5 (FCOS's, ATSS's, ...)"
+    kind: Literal["on_input", "on_output"] = "on_input" if on_input else "on_output"
     fits = start == 3 and len(lateral) == 3 and len(extra) == 2
-    return f"FPN {inputs} with {len(extra)} extra convs, P6 {where}", (
-        "on_input" if on_input else "on_output"
-    ) if fits else None
+    return f"FPN {inputs} with {len(extra)} extra convs, P6 {where}", kind if fits else None
 
 
 def _detector(state: Mapping[str, Tensor]) -> tuple[str, int | None, str]:
@@ -760,18 +759,21 @@ def describe_mmdet_checkpoint(state: Mapping[str, Tensor], meta: Mapping[str, An
     text = f"{family} {backbone}{' caffe' if style == 'caffe' else ''} FPN{head}"
     if classes is not None:
         text += f", {classes} classes"
-    fit = _MODELS.get(family + head)
-    model = fit[2].format(suffix) if fit and extra == fit[0] and style in (None, fit[1]) and suffix in fit[3] else None
-    if model is not None:
-        if classes is not None and classes != COCO_NUM_CLASSES - 1:
-            model += f"(num_classes={classes + 1})"
-        return f"{text} → {model}; {neck}"
+    fit, why = _MODELS.get(family + head), ""
+    if fit is not None and extra == fit[0] and suffix in fit[3]:
+        model = fit[2].format(suffix)
+        if style not in (None, fit[1]):
+            why = f" ({model} is {fit[1]}-style, the file {style}-style)"
+        else:
+            if classes is not None and classes != COCO_NUM_CLASSES - 1:
+                model += f"(num_classes={classes + 1})"
+            return f"{text} → {model}; {neck}"
     if extra == "maxpool" and suffix:
         teacher = f"mmdet_fpn_teacher_{suffix}{', style=caffe' if style == 'caffe' else ''}"
     elif extra == "on_input" and style != "caffe" and suffix:
         teacher = f"mmdet_retinanet_{suffix}_fpn(backbone_only=True)"
     else:
-        return f"{text} → no model here reads it; {neck}"
+        return f"{text} → no model here reads it{why}; {neck}"
     return f"{text} → its FPN features only: {teacher} (teacher_runs: backbone, no regression KD); {neck}"
 
 

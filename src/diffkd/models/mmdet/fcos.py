@@ -3,7 +3,7 @@ and teacher (R-101, 40.8 AP): MMDetection 3.3's ``fcos/fcos_r{50,101}-caffe_fpn_
 
 Registered (tags ``"detection"``, ``"coco"``, ``"mmdet"``): ``mmdet_fcos_r50_caffe_fpn_gn``,
 ``mmdet_fcos_r101_caffe_fpn_gn``, each ``fn(num_classes=81, weights_backbone=None, min_size=(640, 800),
-max_size=1333, frozen_stages=None, **kwargs)``. Built on torchvision's ``FCOS`` (``model.backbone`` = the FPN with
+max_size=1333, frozen_stages=None (1), **kwargs)``. Built on torchvision's ``FCOS`` (``model.backbone`` = the FPN with
 levels ``'0', '1', '2', 'p6', 'p7'`` = P3–P7, ``model.head``, ``model.transform``; training returns a loss dict, eval
 a list of ``{boxes, scores, labels}`` in the input images' coordinates), with MMDetection's numbers throughout:
 
