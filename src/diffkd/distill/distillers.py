@@ -60,7 +60,8 @@ class PointSpec:
         head_kwargs: passed to the head builder (for DiffKD: ``use_ae``, ``ae_channels``, ``inference_steps``, ...;
             ``kernel_size`` defaults to 1 for vectors such as logits and 3 for maps).
         shared_head: with ``*``: one head for every entry (equal widths needed) instead of one per entry.
-        align: ``None`` (spatial sizes must match) or ``interpolate`` (bilinear-resize the student map).
+        align: ``None`` (spatial sizes must match), ``interpolate`` (bilinear-resize the student map) or ``head``
+            (the maps go to the head as they are: a head that aligns them itself, as ``vid`` pools the larger).
         warmup_epochs: linear ramp of the distance term's weight over this many epochs (DKD: 20).
         student_layout, teacher_layout: force the tensor layout (``bchw``, ``bhwc``, ``tokens``, ``vector``)
             where the model does not declare it.
@@ -76,7 +77,7 @@ class PointSpec:
     term_weights: dict[str, float] = field(default_factory=dict)
     head_kwargs: dict[str, Any] = field(default_factory=dict)
     shared_head: bool = False
-    align: Literal["interpolate"] | None = None
+    align: Literal["interpolate", "head"] | None = None
     warmup_epochs: float = 0.0
     student_layout: Layout | None = None
     teacher_layout: Layout | None = None
@@ -287,11 +288,13 @@ class Distiller(nn.Module):
             teacher, t_addr.path, t_val, spec.teacher_layout, "teacher", config, "teacher_layout"
         )
         s4, t4 = to_bchw(s_val, s_layout).shape, to_bchw(t_val, t_layout).shape
+        if spec.align not in (None, "interpolate", "head"):
+            raise ValueError(f"point {config!r}: align must be null, 'interpolate' or 'head', got {spec.align!r}")
         if s4[-2:] != t4[-2:] and spec.align is None:
             raise ValueError(
                 f"point {name!r}: student {str(s_addr)!r} is {_size(s_val, s_layout)} but teacher {str(t_addr)!r} "
                 f"is {_size(t_val, t_layout)}; tap maps of equal size or set "
-                f"++distill.points.{config}.align=interpolate"
+                f"++distill.points.{config}.align=interpolate (or align=head where the head aligns them)"
             )
         head_key: str | None = config if spec.shared_head else name
         if head_key not in self.heads:
