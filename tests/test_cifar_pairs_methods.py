@@ -84,6 +84,7 @@ EXPECTED = {
     ("cifar_res32x4_shuv2", "diffkd"): {"points.feature.align": "interpolate"},
     ("cifar_res32x4_shuv1", "diffkd_dist"): {"points.feature.align": "interpolate"},
     ("cifar_wrn40_wrn16", "dkd"): {"points.logits.distance.beta": 6.0},
+    ("cifar_res32x4_shuv2", "dist"): {"points.logits.distance.tau": 4.0, "points.logits.weight": 2.0},
     ("cifar_wrn40_wrn40_1", "dkd"): {"points.logits.distance.beta": 6.0},
     ("cifar_res56_res20", "dkd"): {"points.logits.distance.beta": 2.0},
     ("cifar_res32x4_shuv1", "dkd"): {"points.logits.distance.beta": 8.0},
