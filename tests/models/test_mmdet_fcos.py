@@ -256,6 +256,17 @@ def test_normbbox_centeronreg_checkpoints_are_refused(r50_pair):
     assert ours.convert_foreign_checkpoint({"model": ours.state_dict()}, "a diffkd file") is None
 
 
+@needs_mmdet
+def test_a_pytorch_style_fcos_checkpoint_is_refused(r50_pair):
+    ref, ours = r50_pair
+    ckpt = as_checkpoint(ref)
+    ckpt["meta"]["config"] = "model = dict(backbone=dict(type='ResNet', depth=50, style='pytorch'))"
+    with pytest.raises(MMDetWeightsError, match=r"trained a pytorch-style backbone .* is caffe-style"):
+        ours.convert_foreign_checkpoint(ckpt, "'fcos_pytorch.pth'")
+    ckpt["meta"]["config"] = "model = dict(backbone=dict(type='ResNet', depth=50, style='caffe'))"
+    assert ours.convert_foreign_checkpoint(ckpt, "'fcos_caffe.pth'") is not None
+
+
 # ------------------------------------------------------------------------------------------------ slow: R-101, 800×1088
 @needs_mmdet
 @pytest.mark.slow

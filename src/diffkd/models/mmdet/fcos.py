@@ -85,6 +85,7 @@ from diffkd.models.mmdet.common import (
     TAGS,
     MMDetWeightsError,
     backbone_neck_rules,
+    check_style,
     check_target_labels,
     config_text,
     convert_keys,
@@ -519,6 +520,7 @@ class MMDetFCOS(FCOS):
                 f"'-normbbox-centeronreg' config): its keys fit {self.label}, its outputs would not (this model "
                 "computes the caffe GN-head configs: both False)"
             )
+        check_style(meta, "caffe", origin, self.label, state)
         rules = _HEAD_RULES + backbone_neck_rules(3, "on_output")
         return convert_keys(state, rules, self, origin, lambda s: describe_mmdet_checkpoint(s, meta))
 
