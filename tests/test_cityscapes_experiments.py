@@ -54,7 +54,7 @@ def _overrides(tmp_path: Path, data: Path, experiment: str, *extra: str) -> list
         "trainer.val_check_interval=2",
         "test=false",
         "~callbacks.model_checkpoint",
-        "+trainer.enable_checkpointing=false",
+        "trainer.enable_checkpointing=false",
         "++trainer.enable_model_summary=false",
         *extra,
     ]
@@ -179,7 +179,7 @@ def test_segmentation_baselines_train(distill, distance, tmp_path, cityscapes_da
 
 def test_best_checkpoint_follows_val_miou(tmp_path, cityscapes_data):
     """With the experiment's checkpoint callback: monitored on val/miou, step-named files, the test split run."""
-    dropped = ("~callbacks.model_checkpoint", "+trainer.enable_checkpointing=false", "test=false")
+    dropped = ("~callbacks.model_checkpoint", "trainer.enable_checkpointing=false", "test=false")
     overrides = [o for o in _overrides(tmp_path, cityscapes_data, "cityscapes_dlv3r101_dlv3mbv2") if o not in dropped]
     cfg = compose_config([*overrides, "model.iou_table=false", "trainer.val_check_interval=1"])
     metrics, objs = train(cfg)

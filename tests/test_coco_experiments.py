@@ -65,7 +65,7 @@ def _overrides(tmp_path: Path, data: Path, experiment: str, *extra: str, checkpo
         *teacher,
         *(sizes if teacher else sizes[:2]),
         "test=false",
-        *([] if checkpoint else ["~callbacks.model_checkpoint", "++trainer.enable_checkpointing=false"]),
+        *([] if checkpoint else ["~callbacks.model_checkpoint", "trainer.enable_checkpointing=false"]),
         "++trainer.enable_model_summary=false",
         *extra,
     ]

@@ -73,7 +73,7 @@ def _overrides(tmp_path: Path, root: Path, experiment: str, *extra: str) -> list
         "data.image_size=64",
         "test=false",
         "~callbacks.model_checkpoint",
-        "+trainer.enable_checkpointing=false",
+        "trainer.enable_checkpointing=false",
         "++trainer.enable_model_summary=false",
         *extra,
     ]

@@ -471,7 +471,7 @@ def _run(tmp_path: Any, teacher: str, *extra: str) -> tuple[dict[str, float], di
         "model.student.name=mmdet_faster_rcnn_r50_fpn", f"model.teacher.name={teacher}",
         "model.student.weights_backbone=null", "model.teacher.weights=null", *sizes, *few, "distill=diffkd_det",
         "distill.diffkd.inference_steps=1", "test=false", "~callbacks.model_checkpoint",
-        "++trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false", *extra,
+        "trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false", *extra,
     ])  # fmt: skip
     return train(cfg)
 

@@ -462,7 +462,7 @@ def test_diffkd_trains_and_validates_the_r50_student_from_an_r101_teacher(tmp_pa
         "data.batch_size=2", "data.val_batch_size=2", "data.contiguous_labels=true",
         f"model.student.name={R50}", f"model.teacher.name={R101}", "model.student.weights_backbone=null",
         "model.teacher.weights=null", *sizes, "optim=sgd_det_2x_fcos", "distill.diffkd.inference_steps=1",
-        "test=false", "~callbacks.model_checkpoint", "++trainer.enable_checkpointing=false",
+        "test=false", "~callbacks.model_checkpoint", "trainer.enable_checkpointing=false",
         "++trainer.enable_model_summary=false",
     ])  # fmt: skip
     metrics, objs = train(cfg)

@@ -413,7 +413,7 @@ def test_diffkd_trains_and_validates_the_r50_student_on_a_coco_folder(tmp_path):
         "model.student.name=mmdet_retinanet_r50_fpn", "model.teacher.name=mmdet_retinanet_r101_fpn",
         "model.student.weights_backbone=null", "model.teacher.weights=null", *sizes, "distill=diffkd_det",
         "distill.diffkd.inference_steps=1", "test=false", "~callbacks.model_checkpoint",
-        "++trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false",
+        "trainer.enable_checkpointing=false", "++trainer.enable_model_summary=false",
     ])  # fmt: skip
     metrics, objs = train(cfg)
     module = objs["module"]
