@@ -112,7 +112,14 @@ def test_every_trainer_key_is_a_lightning_flag():
         cfg = compose_config([f"trainer={name}"])
         keys = set(cfg.trainer) - {"_target_"}
         assert keys <= flags, f"trainer={name}: {sorted(keys - flags)} are not Trainer arguments"
-        assert {"strategy", "max_time", "min_steps", "use_distributed_sampler", "plugins", "enable_checkpointing"} <= keys
+        assert {
+            "strategy",
+            "max_time",
+            "min_steps",
+            "use_distributed_sampler",
+            "plugins",
+            "enable_checkpointing",
+        } <= keys
     cfg = compose_config(
         ["trainer.strategy=ddp", "trainer.max_time=00:12:00:00", "trainer.use_distributed_sampler=false"]
     )

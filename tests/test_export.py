@@ -8,10 +8,8 @@ import os
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffkd.data.cifar import CIFAR100DataModule
 from diffkd.evaluate import main as evaluate
@@ -20,6 +18,7 @@ from diffkd.models import create_model, load_weights
 from diffkd.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers.fake_coco import write_fake_coco
+from tests.helpers.fake_segmentation import write_grey_scenes
 
 CPU = ["--device", "cpu"]
 
@@ -171,23 +170,10 @@ def test_detection_export_evaluates_as_its_checkpoint(tmp_path, capsys):
     _same(result.metrics, from_ckpt)
 
 
-def _write_grey_scenes(root: Path, n_train: int = 8, n_val: int = 4, size: int = 24) -> None:
-    """A segmentation folder of grey images whose 4 classes show as brightness levels."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n_train), ("val", n_val)):
-        for kind in ("images", "labels"):
-            (root / split / kind).mkdir(parents=True)
-        for i in range(count):
-            label = rng.integers(0, 4, size=(size, size), dtype=np.uint8)
-            image = (label * 60 + rng.integers(0, 30, size=(size, size))).astype(np.uint8)
-            Image.fromarray(image, mode="L").save(root / split / "images" / f"s{i}.png")
-            Image.fromarray(label, mode="L").save(root / split / "labels" / f"s{i}.png")
-
-
 def test_segmentation_export_evaluates_as_its_checkpoint(tmp_path):
     """A demo segmenter on a grey segmentation_folder (4 classes, 1 channel, its own mean/std)."""
     root = tmp_path / "scenes"
-    _write_grey_scenes(root)
+    write_grey_scenes(root, size=24)
     overrides = [
         "experiment=demo_segmentation", "pipeline=train", *tiny_overrides(tmp_path, tmp_path), f"data.root={root}",
         "data.batch_size=4", "data.val_batch_size=2", "data.num_classes=4", "data.class_names=null",

@@ -6,33 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from diffkd.tasks import NonFiniteLossError
 from diffkd.train import train
 from tests.conftest import compose_config, tiny_overrides
 from tests.helpers.fake_coco import write_fake_coco
-
-
-def _grey_scenes(root: Path, n: int = 8, size: int = 32) -> Path:
-    """A ``segmentation_folder`` of 4-class grey scenes."""
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", 4)):
-        for kind in ("images", "labels"):
-            (root / split / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(count):
-            label = rng.integers(0, 4, size=(size, size), dtype=np.uint8)
-            image = (label * 60 + rng.integers(0, 30, size=(size, size))).astype(np.uint8)
-            Image.fromarray(image, mode="L").save(root / split / "images" / f"s{i}.png")
-            Image.fromarray(label, mode="L").save(root / split / "labels" / f"s{i}.png")
-    return root
+from tests.helpers.fake_segmentation import write_grey_scenes
 
 
 def segmentation_cfg(tmp_path: Path, *extra: str):
-    scenes = _grey_scenes(tmp_path / "scenes")
+    scenes = write_grey_scenes(tmp_path / "scenes")
     return compose_config([
         "experiment=demo_segmentation", "pipeline=train", *tiny_overrides(tmp_path, tmp_path),
         f"data.root={scenes}", "data.batch_size=4", "data.val_batch_size=4", *extra,

@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import tiny_overrides
 from tests.helpers.fake_coco import write_fake_coco
+from tests.helpers.fake_segmentation import write_grey_scenes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,21 +67,9 @@ def test_detection_sigkill_mid_epoch_and_resume(tmp_path):
     _kill_resume_compare(tmp_path, overrides, steps_per_epoch=6)  # 12 usable training images
 
 
-def _write_grey_scenes(root: Path, n: int, size: int = 32) -> None:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", n), ("val", 4)):
-        for kind in ("images", "labels"):
-            (root / split / kind).mkdir(parents=True)
-        for i in range(count):
-            label = rng.integers(0, 4, size=(size, size), dtype=np.uint8)
-            image = (label * 60 + rng.integers(0, 30, size=(size, size))).astype(np.uint8)
-            Image.fromarray(image, mode="L").save(root / split / "images" / f"s{i}.png")
-            Image.fromarray(label, mode="L").save(root / split / "labels" / f"s{i}.png")
-
-
 @pytest.mark.slow
 def test_segmentation_sigkill_mid_epoch_and_resume(tmp_path):
-    _write_grey_scenes(tmp_path / "scenes", n=20)
+    write_grey_scenes(tmp_path / "scenes", n_train=20)
     overrides = [
         "experiment=demo_segmentation", "pipeline=train", f"data.root={tmp_path / 'scenes'}", "data.batch_size=4",
         "data.val_batch_size=4", "data.crop_size=[24,24]", "data.scale_range=[0.75,1.5]", "data.hflip_prob=0.5",

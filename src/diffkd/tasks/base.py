@@ -558,7 +558,7 @@ class DistillationModule(L.LightningModule):
         self.output_watch.stop()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.nonfinite.step_done(self._last_good_checkpoint())
+        self.nonfinite.step_done(self._last_good_checkpoint)  # asked only when a check fails
 
     def on_validation_start(self) -> None:
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:

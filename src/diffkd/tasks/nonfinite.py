@@ -67,12 +67,14 @@ class NonFiniteGuard:
             self.first_bad = torch.full(bad.shape, -1, dtype=torch.long, device=bad.device)
         self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
 
-    def step_done(self, last_good: str) -> None:
+    def step_done(self, last_good: str | Callable[[], str]) -> None:
+        """Count a finished step; every ``check_every`` steps, :meth:`check` (``last_good`` may be a callable, asked
+        only when there is something to report: the training step does no file-system look-up)."""
         self.steps_since_check += 1
         if self.steps_since_check >= self.check_every:
             self.check(last_good=last_good)
 
-    def check(self, where: str = "", last_good: str = "none yet") -> None:
+    def check(self, where: str = "", last_good: str | Callable[[], str] = "none yet") -> None:
         """Read the flags (one host sync) and raise :class:`NonFiniteLossError` naming the terms that went bad
         first, and the step."""
         if self.first_bad is None:
@@ -90,7 +92,7 @@ class NonFiniteGuard:
             also = f" ({', '.join(later)} followed)" if later else ""
             raise NonFiniteLossError(
                 f"loss term(s) {', '.join(firsts)} became NaN/inf first, at global step {step}{also}. "
-                + ADVICE.format(last=last_good)
+                + ADVICE.format(last=last_good() if callable(last_good) else last_good)
             )
 
     @staticmethod
