@@ -6,7 +6,8 @@ set of named *points*; each point says
 
 - where to tap: ``student``/``teacher`` addresses (:mod:`diffkd.distill.taps`: a module path, ``''`` for the
   model output, ``path:key`` for an entry of a dict/tuple output, ``path:*`` for every entry — one point each —,
-  ``@feature`` for the last feature map);
+  ``@feature`` for the last feature map, ``path@input`` for a module's input), or a *list* of addresses on each
+  side: one point over several taps, whose head and distance receive the lists (ReviewKD's stages);
 - the head between them: any registered head (:mod:`diffkd.distill.registry`; built in: ``diffkd``,
   ``conv1x1``, ``identity``), one per expanded entry or one shared by all (``shared_head``);
 - the distance (any registered one: ``kl``, ``mse``, ``dist``, ``dkd``, ...) and the weights of the terms.
@@ -35,6 +36,7 @@ from diffkd.distill.taps import (
     dry_run,
     expand_address,
     find_last_feature_map,
+    module_of,
     module_path_error,
     select,
 )
@@ -51,7 +53,10 @@ class PointSpec:
     Attributes:
         student, teacher: tap addresses; '' is the model output, ``@feature`` the last spatial feature map,
             ``path:key`` an entry of the module's output, ``path:*`` every entry (one point each, named
-            ``<point>_<entry>``; both sides must expand to the same entries).
+            ``<point>_<entry>``; both sides must expand to the same entries). Or a list of concrete addresses on
+            both sides, of equal length (no ``*`` or ``@feature``): a *multi-tap* point, one head over every
+            level — its builder gets lists of channels (and of ``vector`` flags), its ``apply`` and the distance
+            get lists of (B, C_i, H_i, W_i) maps, student and teacher paired by position.
         head: a registered head name (``diffkd`` | ``conv1x1`` | ``identity`` | yours).
         distance: ``{"name": <registered distance>, **kwargs}``.
         weight: λ of the distance term (λ3 of the paper for DiffKD points).
@@ -67,8 +72,8 @@ class PointSpec:
             where the model does not declare it.
     """
 
-    student: str = AUTO_FEATURE
-    teacher: str = AUTO_FEATURE
+    student: str | list[str] = AUTO_FEATURE
+    teacher: str | list[str] = AUTO_FEATURE
     head: str = "identity"
     distance: dict[str, Any] = field(default_factory=lambda: {"name": "mse"})
     weight: float = 1.0
@@ -82,6 +87,41 @@ class PointSpec:
     student_layout: Layout | None = None
     teacher_layout: Layout | None = None
 
+    @property
+    def multi_tap(self) -> bool:
+        """Whether the point lists several taps per side (see ``student, teacher``)."""
+        return not isinstance(self.student, str) or not isinstance(self.teacher, str)
+
+    def tap_addresses(self, side: Literal["student", "teacher"]) -> list[str]:
+        """The addresses of one side as a list (one entry for a single-tap point)."""
+        value = getattr(self, side)
+        return [value] if isinstance(value, str) else [str(a) for a in value]
+
+
+def _check_multi_tap(name: str, spec: PointSpec) -> PointSpec:
+    """A multi-tap point with its address lists as plain lists, or a clear error for a malformed one."""
+    if not spec.multi_tap:
+        return spec
+    if isinstance(spec.student, str) or isinstance(spec.teacher, str):
+        raise ValueError(
+            f"point {name!r}: student {spec.student!r} and teacher {spec.teacher!r}: a point over several taps "
+            "lists them on both sides (student: [a, b, ...], teacher: [a', b', ...], paired by position)"
+        )
+    student, teacher = spec.tap_addresses("student"), spec.tap_addresses("teacher")
+    if not student or len(student) != len(teacher):
+        raise ValueError(
+            f"point {name!r}: {len(student)} student taps {student} but {len(teacher)} teacher taps {teacher}; "
+            "list as many on each side (they are paired by position)"
+        )
+    for address in (*student, *teacher):
+        if address == AUTO_FEATURE or TapAddress.parse(address).expands:
+            raise ValueError(
+                f"point {name!r}: {address!r} in a list of taps; name each tap by its module path "
+                "('@feature' and '*' are for single-tap points)"
+            )
+    spec.student, spec.teacher = student, teacher
+    return spec
+
 
 @dataclass
 class PointInfo:
@@ -90,7 +130,7 @@ class PointInfo:
     Attributes:
         name: the point's name (``feature``, or ``fpn_0`` for entry ``0`` of the config point ``fpn``).
         config: the config point it comes from.
-        student, teacher: concrete tap addresses.
+        student, teacher: concrete tap addresses (a tuple of them for a multi-tap point, as the fields below).
         student_layout, teacher_layout: the layouts and where they came from (``config``/``declared``/``shape``).
         student_shape, teacher_shape: (C, H, W) of one sample after the layout conversion (the dry run's sizes).
         head: key of its head in ``Distiller.heads`` (``None``: no head).
@@ -98,14 +138,18 @@ class PointInfo:
 
     name: str
     config: str
-    student: str
-    teacher: str
-    student_layout: Layout
-    teacher_layout: Layout
-    layout_source: tuple[str, str]
-    student_shape: tuple[int, ...]
-    teacher_shape: tuple[int, ...]
+    student: str | tuple[str, ...]
+    teacher: str | tuple[str, ...]
+    student_layout: Layout | tuple[Layout, ...]
+    teacher_layout: Layout | tuple[Layout, ...]
+    layout_source: tuple[str, str] | tuple[tuple[str, str], ...]
+    student_shape: tuple[int, ...] | tuple[tuple[int, ...], ...]
+    teacher_shape: tuple[int, ...] | tuple[tuple[int, ...], ...]
     head: str | None
+
+    @property
+    def multi_tap(self) -> bool:
+        return isinstance(self.student, tuple)
 
 
 class DistillOutput(NamedTuple):
@@ -150,6 +194,8 @@ class Distiller(nn.Module):
                     f"point {name!r}: unknown keys {unknown}; allowed: {sorted(PointSpec.__dataclass_fields__)}"
                 )
             self.specs[name] = PointSpec(**spec)
+        for name, spec in self.specs.items():
+            _check_multi_tap(name, spec)
         # looked up once (unknown names fail here, with the registered ones listed), not at every step
         self._heads_of = {n: get_head(s.head) for n, s in self.specs.items()}
         self._distances_of = {n: get_distance(s.distance["name"]) for n, s in self.specs.items()}
@@ -212,11 +258,18 @@ class Distiller(nn.Module):
         if not self.specs:
             self.built = True
             return {}
-        s_run = self._run(student, example, "student", [s.student for s in self.specs.values()])
+        s_run = self._run(
+            student, example, "student", [a for s in self.specs.values() for a in s.tap_addresses("student")]
+        )
         t_source = example if teacher_example is None else teacher_example
-        t_run = self._run(teacher, t_source, "teacher", [s.teacher for s in self.specs.values()])
+        t_run = self._run(
+            teacher, t_source, "teacher", [a for s in self.specs.values() for a in s.tap_addresses("teacher")]
+        )
         device = next((t.device for t in (*student.parameters(), *student.buffers())), None)
         for config, spec in self.specs.items():
+            if spec.multi_tap:
+                self.points[config] = self._build_multi_tap_point(config, spec, student, teacher, s_run, t_run, device)
+                continue
             s_addr = self._resolve(student, s_run, spec.student, "student")
             t_addr = self._resolve(teacher, t_run, spec.teacher, "teacher")
             s_pairs, t_pairs = expand_address(s_run, s_addr), expand_address(t_run, t_addr)
@@ -249,10 +302,88 @@ class Distiller(nn.Module):
             return TapAddress(find_last_feature_map(model, run, role))
         parsed = TapAddress.parse(address)
         if parsed.path and parsed.path not in run.calls:
-            if parsed.path in dict(model.named_modules()):
-                raise RuntimeError(f"{role} module {parsed.path!r} did not run in the dry-run forward")
-            raise module_path_error(model, parsed.path, role)
+            if module_of(parsed.path) in dict(model.named_modules()):
+                raise RuntimeError(f"{role} module {module_of(parsed.path)!r} did not run in the dry-run forward")
+            raise module_path_error(model, module_of(parsed.path), role)
         return parsed
+
+    @staticmethod
+    def _tapped(config: str, role: str, model: nn.Module, run: DryRun, addr: TapAddress) -> Tensor:
+        """The dry run's tensor at a concrete address, or an error naming the point and how to select one."""
+        value, multi = run.value(addr.path)
+        try:
+            value = select(value, addr, multi) if (addr.selectors or multi) else _first_tensor(value)
+        except (KeyError, ValueError) as err:
+            raise type(err)(f"point {config!r}, {role} ({type(model).__name__}): {err.args[0]}") from None
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"point {config!r}: the {role} tap {str(addr)!r} is {_describe(value)}, not a tensor; "
+                f"select an entry with '{addr}:<key>' or every entry with '{addr}:*'"
+            )
+        return value
+
+    def _build_multi_tap_point(
+        self,
+        config: str,
+        spec: PointSpec,
+        student: nn.Module,
+        teacher: nn.Module,
+        s_run: DryRun,
+        t_run: DryRun,
+        device: Any,
+    ) -> PointInfo:
+        """One point over several taps per side: every level resolved, laid out and size-checked as a single-tap
+        point's tap, then one head built from the lists of channels."""
+        if spec.align not in (None, "interpolate", "head"):
+            raise ValueError(f"point {config!r}: align must be null, 'interpolate' or 'head', got {spec.align!r}")
+        levels = []
+        for s_text, t_text in zip(spec.tap_addresses("student"), spec.tap_addresses("teacher")):
+            level = []
+            for role, model, run, text, explicit in (
+                ("student", student, s_run, s_text, spec.student_layout),
+                ("teacher", teacher, t_run, t_text, spec.teacher_layout),
+            ):
+                addr = self._resolve(model, run, text, role)
+                value = self._tapped(config, role, model, run, addr)
+                layout, source = resolve_layout(
+                    model, module_of(addr.path), value, explicit, role, config, f"{role}_layout"
+                )
+                level.append((text, value, layout, source, to_bchw(value, layout).shape))
+            (s_text, s_val, s_layout, _, s4), (t_text, t_val, t_layout, _, t4) = level
+            if s4[-2:] != t4[-2:] and spec.align is None:
+                raise ValueError(
+                    f"point {config!r}: student {s_text!r} is {_size(s_val, s_layout)} but teacher {t_text!r} is "
+                    f"{_size(t_val, t_layout)}; tap maps of equal size or set "
+                    f"++distill.points.{config}.align=interpolate (or align=head where the head aligns them)"
+                )
+            levels.append(level)
+        s_levels, t_levels = [lv[0] for lv in levels], [lv[1] for lv in levels]
+        kwargs = {**self.head_defaults.get(spec.head, {}), **spec.head_kwargs}
+        try:
+            head = self._heads_of[config].build(
+                [int(lv[4][1]) for lv in s_levels],
+                [int(lv[4][1]) for lv in t_levels],
+                vector=[lv[2] == "vector" for lv in s_levels],
+                **kwargs,
+            )
+        except ValueError as err:
+            raise ValueError(f"point {config!r}: {err}") from None
+        head_key: str | None = None
+        if head is not None:
+            head_key = config
+            self.heads[config] = head.to(device) if device is not None else head
+        return PointInfo(
+            name=config,
+            config=config,
+            student=tuple(lv[0] for lv in s_levels),
+            teacher=tuple(lv[0] for lv in t_levels),
+            student_layout=tuple(lv[2] for lv in s_levels),
+            teacher_layout=tuple(lv[2] for lv in t_levels),
+            layout_source=tuple((s[3], t[3]) for s, t in zip(s_levels, t_levels)),
+            student_shape=tuple(tuple(lv[4][1:]) for lv in s_levels),
+            teacher_shape=tuple(tuple(lv[4][1:]) for lv in t_levels),
+            head=head_key,
+        )
 
     def _build_point(
         self,
@@ -267,25 +398,13 @@ class Distiller(nn.Module):
         t_addr: TapAddress,
         device: Any,
     ) -> PointInfo:
-        values = []
-        for role, model, run, addr in (("student", student, s_run, s_addr), ("teacher", teacher, t_run, t_addr)):
-            value, multi = run.value(addr.path)
-            try:
-                value = select(value, addr, multi) if (addr.selectors or multi) else _first_tensor(value)
-            except (KeyError, ValueError) as err:
-                raise type(err)(f"point {config!r}, {role} ({type(model).__name__}): {err.args[0]}") from None
-            if not isinstance(value, Tensor):
-                raise TypeError(
-                    f"point {config!r}: the {role} tap {str(addr)!r} is {_describe(value)}, not a tensor; "
-                    f"select an entry with '{addr}:<key>' or every entry with '{addr}:*'"
-                )
-            values.append(value)
-        s_val, t_val = values
+        s_val = self._tapped(config, "student", student, s_run, s_addr)
+        t_val = self._tapped(config, "teacher", teacher, t_run, t_addr)
         s_layout, s_src = resolve_layout(
-            student, s_addr.path, s_val, spec.student_layout, "student", config, "student_layout"
+            student, module_of(s_addr.path), s_val, spec.student_layout, "student", config, "student_layout"
         )
         t_layout, t_src = resolve_layout(
-            teacher, t_addr.path, t_val, spec.teacher_layout, "teacher", config, "teacher_layout"
+            teacher, module_of(t_addr.path), t_val, spec.teacher_layout, "teacher", config, "teacher_layout"
         )
         s4, t4 = to_bchw(s_val, s_layout).shape, to_bchw(t_val, t_layout).shape
         if spec.align not in (None, "interpolate", "head"):
@@ -328,25 +447,31 @@ class Distiller(nn.Module):
         for name, info in self.points.items():
             spec = self.specs[info.config]
             head = self.heads[info.head] if info.head is not None else None
+            multi = info.multi_tap
             out[name] = {
-                "student": info.student,
-                "teacher": info.teacher,
+                "student": list(info.student) if multi else info.student,
+                "teacher": list(info.teacher) if multi else info.teacher,
                 "head": spec.head,
                 "shared_head": info.head if spec.shared_head and head is not None else None,
                 "distance": dict(spec.distance),
-                "student_shape": list(info.student_shape),
-                "teacher_shape": list(info.teacher_shape),
-                "layouts": [info.student_layout, info.teacher_layout],
+                "student_shape": [list(s) for s in info.student_shape] if multi else list(info.student_shape),
+                "teacher_shape": [list(t) for t in info.teacher_shape] if multi else list(info.teacher_shape),
+                "layouts": (
+                    [list(info.student_layout), list(info.teacher_layout)]
+                    if multi
+                    else [info.student_layout, info.teacher_layout]
+                ),
                 "params": sum(p.numel() for p in head.parameters()) if head is not None else 0,
             }
         return out
 
     def profile(self) -> dict[str, HeadProfile | None]:
         """Parameters and per-sample training MACs of each point's head at the shapes found by :meth:`build`
-        (the student map takes the teacher's size, as ``align`` does); ``None`` for points without a head."""
+        (the student map takes the teacher's size, as ``align`` does); ``None`` for points without a head and for
+        multi-tap points (their heads take lists; ``describe()`` still counts their parameters)."""
         out: dict[str, HeadProfile | None] = {}
         for name, info in self.points.items():
-            if info.head is None:
+            if info.head is None or info.multi_tap:
                 out[name] = None
                 continue
             student_shape = (info.student_shape[0], *info.teacher_shape[1:])
@@ -355,10 +480,11 @@ class Distiller(nn.Module):
 
     def tap_paths(self) -> tuple[list[str], list[str]]:
         """(student addresses, teacher addresses) to tap, after :meth:`build`."""
-        return (
-            list(dict.fromkeys(p.student for p in self.points.values())),
-            list(dict.fromkeys(p.teacher for p in self.points.values())),
-        )
+        student, teacher = [], []
+        for p in self.points.values():
+            student += list(p.student) if p.multi_tap else [p.student]
+            teacher += list(p.teacher) if p.multi_tap else [p.teacher]
+        return list(dict.fromkeys(student)), list(dict.fromkeys(teacher))
 
     # ------------------------------------------------------------------ training
     def forward(
@@ -385,10 +511,18 @@ class Distiller(nn.Module):
         stats: dict[str, Tensor] = {}
         for name, info in self.points.items():
             spec = self.specs[info.config]
-            s = to_bchw(student_feats[info.student], info.student_layout)
-            t = to_bchw(teacher_feats[info.teacher], info.teacher_layout)
-            if spec.align == "interpolate" and s.shape[-2:] != t.shape[-2:]:
-                s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+            s: Tensor | list[Tensor]
+            t: Tensor | list[Tensor]
+            if info.multi_tap:
+                s = [to_bchw(student_feats[a], lay) for a, lay in zip(info.student, info.student_layout)]
+                t = [to_bchw(teacher_feats[a], lay) for a, lay in zip(info.teacher, info.teacher_layout)]
+                if spec.align == "interpolate":
+                    s = [_resize(si, ti) for si, ti in zip(s, t)]
+            else:
+                s = to_bchw(student_feats[info.student], info.student_layout)
+                t = to_bchw(teacher_feats[info.teacher], info.teacher_layout)
+                if spec.align == "interpolate":
+                    s = _resize(s, t)
             ramp = min(epoch / spec.warmup_epochs, 1.0) if spec.warmup_epochs > 0 else 1.0
             if info.head is not None:
                 entry = self._heads_of[info.config]
@@ -417,6 +551,13 @@ class Distiller(nn.Module):
 
     def extra_repr(self) -> str:
         return f"task_weight={self.task_weight}, points={ {n: asdict(s)['head'] for n, s in self.specs.items()} }"
+
+
+def _resize(student: Tensor, teacher: Tensor) -> Tensor:
+    """The student map bilinearly resized to the teacher's (H, W) where they differ (``align: interpolate``)."""
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student
+    return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _size(value: Tensor, layout: Layout) -> str:

@@ -11,6 +11,11 @@ A **head** sits between the tapped student tensor and the distance::
 ``apply(head, student, teacher) -> HeadOutput`` that may replace both and add loss terms of its own (DiffKD's
 diffusion and autoencoder losses) and statistics to log.
 
+A *multi-tap* point (``student``/``teacher`` lists of addresses, e.g. ReviewKD's stages) builds one head over
+all its taps: the builder gets ``student_channels``/``teacher_channels`` as lists (shallow to deep, as listed) and
+``vector`` as a list of flags, ``apply(head, students, teachers)`` gets the lists of (B, C_i, H_i, W_i) maps, and
+the distance gets what ``apply`` returns (lists, unless the head reduces them).
+
 A **distance** is an ``nn.Module`` class ``forward(student, teacher, **inputs) -> Tensor`` (scalar), registered with
 ``@register_distance("name")``. It *declares* what else it reads from the batch: ``needs`` (required, e.g.
 ``("labels",)`` for DKD) and ``accepts`` (used when the task provides them, e.g. ``("valid_mask",)`` for
@@ -44,8 +49,8 @@ class HeadOutput(NamedTuple):
     """What a head hands to the distance: the (possibly replaced) student and teacher tensors, the head's own
     loss terms by short name (weighted by the point's ``term_weights``) and detached statistics to log."""
 
-    student: Tensor
-    teacher: Tensor
+    student: Tensor | list[Tensor]
+    teacher: Tensor | list[Tensor]
     losses: dict[str, Tensor]
     stats: dict[str, Tensor]
 

@@ -13,6 +13,8 @@ An address is a module path, optionally followed by selectors into the module's 
   the first call. Tapping it without a selector is an error that names both fixes, never a silent last call.
 - ``"@feature"`` — the last spatial feature map (the module whose output the classifier pools), resolved by a
   dry run.
+- ``"layer3.2.out_relu@input"`` — the *input* of a module instead of its output (its first positional argument):
+  the pre-activation that a final ``ReLU`` module receives, where no module outputs it. Selectors follow as usual.
 
 Hooks keep references only (no copies); the store is cleared at each forward of the root model and by
 :meth:`FeatureTaps.collect`.
@@ -32,11 +34,13 @@ from torch.utils.hooks import RemovableHandle
 __all__ = [
     "AUTO_FEATURE",
     "EXPAND",
+    "INPUT",
     "DryRun",
     "FeatureTaps",
     "TapAddress",
     "dry_run",
     "find_last_feature_map",
+    "module_of",
     "module_path_error",
     "probe_shapes",
     "select",
@@ -45,6 +49,19 @@ __all__ = [
 AUTO_FEATURE = "@feature"
 OUTPUT = ""
 EXPAND = "*"
+INPUT = "@input"
+
+
+def module_of(path: str) -> str:
+    """The module path of a tap path: ``path`` itself, or without its ``@input`` suffix."""
+    return path[: -len(INPUT)] if path.endswith(INPUT) else path
+
+
+def _tapped(path: str, inputs: tuple[Any, ...], output: Any) -> Any:
+    """What a hook on ``path`` keeps: the module's output, or its input for an ``@input`` path."""
+    if path.endswith(INPUT):
+        return inputs[0] if len(inputs) == 1 else inputs
+    return output
 
 
 @dataclass(frozen=True)
@@ -186,23 +203,21 @@ def dry_run(model: nn.Module, forward: Any, hook_paths: Iterable[str] | None = N
     modules = dict(model.named_modules())
     wanted = None if hook_paths is None else {p for p in hook_paths if p}
     for p in wanted or ():
-        if p not in modules:
-            raise module_path_error(model, p, role)
+        if module_of(p) not in modules:
+            raise module_path_error(model, module_of(p), role)
     calls: dict[str, list[Any]] = {}
     order: list[tuple[str, Any]] = []
 
     def make_hook(name: str) -> Any:
         def hook(m: nn.Module, i: Any, o: Any) -> None:
-            calls.setdefault(name, []).append(o)
-            order.append((name, o))
+            value = _tapped(name, i, o)
+            calls.setdefault(name, []).append(value)
+            order.append((name, value))
 
         return hook
 
-    handles: list[RemovableHandle] = [
-        module.register_forward_hook(make_hook(name))
-        for name, module in modules.items()
-        if name and (wanted is None or name in wanted)
-    ]
+    paths = [name for name in modules if name] if wanted is None else sorted(wanted)
+    handles: list[RemovableHandle] = [modules[module_of(p)].register_forward_hook(make_hook(p)) for p in paths]
     modes = {m: m.training for m in model.modules()}
     model.eval()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
@@ -253,7 +268,7 @@ class _TapHook:
         self.store, self.path = store, path
 
     def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        self.store.setdefault(self.path, []).append(output)
+        self.store.setdefault(self.path, []).append(_tapped(self.path, inputs, output))
 
 
 class _ClearHook:
@@ -293,9 +308,9 @@ class FeatureTaps:
         for p in self.paths:
             if p == OUTPUT:
                 continue
-            if p not in modules:
-                raise module_path_error(model, p)
-            self._handles.append(modules[p].register_forward_hook(_TapHook(self._store, p)))
+            if module_of(p) not in modules:
+                raise module_path_error(model, module_of(p))
+            self._handles.append(modules[module_of(p)].register_forward_hook(_TapHook(self._store, p)))
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         return self.collect(self.model(*args, **kwargs))

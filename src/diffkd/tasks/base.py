@@ -370,7 +370,7 @@ class DistillationModule(L.LightningModule):
         specs = self.distiller.specs.values()
         out = []
         for side in ("student", "teacher"):
-            addresses = [getattr(s, side) for s in specs]
+            addresses = [a for s in specs for a in s.tap_addresses(side)]
             if AUTO_FEATURE in addresses:
                 out.append(None)
             else:
