@@ -1,6 +1,12 @@
 """Where a teacher meets a student, for any task: feature taps, the head and distance registries, and the
-distiller that turns tapped pairs into named loss terms."""
+distiller that turns tapped pairs into named loss terms.
 
+The registries import none of their heads and distances: each plugin registers itself when imported, and this
+package imports them all — the built-in ones (``builtins``) and every file of ``losses/`` (one per further method) —
+so whatever reads a registry through ``diffkd.distill`` sees every name.
+"""
+
+from diffkd.distill import builtins, losses  # noqa: F401  (register the heads and distances)
 from diffkd.distill.distillers import Distiller, DistillOutput, PointInfo, PointSpec
 from diffkd.distill.registry import (
     HeadOutput,

@@ -121,33 +121,23 @@ def register_distance(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
     return wrap
 
 
-def _load_builtins() -> None:
-    """Importing registers the built-in heads and distances, and one file per further method."""
-    import diffkd.distill.builtins
-    import diffkd.distill.losses  # noqa: F401  (one file per further method)
-
-
 def get_head(name: str) -> HeadEntry:
-    _load_builtins()
     if name not in _HEADS:
         raise _unknown("head", name, list_heads())
     return _HEADS[name]
 
 
 def get_distance(name: str) -> DistanceEntry:
-    _load_builtins()
     if name not in _DISTANCES:
         raise _unknown("distance", name, list_distances())
     return _DISTANCES[name]
 
 
 def list_heads() -> list[str]:
-    _load_builtins()
     return sorted(_HEADS)
 
 
 def list_distances() -> list[str]:
-    _load_builtins()
     return sorted(_DISTANCES)
 
 

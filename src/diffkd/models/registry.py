@@ -3,6 +3,10 @@
 Every model the library can build — the CIFAR zoo, torchvision and timm ImageNet models, the small demo nets —
 registers a function here. An entry point is a plain function ``fn(num_classes=..., pretrained=False, **kwargs)``
 returning an ``nn.Module`` whose ``forward`` returns the logits tensor (B, num_classes).
+
+The registry imports none of its models (timm's way): each model family registers itself when imported, and the
+package ``diffkd.models`` imports every family, so anything that reads the registry through ``diffkd.models`` sees
+them all. A new family is a module with ``@register_model`` functions, imported in ``diffkd/models/__init__.py``.
 """
 
 from __future__ import annotations
@@ -67,14 +71,8 @@ def register_model_prefix(prefix: str, resolve: Callable[[str], Callable[..., nn
     _PREFIXES[prefix] = resolve
 
 
-def _ensure_builtin_models() -> None:
-    # Importing the model families registers them; done lazily so `import diffkd` stays light.
-    from diffkd.models import _builtin  # noqa: F401
-
-
 def list_models(pattern: str = "*", tag: str | None = None) -> list[str]:
     """Sorted registered names matching the fnmatch ``pattern`` (and carrying ``tag`` when given)."""
-    _ensure_builtin_models()
     return sorted(n for n, e in _REGISTRY.items() if fnmatch.fnmatch(n, pattern) and (tag is None or tag in e.tags))
 
 
@@ -84,7 +82,6 @@ def get_model_entry(name: str) -> ModelEntry:
     ``"<prefix>:<model>"`` (``tv:resnet152``, ``timm:convnext_tiny.fb_in1k``) resolves through the prefix
     fallbacks of :func:`register_model_prefix` instead of the registry.
     """
-    _ensure_builtin_models()
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _PREFIXES and name not in _REGISTRY:
         resolve = _PREFIXES[prefix]
