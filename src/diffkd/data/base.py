@@ -23,7 +23,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from diffkd.data.device_loader import DeviceTensorLoader
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
+from diffkd.data.sample_index import SampleIndexCapability
 from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
 from diffkd.data.usable import SameSizeCollate, SplitProblem, batch_problem, raise_problems, world_size
 
@@ -262,13 +263,17 @@ class SkipBadImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
+        return self.indexed_item(index)[1]
+
+    def indexed_item(self, index: int) -> tuple[int, Any]:
+        """``(j, dataset[j])``: the first readable sample ``j`` from ``index`` on (wrapping), with its position."""
         n = len(self.dataset)
         for step in range(n):
             i = (int(index) + step) % n
             if self.found[i]:
                 continue
             try:
-                return self.dataset[i]
+                return i, self.dataset[i]
             except ImageReadError as err:
                 self._record(i, err)
         raise ImageReadError(f"{self.name}: none of the {n} samples can be read (data.skip_bad_images=true)")
@@ -415,7 +420,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"example_batch(split={split!r}): choose 'train' or 'val'")
 
 
-class ClassificationDataModule(L.LightningDataModule):
+class ClassificationDataModule(SampleIndexCapability, L.LightningDataModule):
     """Base for classification data; satisfies :class:`~diffkd.data.protocol.ClassificationData`.
 
     Defaults of the protocol members: ``loss_label_smoothing = 0.0``, ``batch_transform()`` → ``None`` (no
@@ -434,6 +439,8 @@ class ClassificationDataModule(L.LightningDataModule):
             :mod:`diffkd.data.transforms`. A subclass builds them with :meth:`make_transform`.
     """
 
+    task: ClassVar[str] = "classification"
+    builds_sample_index = True
     num_classes: int
     in_chans: int = 3
     image_size: int
@@ -568,6 +575,8 @@ class ClassificationDataModule(L.LightningDataModule):
             dataset = self.train_set if split == "train" else self.val_set
             self._check_example_size(size, len(dataset), split)
             collate = self.checked_collate(split, size, example=True)  # type: ignore[arg-type]
+            if split == "train":
+                dataset, collate = self.indexed_train_set(dataset), self.indexed_collate(collate)
             loader = DataLoader(dataset, batch_size=size, shuffle=False, collate_fn=collate)
             return next(iter(loader))
 
@@ -586,10 +595,32 @@ class ClassificationDataModule(L.LightningDataModule):
         }
         if not train:
             return DataLoader(dataset, shuffle=False, **common)
+        common["collate_fn"] = self.indexed_collate(common["collate_fn"])
+        dataset = self.indexed_train_set(dataset)
         return seeded_train_loader(dataset, position_fn=self._resume_position, drop_last=self.drop_last, **common)
 
     def _resume_position(self) -> tuple[int, int]:
         return resume_position(self.trainer)
+
+    def train_labels(self) -> Tensor:
+        """int64 (N,): the class of each training sample in index order, from the training set's ``targets`` (no
+        image is decoded).
+
+        Raises:
+            TypeError: the training set has no ``targets`` (one class per sample) of length N.
+        """
+        self.setup("fit")
+        targets = getattr(self.train_set, "targets", None)
+        n = len(self.train_set)
+        labels = None if targets is None else torch.as_tensor(targets, dtype=torch.int64).flatten()
+        if labels is None or len(labels) != n:
+            found = "none" if labels is None else f"{len(labels)} values"
+            raise TypeError(
+                f"{type(self).__qualname__}.train_labels(): its training set ({type(self.train_set).__name__}) "
+                f"needs a `targets` sequence with one class per sample ({n}), found {found}: give the data set "
+                "a `targets` list, or override train_labels()."
+            )
+        return labels
 
     def train_batch_problem(self) -> SplitProblem | None:
         """Why the training split gives no batch on this process (``drop_last`` and fewer samples than
@@ -648,6 +679,7 @@ class PreloadableDataModule(ClassificationDataModule):
     """
 
     fused_normalize: bool = False  # False: torchvision's ToTensor + Normalize order of operations
+    builds_sample_index = True
 
     def __init__(
         self,
@@ -750,6 +782,7 @@ class PreloadableDataModule(ClassificationDataModule):
             world_size=dist.get("num_replicas", 1),
             channels_last=bool(getattr(module, "channels_last", False)),
             fused_normalize=self.fused_normalize,
+            with_index=train and self.sample_index,
         )
 
     def example_batch(self, size: int = 2, split: str = "train") -> tuple[Tensor, Tensor]:

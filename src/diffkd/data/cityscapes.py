@@ -22,7 +22,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 import torch
@@ -37,6 +37,7 @@ from torchvision.transforms.v2 import functional as TF
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
+from diffkd.data.sample_index import SampleIndexCapability
 from diffkd.data.usable import (
     SameSizeCollate,
     SplitProblem,
@@ -427,12 +428,15 @@ class CityscapesFine(Cityscapes):
 # ------------------------------------------------------------------------------------------ datamodule
 
 
-class SegmentationLoaders:
+class SegmentationLoaders(SampleIndexCapability):
     """The loaders and ``example_batch`` of a segmentation datamodule whose ``train_set``/``val_set`` yield
     ``(image (C, H, W), label (H, W))`` (Cityscapes, the segmentation folders): shuffled training batches (the last
     incomplete one dropped with ``drop_last``) that resume exactly, also mid-epoch
     (:func:`~diffkd.data.resumable.seeded_train_loader`), evaluation in order, the val split for testing."""
 
+    task: ClassVar[str] = "segmentation"
+    builds_sample_index = True
+    no_class_hint = "the per-pixel labels of the batches (masks), or a method that needs no per-image class"
     #: Seed of the augmentation draws of :meth:`example_batch`, so that it is the same batch every call.
     example_seed: int = 0
     #: What to change when training samples differ in size (a subclass whose training samples can).
@@ -468,6 +472,8 @@ class SegmentationLoaders:
             return DataLoader(dataset, shuffle=False, **common)
         # exactly resumable (diffkd.data.resumable): the order from (seed, epoch), each crop, scale and flip from
         # (seed, epoch, index), and a run resumed mid-epoch starting after the batches it had trained
+        common["collate_fn"] = self.indexed_collate(common["collate_fn"])
+        dataset = self.indexed_train_set(dataset)
         return seeded_train_loader(dataset, position_fn=self._resume_position, drop_last=self.drop_last, **common)
 
     def _resume_position(self) -> tuple[int, int]:
@@ -513,9 +519,11 @@ class SegmentationLoaders:
             if not 1 <= size <= len(dataset):
                 raise ValueError(f"example_batch size must be in 1..{len(dataset)} for split {split!r}, got {size}")
             torch.default_generator.manual_seed(self.example_seed)  # CPU only: torch.manual_seed also seeds CUDA
+            if train:
+                dataset = self.indexed_train_set(dataset)
+                return self.indexed_collate(self.collate(train, example=size))([dataset[i] for i in range(size)])
             samples = [dataset[i] for i in range(size)]
-            if not train:
-                samples = [s for s in samples if s[0].shape == samples[0][0].shape]
+            samples = [s for s in samples if s[0].shape == samples[0][0].shape]
             return self.collate(train, example=size)(samples)
 
 

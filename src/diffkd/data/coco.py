@@ -36,7 +36,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -51,6 +51,7 @@ from torchvision.transforms import v2
 from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, SeededSamples, resume_position
+from diffkd.data.sample_index import SampleIndexCapability
 from diffkd.data.usable import SplitProblem, batch_problem, raise_problems
 
 __all__ = [
@@ -640,7 +641,7 @@ class GroupedBatchSampler(EpochCodedBatchSampler):
 # ------------------------------------------------------------------------------------------ the datamodule
 
 
-class COCODataModule(ImageFileChecks, L.LightningDataModule):
+class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModule):
     """COCO 2017 detection (or any COCO-format set) for torchvision's detectors.
 
     Built on ``torchvision.datasets.CocoDetection`` + ``wrap_dataset_for_transforms_v2`` + transforms v2. See the
@@ -714,6 +715,9 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
     """
 
     checks_name = "COCO"
+    task: ClassVar[str] = "detection"
+    builds_sample_index = True
+    no_class_hint = "the box labels of the targets (targets[k]['labels']), or a method that needs no per-image class"
 
     def __init__(
         self,
@@ -996,9 +1000,9 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
                 sampler, self.train_group_ids, self.batch_size, self.drop_last, epoch_codes=True, epoch_fn=epoch
             )
         return ResumableDataLoader(
-            SeededSamples(self.train_set, seed=self._seed()),
+            SeededSamples(self.indexed_train_set(self.train_set), seed=self._seed()),
             batch_sampler=batches,
-            collate_fn=collate_detection,
+            collate_fn=self.indexed_collate(collate_detection),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
@@ -1038,6 +1042,9 @@ class COCODataModule(ImageFileChecks, L.LightningDataModule):
         dataset = self.train_set if split == "train" else self.val_set
         if not 1 <= size <= len(dataset):
             raise ValueError(f"example_batch size must be in 1..{len(dataset)} (the {split} split), got {size}")
+        collate = collate_detection
+        if split == "train":
+            dataset, collate = self.indexed_train_set(dataset), self.indexed_collate(collate)
         with preserved_rng_state():
             torch.default_generator.manual_seed(self._seed())  # CPU only: torch.manual_seed would queue a CUDA seed
-            return collate_detection([dataset[i] for i in range(size)])
+            return collate([dataset[i] for i in range(size)])

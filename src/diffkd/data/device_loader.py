@@ -293,9 +293,11 @@ class DeviceTensorLoader:
         seed: base seed; None takes Lightning's (``PL_GLOBAL_SEED``, 0 when unset).
         channels_last: yield images in ``torch.channels_last`` memory format.
         fused_normalize: see :class:`CropFlipNormalize`.
+        with_index: end each batch with the samples' positions in ``images`` (int64 (B,)).
 
     Yields:
-        ``(images float32 (B, C, H, W), targets int64 (B,))`` on ``images.device``.
+        ``(images float32 (B, C, H, W), targets int64 (B,))`` on ``images.device``; with ``with_index``
+        ``(images, targets, index int64 (B,))``.
     """
 
     batch_sampler = None  # Lightning's shuffle check reads `batch_sampler` when a loader has a `sampler`
@@ -316,6 +318,7 @@ class DeviceTensorLoader:
         seed: int | None = None,
         channels_last: bool = False,
         fused_normalize: bool = False,
+        with_index: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise TypeError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -331,6 +334,7 @@ class DeviceTensorLoader:
         self.targets = targets.long()
         self.batch_size = int(batch_size)
         self.drop_last = bool(drop_last)
+        self.with_index = bool(with_index)
         self.transform = CropFlipNormalize(mean, std, padding, flip, channels_last, fused_normalize)
         seed = lightning_seed() if seed is None else int(seed)
         self.sampler = ShardedIndexSampler(len(images), rank, world_size, shuffle, seed, drop_last)
@@ -375,7 +379,7 @@ class DeviceTensorLoader:
             self._plan = plan
         return plan
 
-    def example(self, size: int) -> tuple[Tensor, Tensor]:
+    def example(self, size: int) -> tuple[Tensor, ...]:
         """The first ``size`` samples of the data set as one of this loader's batches (same crop, flip,
         normalisation and memory format, on its device), whatever the epoch or shard.
 
@@ -383,7 +387,8 @@ class DeviceTensorLoader:
         states are not touched, and the example is the same on every call.
 
         Returns:
-            ``(images float32 (size, C, H, W), targets int64 (size,))`` on ``self.device``.
+            ``(images float32 (size, C, H, W), targets int64 (size,))`` on ``self.device``, followed by the index
+            ``0 … size-1`` with ``with_index``.
         """
         if not 1 <= size <= len(self.images):
             raise ValueError(f"example(size={size}): the data set has {len(self.images)} samples")
@@ -394,9 +399,13 @@ class DeviceTensorLoader:
             offsets = None if offsets is None else self._to_device(offsets)
             flips = None if flips is None else self._to_device(flips)
         idx = self._to_device(torch.arange(size))
-        return self.transform(self.images, idx, offsets, flips), self.targets[idx]
+        return self._batch(idx, offsets, flips)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _batch(self, idx: Tensor, offsets: Tensor | None, flips: Tensor | None) -> tuple[Tensor, ...]:
+        batch = (self.transform(self.images, idx, offsets, flips), self.targets[idx])
+        return (*batch, idx) if self.with_index else batch
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         plan = self.plan(self.sampler.advance())
         stop = len(self) * self.batch_size if self.drop_last else len(plan.indices)
         for start in range(0, stop, self.batch_size):
@@ -404,7 +413,7 @@ class DeviceTensorLoader:
             idx = plan.indices[part]
             offsets = None if plan.offsets is None else plan.offsets[part]
             flips = None if plan.flips is None else plan.flips[part]
-            yield self.transform(self.images, idx, offsets, flips), self.targets[idx]
+            yield self._batch(idx, offsets, flips)
 
     def __repr__(self) -> str:
         s, t = self.sampler, self.transform

@@ -4,6 +4,15 @@
   example_batch`, a real collated training batch for the dry run that infers the models' shapes.
 * :class:`ClassificationData` — image classification: ``num_classes``, ``in_chans``, ``image_size``,
   ``loss_label_smoothing`` and :meth:`~ClassificationData.batch_transform` (Mixup/CutMix or ``None``).
+* :class:`SampleIndexData` — a method that needs each training sample's dataset position (CRD's memory bank):
+  :meth:`~SampleIndexData.enable_sample_index`, :meth:`~SampleIndexData.num_train_samples`,
+  :meth:`~SampleIndexData.train_labels`. Every data module of :mod:`diffkd.data` has them.
+
+**The task a data module serves** is its class attribute ``task: ClassVar[str]``, one of :data:`DATA_TASKS`
+(``"classification"``, ``"detection"``, ``"segmentation"``); every data module class here declares it (a
+subclass inherits it). :func:`task_of` reads it from a data module or its class, with a clear error when it is
+missing. It is not a member of :class:`DistillDataModule`: a data module of your own needs it only where a tool
+picks the task from the data (evaluation).
 
 Both are ``typing.Protocol`` s with ``@runtime_checkable``, so ``isinstance(dm, ClassificationData)`` works (it
 only checks that the members exist). :class:`~diffkd.data.base.ClassificationDataModule` implements every member,
@@ -27,7 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["ClassificationData", "DistillDataModule", "preserved_rng_state", "protocol_members", "require_protocol"]
+__all__ = [
+    "DATA_TASKS",
+    "ClassificationData",
+    "DistillDataModule",
+    "SampleIndexData",
+    "preserved_rng_state",
+    "protocol_members",
+    "require_protocol",
+    "task_of",
+]
+
+#: The values of a data module's ``task`` class attribute.
+DATA_TASKS: tuple[str, ...] = ("classification", "detection", "segmentation")
 
 P = TypeVar("P")
 
@@ -87,6 +108,58 @@ class ClassificationData(DistillDataModule, Protocol):
             come out int64 (B,) or soft float (B, K); ``None`` when batches go to the model unchanged.
         """
         ...
+
+
+@runtime_checkable
+class SampleIndexData(Protocol):
+    """A data module whose training batches can carry each sample's position in the training set.
+
+    After :meth:`enable_sample_index` every training batch — the train loader's (the DataLoader, the
+    ``gpu_preload`` device loader, COCO's grouped batches) and ``example_batch(split="train")`` — is a tuple whose
+    last element is ``index`` int64 (B,), the samples' positions 0..N-1 in the training set, and whose other
+    elements are the batch it would otherwise be: classification ``(images, targets, index)``, segmentation
+    ``(images, masks, index)``, detection ``(images, targets, index)``. The same sample has the same position in
+    every epoch, after a resume, on every rank, and with ``data.skip_bad_images`` (a replaced sample carries the
+    position of the sample that replaced it). Validation and test loaders are unchanged.
+    """
+
+    def enable_sample_index(self) -> None:
+        """Turn the index on for every training batch from now on.
+
+        Raises:
+            TypeError: this data module cannot give indices (the message names it and the fix).
+        """
+        ...
+
+    def num_train_samples(self) -> int:
+        """N, the size of the training set (the positions are 0..N-1)."""
+        ...
+
+    def train_labels(self) -> Tensor:
+        """int64 (N,): the class of each training sample in position order, read without decoding any image.
+
+        Raises:
+            TypeError: the samples have no single class (detection, segmentation); the message says what to use.
+        """
+        ...
+
+
+def task_of(datamodule: object) -> str:
+    """The task a data module (or data module class) serves: its ``task`` class attribute, one of
+    :data:`DATA_TASKS`.
+
+    Raises:
+        TypeError: it declares none, or another value; the message names the class and the fix.
+    """
+    klass = datamodule if isinstance(datamodule, type) else type(datamodule)
+    task = getattr(klass, "task", None)
+    if task not in DATA_TASKS:
+        found = "declares no task" if task is None else f"declares task = {task!r}"
+        raise TypeError(
+            f"{klass.__module__}.{klass.__qualname__} {found}: set the class attribute task: ClassVar[str] to one "
+            f"of {', '.join(map(repr, DATA_TASKS))} (or derive from a data module of diffkd.data, which declare it)"
+        )
+    return task
 
 
 _PROTOCOL_BASES = {"Protocol", "Generic", "object"}
