@@ -167,3 +167,60 @@ def test_gpu_trainers_resolve_their_precision_where_they_run():
     if not torch.cuda.is_available():
         assert compose_config(["trainer=ddp_spawn"]).trainer.precision == "32-true"
         assert compose_config(["trainer=cpu"]).trainer.precision == "32-true"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the DiffKD head's defaults: one file, merged into every config with a DiffKD point
+
+DIFFKD_HEAD_DEFAULTS = CONF_DIR / "distill" / "diffkd_head" / "default.yaml"
+DIFFKD_DISTILLS = sorted(p.stem for p in (CONF_DIR / "distill").glob("*.yaml") if "head: diffkd" in p.read_text())
+
+
+def _first_experiment_with(distill: str) -> str | None:
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        if f"override /distill: {distill}\n" in path.read_text():
+            return path.stem
+    return None
+
+
+def test_the_diffkd_head_defaults_are_written_once():
+    """The eight keys live in conf/distill/diffkd_head/default.yaml only; no other config restates them."""
+    from omegaconf import OmegaConf
+
+    keys = set(OmegaConf.load(DIFFKD_HEAD_DEFAULTS))
+    assert keys == {
+        "beta_schedule",
+        "inference_steps",
+        "num_train_timesteps",
+        "start_timestep",
+        "anm",
+        "anm_mix",
+        "kd_grad_through_diffusion",
+        "proj_bn",
+    }
+    assert len(DIFFKD_DISTILLS) >= 7
+    for path in CONF_DIR.rglob("*.yaml"):
+        if path != DIFFKD_HEAD_DEFAULTS:
+            restated = [k for k in keys if f"\n  {k}:" in path.read_text() or f"\n{k}:" in path.read_text()]
+            assert not restated, f"{path.relative_to(CONF_DIR)} restates the DiffKD head's defaults {restated}"
+
+
+@pytest.mark.parametrize("distill", DIFFKD_DISTILLS)
+def test_every_diffkd_config_composes_the_shared_head_defaults(distill):
+    """``distill=<name>`` alone and with an experiment that selects it: ``distill.diffkd`` is the shared node (no
+    experiment changes it today), points and weights as the file says, and overrides of the node still work."""
+    from omegaconf import OmegaConf
+
+    shared = OmegaConf.to_container(OmegaConf.load(DIFFKD_HEAD_DEFAULTS))
+    runs = [[f"distill={distill}"]]
+    if distill == "diffkd":
+        runs.append([f"distill={distill}", "distill.diffkd.inference_steps=2"])
+    experiment = _first_experiment_with(distill)
+    if experiment is not None:
+        runs.append([f"experiment={experiment}"])
+    for overrides in runs:
+        cfg = compose_config(overrides)
+        expected = {**shared, "inference_steps": 2} if "distill.diffkd.inference_steps=2" in overrides else shared
+        assert OmegaConf.to_container(cfg.distill.diffkd) == expected, overrides
+        assert cfg.distill._target_ == "diffkd.distill.Distiller" and cfg.distill.task_weight == 1.0
+        assert any(p.head == "diffkd" for p in cfg.distill.points.values()), overrides
