@@ -13,15 +13,34 @@ item is (the topmost one where items overlap), i.e. COCO-style category ids 1..1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Scene", "box_iou_matrix", "compose_scenes", "scene_summary", "tight_box"]
+log = logging.getLogger("diffkd.demos.scenes")
+
+__all__ = [
+    "SCENES_FILE",
+    "Scene",
+    "box_iou_matrix",
+    "compose_scenes",
+    "fashion_mnist_files",
+    "scene_folder",
+    "scene_summary",
+    "tight_box",
+]
+
+#: The file that marks a complete scene folder (written last) and records what it was built from.
+SCENES_FILE = "scenes.json"
 
 
 @dataclass(frozen=True)
@@ -176,3 +195,51 @@ def scene_summary(scenes: Sequence[Scene]) -> dict[str, float]:
         "items_per_scene": float(len(boxes)) / max(1, len(scenes)),
         "mean_box_side": float(sides.mean()) if len(sides) else 0.0,
     }
+
+
+def fashion_mnist_files(
+    data_dir: str | Path, debian_dir: str | Path | None = None, download: bool = True
+) -> tuple[dict[tuple[str, str], Path], str]:
+    """The four Fashion-MNIST files (keys ``("train" | "test", "images" | "labels")``) and where they came from,
+    found (or downloaded) as the classification demo's data module finds them."""
+    from diffkd.data.fashion_mnist import FashionMNISTDataModule
+
+    finder = FashionMNISTDataModule(data_dir=str(data_dir), debian_dir=debian_dir, download=download)
+    finder.prepare_data()
+    found = finder.locate()
+    if found is None:
+        raise finder._not_found()
+    where, files = found
+    log.info("demo scenes: Fashion-MNIST from %s", where)
+    return files, where
+
+
+def scene_folder(root: str | Path, params: Mapping[str, Any], build: Callable[[Path], Mapping[str, Any]]) -> Path:
+    """``root`` holding the scenes of ``params``: reused when its ``scenes.json`` records the same ``params``,
+    else built again by ``build(folder) -> info`` (``info`` is recorded in ``scenes.json`` beside ``params``).
+
+    The folder is written under a temporary name and renamed when complete, so an interrupted build is never taken
+    for a finished one; a folder of other parameters is replaced only when it is one of ours (it holds
+    ``scenes.json``).
+    """
+    root = Path(root)
+    params = json.loads(json.dumps(params))  # as scenes.json gives them back: lists, not tuples
+    marker = root / SCENES_FILE
+    if marker.is_file():
+        built = json.loads(marker.read_text()).get("params")
+        if built == params:
+            log.info("reusing the demo scenes in %s", root)
+            return root
+        log.info("demo scenes in %s were built with %s, not %s: rebuilding", root, built, params)
+    elif root.exists() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root} exists without {SCENES_FILE}: not the demo's scenes; move it or set demo.scenes.root"
+        )
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = build(tmp)
+    (tmp / SCENES_FILE).write_text(json.dumps({"params": params, **info}, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(root)
+    return root

@@ -13,17 +13,13 @@
 3. The student ``demo.student`` once per method of ``demo.methods`` (alone, pixel KD, DiffKD on the logit maps),
    same recipe for every method; then one table: run, mIoU, pixel accuracy, time.
 
-Every run is a normal :func:`diffkd.training.train` run in its own folder, composed by Hydra from ``train.yaml``
-with the command line's overrides (:func:`diffkd.demo.demo_run_config`: ``distill.*`` overrides reach the runs
-whose distiller has that key).
+Steps 2 and 3 are the demo protocol (:mod:`diffkd.demos.protocol`, as for the classification demo); this module is
+the demo's declaration (:data:`DEMO`): its scenes, columns and names.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,32 +30,26 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch import Tensor
 
-from diffkd.data.fashion_mnist import FashionMNISTDataModule, read_idx
-from diffkd.demo import (
-    cached_teacher,
-    demo_precision,
-    demo_run_config,
-    demo_seeds,
-    demo_user_overrides,
-    mean_std,
-    save_student_as_teacher,
-    seed_summary,
-    teacher_recipe,
-    train_demo_run,
-)
-from diffkd.demos.scenes import compose_scenes
+from diffkd.data.fashion_mnist import read_idx
+from diffkd.demos.protocol import Column, Demo, Prepared
+from diffkd.demos.scenes import SCENES_FILE, compose_scenes, fashion_mnist_files, scene_folder
 
-log = logging.getLogger("diffkd.demos.segmentation")
-
-__all__ = ["CLASS_NAMES", "IGNORE_INDEX", "ensure_scenes", "run_demo", "scene_label", "write_scene_split"]
+__all__ = [
+    "CLASS_NAMES",
+    "DEMO",
+    "IGNORE_INDEX",
+    "SCENES_FILE",
+    "ensure_scenes",
+    "run_demo",
+    "scene_label",
+    "write_scene_split",
+]
 
 IGNORE_INDEX = 255
 CLASS_NAMES: tuple[str, ...] = (
     "background", "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
     "Ankle boot",
 )  # fmt: skip
-#: The file that marks a complete scene folder (written last) and records what it was built from.
-SCENES_FILE = "scenes.json"
 
 
 def scene_label(label_mask: Tensor, ignore_border: bool = True) -> Tensor:
@@ -131,66 +121,52 @@ def write_scene_split(
     }
 
 
-def _fashion_mnist(source: Mapping[str, Any]) -> tuple[dict[tuple[str, str], Path], str]:
-    """The four Fashion-MNIST files (and where they came from), found as the classification demo finds them."""
-    finder = FashionMNISTDataModule(
-        data_dir=str(source["data_dir"]),
-        download=bool(source.get("download", True)),
-        debian_dir=source.get("debian_dir"),
-    )
-    finder.prepare_data()
-    found = finder.locate()
-    if found is None:
-        raise finder._not_found()
-    where, files = found
-    return files, where
-
-
 def ensure_scenes(spec: Mapping[str, Any], source: Mapping[str, Any]) -> Path:
     """The scene folder of ``spec`` (``demo.scenes``), built from Fashion-MNIST (``demo.fashion_mnist``) unless a
-    complete one with the same parameters is already there.
-
-    The folder is written under a temporary name and renamed when complete, so an interrupted build is never
-    taken for a finished one; a folder of other parameters is replaced only when it is one of ours (it holds
-    ``scenes.json``).
+    complete one with the same parameters is already there (:func:`~diffkd.demos.scenes.scene_folder`).
 
     Returns:
         ``spec.root``, in the ``segmentation_folder`` layout, with ``scenes.json`` (the parameters and counts).
     """
-    root = Path(spec["root"])
     params = {k: spec[k] for k in ("train", "val", "canvas", "items", "scale", "ignore_border", "seed")}
-    params = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(params), resolve=True)))
-    marker = root / SCENES_FILE
-    if marker.is_file():
-        built = json.loads(marker.read_text())
-        if built.get("params") == params:
-            log.info("reusing the demo scenes in %s", root)
-            return root
-        log.info("demo scenes in %s were built with %s, not %s: rebuilding", root, built.get("params"), params)
-    elif root.exists() and any(root.iterdir()):
-        raise FileExistsError(
-            f"{root} exists without {SCENES_FILE}: not the demo's scenes; move it or set demo.scenes.root"
-        )
-    start = time.perf_counter()
-    files, where = _fashion_mnist(source)
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    stats = {}
-    for split, fm_split, offset in (("train", "train", 0), ("val", "test", 1)):
-        images, labels = read_idx(files[(fm_split, "images")]), read_idx(files[(fm_split, "labels")])
-        count = int(params[split])
-        stats[split] = write_scene_split(tmp / split, images, labels, count, params, int(params["seed"]) * 2 + offset)
-    (tmp / SCENES_FILE).write_text(json.dumps({"params": params, "stats": stats, "fashion_mnist": where}, indent=1))
-    if marker.is_file():
-        shutil.rmtree(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(root)
-    log.info("demo scenes: %s in %s from %s (%.1f s)", stats, root, where, time.perf_counter() - start)
-    return root
+    params = OmegaConf.to_container(OmegaConf.create(params), resolve=True)
+
+    def build(folder: Path) -> dict[str, Any]:
+        download = bool(source.get("download", True))
+        files, where = fashion_mnist_files(source["data_dir"], source.get("debian_dir"), download)
+        stats = {}
+        for split, fm_split, offset in (("train", "train", 0), ("val", "test", 1)):
+            images, labels = read_idx(files[(fm_split, "images")]), read_idx(files[(fm_split, "labels")])
+            seed = int(params["seed"]) * 2 + offset
+            stats[split] = write_scene_split(folder / split, images, labels, int(params[split]), params, seed)
+        return {"stats": stats, "fashion_mnist": where}
+
+    return scene_folder(spec["root"], params, build)
+
+
+def _prepare(cfg: DictConfig) -> Prepared:
+    """The scenes, built or reused; their parameters key the teacher's cache and fill the title."""
+    root = ensure_scenes(cfg.demo.scenes, cfg.demo.fashion_mnist)
+    params = json.loads((root / SCENES_FILE).read_text())["params"]
+    return Prepared(recipe={"scenes": params}, fields=params)
+
+
+#: The segmentation demo, declared: the protocol (:func:`diffkd.demos.protocol.run_protocol`) runs it.
+DEMO = Demo(
+    title="Segmentation demo — {student} distilled from {teacher} on Fashion-MNIST scenes ({train} train / {val} val, "
+    "{canvas}px, 11 classes; {seed_text}, {student_epochs} student epochs, precision {precision})",
+    columns=(
+        Column("mIoU", "test/miou", "miou", width=9, digits=2, suffix="%"),
+        Column("pixel acc", "test/pixel_acc", "pixel_acc", width=11, digits=2, suffix="%"),
+    ),
+    method_suffix="_seg",
+    prepare=_prepare,
+)
 
 
 def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
-    """Scenes (built or reused), teacher (trained or reused), then the student once per method; prints the table.
+    """Scenes (built or reused), teacher (trained or reused), then the student once per seed and method; prints
+    the table.
 
     Args:
         cfg: the composed demo config (``experiment=demo_segmentation``).
@@ -199,74 +175,4 @@ def run_demo(cfg: DictConfig, overrides: Sequence[str] | None = None) -> float:
     Returns:
         the last method's test mIoU in [0, 1] (its mean over ``demo.seeds``).
     """
-    demo = cfg.demo
-    user = demo_user_overrides(demo, overrides)
-    precision = demo_precision(demo)
-    wall = time.perf_counter()
-    scenes_root = ensure_scenes(demo.scenes, demo.fashion_mnist)
-    scenes_params = json.loads((scenes_root / SCENES_FILE).read_text())["params"]
-    out_root = Path(cfg.paths.output_dir)
-    teacher_file = Path(demo.teacher_weights)
-    meta_file = teacher_file.with_suffix(".json")
-    rows: list[tuple[str, float, float, float]] = []
-
-    def settings(label: str, epochs: int, student: str, extra: Sequence[str] = ()) -> list[str]:
-        return [
-            f"trainer.max_epochs={epochs}",
-            f"trainer.precision={precision}",
-            f"model.student.name={student}",
-            f"paths.output_dir={out_root / label}",
-            *extra,
-        ]
-
-    def run(label: str, method: str, epochs: int, student: str, extra: Sequence[str] = ()) -> dict[str, Any]:
-        metrics, best, seconds = train_demo_run(user, method, settings(label, epochs, student, extra))
-        return {
-            "miou": metrics.get("test/miou", float("nan")),
-            "pixel_acc": metrics.get("test/pixel_acc", float("nan")),
-            "seconds": seconds,
-            "best_ckpt": best,
-        }
-
-    teacher_settings = settings("teacher", demo.teacher_epochs, demo.teacher)
-    recipe = teacher_recipe(demo_run_config(user, "none", ["pipeline=train", *teacher_settings]), scenes=scenes_params)
-    meta, message = cached_teacher(teacher_file, recipe)
-    log.info(message)
-    if meta is not None:
-        log.info("demo teacher %s: test mIoU %.2f%%", teacher_file, 100 * meta["miou"])
-        rows.append((f"teacher {demo.teacher} (reused)", meta["miou"], meta["pixel_acc"], 0.0))
-    else:
-        result = run("teacher", "none", demo.teacher_epochs, demo.teacher)
-        save_student_as_teacher(result["best_ckpt"], teacher_file, miou=result["miou"])
-        meta = {k: result[k] for k in ("miou", "pixel_acc")}
-        meta |= {"source": result["best_ckpt"], "epochs": demo.teacher_epochs, "scenes": scenes_params}
-        meta_file.write_text(json.dumps({**meta, "recipe": recipe}, indent=1))
-        rows.append((f"teacher {demo.teacher}", result["miou"], result["pixel_acc"], result["seconds"]))
-    teacher = [f"model.teacher.name={demo.teacher}", f"model.teacher.weights={teacher_file}"]
-    seeds = demo_seeds(demo, int(cfg.seed))
-    per_seed: dict[str, list[float]] = {}
-    for seed in seeds:  # seed-major: an interrupted demo has every method for the seeds it finished
-        for method in demo.methods:
-            name = "student alone" if method == "none" else f"student + {method.removesuffix('_seg')}"
-            label = method if len(seeds) == 1 else f"{method}/seed{seed}"
-            result = run(label, method, demo.student_epochs, demo.student, [*teacher, f"seed={seed}"])
-            row_name = name if len(seeds) == 1 else f"{name}, seed {seed}"
-            rows.append((row_name, result["miou"], result["pixel_acc"], result["seconds"]))
-            per_seed.setdefault(name, []).append(result["miou"])
-    total = time.perf_counter() - wall
-    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {' '.join(map(str, seeds))}"
-    lines = [
-        "",
-        f"Segmentation demo — {demo.student} distilled from {demo.teacher} on Fashion-MNIST scenes "
-        f"({scenes_params['train']} train / {scenes_params['val']} val, {scenes_params['canvas']}px, 11 classes; "
-        f"{seed_text}, {demo.student_epochs} student epochs, precision {precision})",
-    ]
-    if user:
-        lines.append(f"overrides: {' '.join(user)}")
-    lines.append(f"{'run':<34}{'mIoU':>9}{'pixel acc':>11}{'time (s)':>10}")
-    lines += [f"{n:<34}{100 * m:>8.2f}%{100 * a:>10.2f}%{s:>10.1f}" for n, m, a, s in rows]
-    lines += seed_summary(per_seed, "mIoU", digits=2)
-    lines.append(f"{'total wall time':<34}{'':>20}{total:>10.1f}")
-    lines.append(f"outputs: {out_root}" + ("" if len(seeds) == 1 else " (<method>/seed<k>/)"))
-    print("\n".join(lines), flush=True)
-    return mean_std(next(reversed(per_seed.values())))[0]
+    return DEMO.run(cfg, overrides)
