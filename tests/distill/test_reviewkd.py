@@ -201,3 +201,31 @@ def test_trains_and_logs_its_term(cifar_cfg):
     optimized = {id(p) for g in objs["trainer"].optimizers[0].param_groups for p in g["params"]}
     head = objs["module"].distiller.heads["review"]
     assert all(id(p) in optimized for p in head.parameters())
+
+
+# ------------------------------------------------------------------ multi-tap points in general
+def test_a_multi_tap_point_hands_lists_to_any_head_and_distance():
+    """Not only ReviewKD: a point listing its taps gives the head builder lists of channels, and its head and
+    distance lists of maps (here no head, hcl on the raw maps); the taps and describe() list every level."""
+    distiller = Distiller(
+        {
+            "levels": {"student": ["layer1", "layer3"], "teacher": ["layer1", "layer3"], "distance": {"name": "hcl"}},
+            "single": {"student": "layer3", "teacher": "layer3"},
+        }
+    )
+    assert distiller.specs["levels"].multi_tap and not distiller.specs["single"].multi_tap
+    assert distiller.specs["single"].tap_addresses("student") == ["layer3"]
+    student, teacher = create_model("resnet20", num_classes=10), create_model("resnet20", num_classes=10)
+    info = distiller.build(student, teacher, torch.randn(2, 3, 32, 32))
+    assert info["levels"]["student"] == ["layer1", "layer3"] and info["levels"]["params"] == 0
+    assert info["levels"]["student_shape"] == [[16, 32, 32], [64, 8, 8]]
+    assert info["levels"]["layouts"] == [["bchw", "bchw"], ["bchw", "bchw"]]
+    assert info["single"]["student_shape"] == [64, 8, 8]  # single-tap points as before
+    assert distiller.tap_paths() == (["layer1", "layer3"], ["layer1", "layer3"])
+    assert distiller.profile()["levels"] is None
+    s = {"layer1": torch.randn(2, 16, 32, 32), "layer3": torch.randn(2, 64, 8, 8)}
+    t = {"layer1": torch.randn(2, 16, 32, 32), "layer3": torch.randn(2, 64, 8, 8)}
+    terms = distiller(s, t).terms
+    hcl = build_distance("hcl")
+    torch.testing.assert_close(terms["levels/kd"], hcl([s["layer1"], s["layer3"]], [t["layer1"], t["layer3"]]))
+    torch.testing.assert_close(terms["single/kd"], torch.nn.functional.mse_loss(s["layer3"], t["layer3"]))
