@@ -22,7 +22,8 @@ from torchvision import transforms as T
 from torchvision.datasets import CIFAR100
 from torchvision.datasets.utils import download_and_extract_archive
 
-from diffkd.data.base import DataNotFoundError, PreloadableDataModule
+from diffkd.data.classification import PreloadableDataModule
+from diffkd.data.images import DataNotFoundError
 from diffkd.data.transforms import TransformSpec
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR100DataModule"]

@@ -34,7 +34,8 @@ from torchvision.datasets import Cityscapes
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
+from diffkd.data.image_checks import ImageFileChecks
+from diffkd.data.images import DataIssue, DataNotFoundError, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import resume_position, seeded_train_loader
 from diffkd.data.sample_index import SampleIndexCapability
@@ -376,7 +377,7 @@ class CityscapesFine(Cityscapes):
     :func:`find_pairs` make the order (and so ``example_batch`` and ``val``-set indices) the same everywhere.
 
     Items are torchvision's (the RGB image and the labelIds image through ``transforms``), but both files are
-    decoded before the transform: one that does not decode raises :class:`~diffkd.data.base.ImageReadError`
+    decoded before the transform: one that does not decode raises :class:`~diffkd.data.images.ImageReadError`
     naming it, and a label of the wrong mode or size a ``ValueError`` naming both files.
 
     Args:
@@ -552,7 +553,7 @@ class CityscapesDataModule(SegmentationLoaders, ImageFileChecks, L.LightningData
             decides which.
         drop_last: drop the last incomplete training batch.
         verify: decode every image and label at setup and raise one error listing the bad files (see
-            :class:`~diffkd.data.base.ImageFileChecks`).
+            :class:`~diffkd.data.image_checks.ImageFileChecks`).
         skip_bad_images: replace a sample whose image or label does not decode by the next readable one, with a
             warning; ``skipped_images`` counts them (default: such a file raises an error naming it).
     """

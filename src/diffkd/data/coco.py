@@ -48,7 +48,8 @@ from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
-from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, ImageReadError, inspect_image, read_image
+from diffkd.data.image_checks import ImageFileChecks
+from diffkd.data.images import DataIssue, DataNotFoundError, ImageReadError, inspect_image, read_image
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, SeededSamples, resume_position
 from diffkd.data.sample_index import SampleIndexCapability
@@ -243,7 +244,7 @@ class CocoImages(CocoDetection):
     """torchvision's ``CocoDetection`` over an already-built ``COCO`` index and a chosen list of image ids.
 
     It reads images as ``CocoDetection`` does (PIL, RGB), but an unreadable file raises :class:`ImageReadError`
-    naming it (:class:`~diffkd.data.base.ImageReadError`, also importable from here). Wrap it with
+    naming it (:class:`~diffkd.data.images.ImageReadError`, also importable from here). Wrap it with
     ``torchvision.datasets.wrap_dataset_for_transforms_v2`` for box targets.
 
     Args:
@@ -709,7 +710,7 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
         min_box_size: training boxes must be wider and taller than this (pixels, after clamping to the image).
         seed: shuffle seed of the training sampler; ``None``: ``PL_GLOBAL_SEED`` (set by ``seed_everything``) or 0.
         verify: decode every image at setup (and compare it with its annotations) and raise one error listing the
-            unreadable files (see :class:`~diffkd.data.base.ImageFileChecks`).
+            unreadable files (see :class:`~diffkd.data.image_checks.ImageFileChecks`).
         skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
             ``skipped_images`` counts them (default: such an image raises :class:`ImageReadError` naming it).
     """

@@ -37,8 +37,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from diffkd.data.base import DataNotFoundError, PreloadableDataModule
+from diffkd.data.classification import PreloadableDataModule
 from diffkd.data.device_loader import CropFlipNormalize
+from diffkd.data.images import DataNotFoundError
 from diffkd.data.transforms import TransformSpec
 
 __all__ = [

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from diffkd.data.base import DataIssue, DataNotFoundError, inspect_image, read_image
+from diffkd.data.images import DataIssue, DataNotFoundError, inspect_image, read_image
 
 __all__ = ["IMG_EXTENSIONS", "ClassFolders", "ImageListDataset", "find_images", "list_classes", "list_images"]
 
@@ -57,8 +57,8 @@ def _names(names: Sequence[str], limit: int = 10) -> str:
 class ImageListDataset(Dataset):
     """Images ``root/<relative path>`` with integer labels; items are ``(transform(PIL RGB image), label)``.
 
-    A file that does not decode raises :class:`~diffkd.data.base.ImageReadError` naming it (see
-    :class:`~diffkd.data.base.SkipBadImages` to skip such files instead).
+    A file that does not decode raises :class:`~diffkd.data.images.ImageReadError` naming it (see
+    :class:`~diffkd.data.images.SkipBadImages` to skip such files instead).
 
     Args:
         root: folder the relative paths start from.
@@ -103,7 +103,7 @@ class ClassFolders:
     """A training and a validation folder of class sub-folders: classes, samples and what is wrong with them.
 
     Labels are the indices of the sorted train classes. Every missing-data problem is a
-    :class:`~diffkd.data.base.DataNotFoundError` ``"<dataset> (<problem>)"`` with the datamodule's layout and
+    :class:`~diffkd.data.images.DataNotFoundError` ``"<dataset> (<problem>)"`` with the datamodule's layout and
     remedies; train and val classes that do not line up raise ``layout_error(message)``.
 
     Args:

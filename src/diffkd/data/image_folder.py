@@ -29,8 +29,9 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from diffkd.data.base import ClassificationDataModule, ImageFileChecks
+from diffkd.data.classification import ClassificationDataModule
 from diffkd.data.folders import ClassFolders, ImageListDataset, list_classes
+from diffkd.data.image_checks import ImageFileChecks
 from diffkd.data.transforms import TransformSpec
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataModule", "list_classes"]
@@ -61,7 +62,7 @@ class ImageFolderDataModule(ImageFileChecks, ClassificationDataModule):
         train_transform, val_transform: None (the defaults above), a mapping of timm ``create_transform``
             arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`).
         verify: decode every image at setup and raise one error listing the bad files (see
-            :class:`~diffkd.data.base.ImageFileChecks`).
+            :class:`~diffkd.data.image_checks.ImageFileChecks`).
         skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
             ``skipped_images`` counts them (default: such an image raises an error naming it).
     """

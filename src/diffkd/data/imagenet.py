@@ -53,9 +53,11 @@ from typing import TYPE_CHECKING, Literal
 
 from torch.utils.data import Dataset
 
-from diffkd.data.base import ClassificationDataModule, DataNotFoundError, ImageFileChecks
+from diffkd.data.classification import ClassificationDataModule
 from diffkd.data.folders import ClassFolders, ImageListDataset
+from diffkd.data.image_checks import ImageFileChecks
 from diffkd.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
+from diffkd.data.images import DataNotFoundError
 from diffkd.data.transforms import TransformSpec
 
 if TYPE_CHECKING:
@@ -190,7 +192,7 @@ class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
             ``create_transform`` arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`);
             either replaces the recipe's pipeline for its split.
         verify: decode every image at setup and raise one error listing the bad files (see
-            :class:`~diffkd.data.base.ImageFileChecks`).
+            :class:`~diffkd.data.image_checks.ImageFileChecks`).
         skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
             ``skipped_images`` counts them (default: such an image raises an error naming it).
     """

@@ -15,9 +15,9 @@ missing. It is not a member of :class:`DistillDataModule`: a data module of your
 picks the task from the data (evaluation).
 
 Both are ``typing.Protocol`` s with ``@runtime_checkable``, so ``isinstance(dm, ClassificationData)`` works (it
-only checks that the members exist). :class:`~diffkd.data.base.ClassificationDataModule` implements every member,
-so all the classification datamodules here satisfy both. A task calls :func:`require_protocol` to fail early with
-the missing members named.
+only checks that the members exist). :class:`~diffkd.data.classification.ClassificationDataModule` implements every
+member, so all the classification datamodules here satisfy both. A task calls :func:`require_protocol` to fail early
+with the missing members named.
 
 Note: on Python < 3.12, ``isinstance`` against a protocol with data members reads each member, so a property that
 raises (``ImageFolderDataModule.num_classes`` on a missing folder) raises from ``isinstance``.

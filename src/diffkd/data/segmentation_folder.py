@@ -35,8 +35,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from diffkd.data.base import DataIssue, DataNotFoundError, ImageFileChecks, inspect_image, read_image
 from diffkd.data.cityscapes import SegmentationLoaders, discrete_scales
+from diffkd.data.image_checks import ImageFileChecks
+from diffkd.data.images import DataIssue, DataNotFoundError, inspect_image, read_image
 from diffkd.data.usable import require_one_size
 
 __all__ = [
@@ -193,7 +194,7 @@ class SegmentationTransform:
 
 
 class SegmentationFolder(Dataset):
-    """The ``(image, label)`` pairs of one split, decoded with :func:`~diffkd.data.base.read_image` and checked.
+    """The ``(image, label)`` pairs of one split, decoded with :func:`~diffkd.data.images.read_image` and checked.
 
     Args:
         pairs: ``(image path, label path)`` in order.
@@ -298,7 +299,7 @@ class SegmentationFolderDataModule(SegmentationLoaders, ImageFileChecks, L.Light
         class_names: one name per class (the per-class IoU table); ``None``: indices.
         cache: keep decoded samples in memory after their first read (small data sets).
         drop_last: drop the last incomplete training batch.
-        verify, skip_bad_images: see :class:`~diffkd.data.base.ImageFileChecks`.
+        verify, skip_bad_images: see :class:`~diffkd.data.image_checks.ImageFileChecks`.
     """
 
     checks_name = "Segmentation folder"
