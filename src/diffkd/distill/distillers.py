@@ -232,6 +232,30 @@ class Distiller(nn.Module):
         """Batch inputs some distance requires (``labels``, ...)."""
         return {k for entry in self._distances_of.values() for k in entry.needs}
 
+    def points_needing(self, key: str) -> dict[str, str]:
+        """``{point: distance name}`` of the points whose distance requires the batch input ``key``."""
+        return {n: entry.name for n, entry in self._distances_of.items() if key in entry.needs}
+
+    def data_facts_needed(self) -> dict[str, tuple[str, ...]]:
+        """``{point: names}`` of the facts about the training data some distance reads before training (CRD's
+        ``num_train_samples`` and ``train_labels``: its memory bank's size and the classes its negatives come from),
+        each the name of a data-module method; see :meth:`bind_data`."""
+        out = {}
+        for name, distance in self.distances.items():
+            facts = tuple(getattr(distance, "data_facts", ()))
+            if facts:
+                out[name] = facts
+        return out
+
+    def bind_data(self, facts: Mapping[str, Any]) -> None:
+        """Give each distance that declares ``data_facts`` their values (``{fact name: value}``), through its
+        ``bind_data(**facts)``; the task calls this before :meth:`build`."""
+        for name, wanted in self.data_facts_needed().items():
+            missing = [k for k in wanted if k not in facts]
+            if missing:
+                raise ValueError(f"point {name!r}: distance {self._distances_of[name].name!r} needs {missing}")
+            self.distances[name].bind_data(**{k: facts[k] for k in wanted})
+
     # ------------------------------------------------------------------ setup
     def build(
         self,
@@ -499,7 +523,8 @@ class Distiller(nn.Module):
         Args:
             student_feats, teacher_feats: ``{address: tensor}`` from the taps.
             inputs: what the distances declare from the batch (``labels`` (B,) int64 or soft (B, K) for DKD,
-                ``valid_mask`` (B, H, W) bool for masked per-pixel distances, ...); a tensor means ``labels``.
+                ``valid_mask`` (B, H, W) bool for masked per-pixel distances, ``sample_index`` (B,) int64
+                training-set positions for CRD, ...); a tensor means ``labels``.
             epoch: training progress in epochs, for ``warmup_epochs`` ramps.
         """
         if not self.built:

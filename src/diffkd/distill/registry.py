@@ -19,7 +19,11 @@ the distance gets what ``apply`` returns (lists, unless the head reduces them).
 A **distance** is an ``nn.Module`` class ``forward(student, teacher, **inputs) -> Tensor`` (scalar), registered with
 ``@register_distance("name")``. It *declares* what else it reads from the batch: ``needs`` (required, e.g.
 ``("labels",)`` for DKD) and ``accepts`` (used when the task provides them, e.g. ``("valid_mask",)`` for
-per-pixel distances). Tasks supply these through ``distill_inputs(batch)``; nothing is sniffed.
+per-pixel distances). Tasks supply these through ``distill_inputs(batch)``; nothing is sniffed. A distance that
+needs ``("sample_index",)`` (CRD's memory bank) gets each sample's training-set position: the task asks the data
+module for them (``enable_sample_index()``) and splits them off every training batch. A distance may also declare
+``data_facts``, names of data-module methods (``num_train_samples``, ``train_labels``) whose values the task hands
+to its ``bind_data(**facts)`` before the heads are built.
 """
 
 from __future__ import annotations

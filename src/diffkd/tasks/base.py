@@ -312,10 +312,61 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self.student_taps is not None:
             return
+        indexed = stage == "fit" and self._prepare_sample_index()
         example = self.example_batch("train" if stage == "fit" else "val")
+        if indexed:
+            example = self.split_sample_index(example)[0]
         self.build(example)
         if stage == "fit":
             self._probe_batch = example
+
+    def _prepare_sample_index(self) -> bool:
+        """For a distance that needs ``sample_index`` (CRD): the datamodule appends each training sample's position
+        to its batches from now on; every distance gets the data facts it declares (``num_train_samples``,
+        ``train_labels``) before the heads are built. True when training batches carry the index."""
+        needing = self.distiller.points_needing("sample_index")
+        facts = self.distiller.data_facts_needed()
+        if not needing and not facts:
+            return False
+        points = {**needing, **{p: self.distiller.specs[p].distance["name"] for p in facts}}
+        methods = ", ".join(f"{d} (point {p!r})" for p, d in points.items())
+        dm = self.datamodule()
+        dm_name = type(dm).__name__ if dm is not None else "no datamodule"
+        if dm is None or not callable(getattr(dm, "enable_sample_index", None)):
+            raise TypeError(
+                f"distance {methods} needs each training sample's index in the training set, but {dm_name} cannot "
+                "give them (no enable_sample_index()): train with a datamodule of diffkd.data (each of them gives "
+                "sample indices), or give yours enable_sample_index(), num_train_samples() and train_labels() "
+                "(diffkd.data.sample_index.SampleIndexCapability)"
+            )
+        if needing:
+            try:
+                dm.enable_sample_index()
+            except TypeError as err:
+                raise TypeError(f"distance {methods} needs sample indices: {err}") from None
+        values: dict[str, Any] = {}
+        for name in dict.fromkeys(n for names in facts.values() for n in names):
+            getter = getattr(dm, name, None)
+            if not callable(getter):
+                raise TypeError(f"distance {methods} reads {name}() from the datamodule; {dm_name} has no {name}()")
+            try:
+                values[name] = getter()
+            except TypeError as err:
+                raise TypeError(f"distance {methods} reads {name}() from {dm_name}: {err}") from None
+        self.distiller.bind_data(values)
+        return bool(needing)
+
+    def split_sample_index(self, batch: Any) -> tuple[Any, Tensor | None]:
+        """``(batch, index)``: a training batch of a datamodule with ``enable_sample_index()`` on is
+        ``(*batch, index (B,) int64)``; ``(batch, None)`` when no distance needs the index."""
+        if not self.distiller.points_needing("sample_index"):
+            return batch, None
+        if not isinstance(batch, (tuple, list)) or not isinstance(batch[-1], Tensor) or batch[-1].dim() != 1:
+            raise TypeError(
+                f"a distance needs the sample index, but the training batch does not end with one (B,) tensor of "
+                f"sample indices (got {type(batch).__name__}); the datamodule's enable_sample_index() adds it"
+            )
+        return tuple(batch[:-1]), batch[-1]
 
     def build(self, example: Any) -> None:
         """Infer shapes and layouts, create the heads and the taps (called once, from ``setup`` or by hand).
@@ -427,6 +478,7 @@ class DistillationModule(L.LightningModule):
             # CUDA-graph outputs of the previous step may be overwritten from here on (one replay per step)
             torch.compiler.cudagraph_mark_step_begin()
         assert self.student_taps is not None, "setup() has not run"
+        batch, sample_index = self.split_sample_index(batch)
         batch = self.prepare_batch(batch)
         try:
             s_out, s_feats = self.student_taps.collect(self.student_forward(batch))
@@ -443,7 +495,10 @@ class DistillationModule(L.LightningModule):
         stats: dict[str, Tensor] = {}
         if self.distiller.needs_teacher:
             t_feats = self.teacher_features(batch)
-            terms, stats = self.distiller(s_feats, t_feats, self.distill_inputs(batch), epoch=self.current_epoch + 1)
+            inputs = self.distill_inputs(batch)
+            if sample_index is not None:
+                inputs = {**inputs, "sample_index": sample_index}
+            terms, stats = self.distiller(s_feats, t_feats, inputs, epoch=self.current_epoch + 1)
         losses = self.task_losses(s_out, batch)
         self._check_task_weights(losses)
         if not losses:
