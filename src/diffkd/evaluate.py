@@ -17,7 +17,7 @@ What to evaluate (one of):
 * other weights (``.pth`` / ``.safetensors`` without that meta: older exports, anything
   :func:`diffkd.models.load_weights` reads) with ``--model <registry name>``: ``train.yaml`` is composed from the
   packaged ``conf/`` (no experiment, no distillation, ``data=<--data>``, ``model.student.name=<--model>``), with
-  the task module whose batches the data yields (:func:`task_of_batch`);
+  the task module the data module declares (its class's ``task``, :func:`diffkd.config.task_of_data`);
 * a registry model with ``--model <name> --pretrained`` (its published weights; without ``--pretrained`` it is
   randomly initialised, only useful as a smoke test).
 
@@ -43,7 +43,6 @@ Prints what it used (checkpoint, model, data config and its settings, overrides)
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
@@ -53,19 +52,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from diffkd.utils.instantiate import compose_packaged, data_config_name
+from diffkd.config import (
+    CONFIG_DIR,
+    ConfigError,
+    accepts,
+    add_set_option,
+    apply_overrides,
+    compose,
+    config_name_of,
+    data_config_name,
+    stored_config,
+    task_of_data,
+)
 
 __all__ = ["EvalResult", "main"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 DEFAULT_DATA = "imagenet"  # of exported weights and registry models, when --data is not given
 _MISSING = object()
 # Data config entries shown in the summary, in this order, when the config has them.
@@ -170,14 +178,6 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
     return obj, meta
 
 
-def _stored_config(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The composed run config that ``DistillationModule.on_save_checkpoint`` stored, or ``None``."""
-    if "state_dict" not in checkpoint:
-        return None
-    config = (checkpoint.get("diffkd") or {}).get("config")
-    return config if isinstance(config, Mapping) and config.get("model") and config.get("data") else None
-
-
 def _export_config(meta: Mapping[str, Any] | None) -> DictConfig | None:
     """The config an export's meta gives (its task module and student, its run's data), on the packaged
     ``train.yaml`` for the rest (no distillation, no callbacks, no logger); ``None`` for exports without it."""
@@ -187,18 +187,6 @@ def _export_config(meta: Mapping[str, Any] | None) -> DictConfig | None:
     cfg.model = OmegaConf.create(dict(meta["model"]))
     cfg.data = OmegaConf.create(dict(meta["data"]))
     return cfg
-
-
-def task_of_batch(batch: Any) -> str:
-    """The task (``conf/model/<task>.yaml``) whose module consumes ``batch``, a data module's collated batch:
-    ``detection`` (one target dict with ``boxes`` per image), ``segmentation`` (a label map per image) or
-    ``classification`` (a class, or class scores, per image)."""
-    targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
-    if isinstance(targets, (tuple, list)) and targets and isinstance(targets[0], Mapping) and "boxes" in targets[0]:
-        return "detection"
-    if isinstance(targets, torch.Tensor) and targets.dim() >= 3:
-        return "segmentation"
-    return "classification"
 
 
 # ------------------------------------------------------------------------------------------------------ configs
@@ -214,7 +202,7 @@ def _data_name(data: str) -> tuple[str, str | None]:
 
 def _compose(overrides: Sequence[str]) -> DictConfig:
     """``train.yaml`` of the packaged ``conf/`` with ``overrides`` (no Hydra app, no run folder)."""
-    return compose_packaged(overrides, "evaluate")
+    return compose(overrides, "evaluate")
 
 
 def _data_group(name: str) -> dict[str, Any]:
@@ -225,103 +213,40 @@ def _data_group(name: str) -> dict[str, Any]:
 
 def _config_name_of(data_cfg: DictConfig) -> str:
     """The ``conf/data`` config whose ``_target_`` is this data config's, else the target's class name."""
-    target = data_cfg.get("_target_", "")
-    for path in sorted((CONFIG_DIR / "data").glob("*.yaml")):
-        if OmegaConf.load(path).get("_target_") == target:
-            return path.stem
-    return str(target).rsplit(".", 1)[-1] or "?"
+    target = str(data_cfg.get("_target_", ""))
+    return config_name_of("data", target) or target.rsplit(".", 1)[-1] or "?"
 
 
-def _data_class_accepts(data_cfg: DictConfig, key: str) -> bool:
-    """Whether the datamodule class takes ``key`` (a flag may set an entry its config file leaves out)."""
-    try:
-        params = inspect.signature(hydra.utils.get_class(data_cfg._target_)).parameters
-    except Exception:
-        return False
-    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _replaced(cfg: DictConfig, key: str, value: Any, origin: str | None) -> str:
-    """``"; <origin> was <old>"`` when ``value`` replaces another value of the run's config at ``key``."""
-    if origin is None or key.rsplit(".", 1)[-1] in _PLACE_KEYS:
+def _replaced(key: str, old: Any, value: Any, origin: str | None) -> str:
+    """``"; <origin> was <old>"`` when ``value`` replaces another value ``old`` of the run's config at ``key``."""
+    if origin is None or key.rsplit(".", 1)[-1] in _PLACE_KEYS or old is None or old == value:
         return ""
-    old = OmegaConf.select(cfg, key, default=_MISSING)
-    if old is _MISSING or old is None:
-        return ""
-    old = OmegaConf.to_container(old, resolve=True) if isinstance(old, (DictConfig, ListConfig)) else old
-    return "" if old == value else f"; {origin} was {old}"
+    return f"; {origin} was {old}"
 
 
 def _set_data(cfg: DictConfig, key: str, value: Any, flag: str, applied: list[str], origin: str | None = None) -> None:
     """``cfg.data.<key> = value`` for a flag; an entry the config lacks is added when the datamodule takes it."""
-    if key not in cfg.data and not _data_class_accepts(cfg.data, key):
+    if key not in cfg.data and not accepts(cfg.data, key):
         name = _config_name_of(cfg.data)
         raise EvalError(f"{flag}: the data config {name} ({cfg.data.get('_target_')}) has no {key}")
-    note = _replaced(cfg, f"data.{key}", value, origin)
+    old = OmegaConf.select(cfg, f"data.{key}", default=None)
+    old = OmegaConf.to_container(old, resolve=True) if isinstance(old, (DictConfig, ListConfig)) else old
+    note = _replaced(f"data.{key}", old, value, origin)
     OmegaConf.update(cfg, f"data.{key}", value, merge=False, force_add=True)
     applied.append(f"data.{key}={value} ({flag}{note})")
 
 
-def _absolute(override: str, cfg: DictConfig) -> str:
-    """``override`` with its key made absolute: a key whose first part is no config group is relative to data."""
-    prefix = override[: len(override) - len(override.lstrip("~+"))]
-    body = override[len(prefix) :]
-    first = body.split("=", 1)[0].split(".", 1)[0]
-    if isinstance(cfg.get(first), DictConfig):
-        return override
-    return f"{prefix}data.{body}"
-
-
-def _mandatory(cfg: DictConfig, key: str) -> bool:
-    """Whether ``key`` is in ``cfg`` with the value ``???`` (``select`` and ``in`` treat it as absent)."""
-    parent, _, leaf = key.rpartition(".")
-    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
-    # `leaf in node` is False for a ??? value: the keys list it
-    return isinstance(node, DictConfig) and leaf in node.keys() and OmegaConf.is_missing(node, leaf)  # noqa: SIM118
-
-
-def _is_data_override(override: str, cfg: DictConfig) -> bool:
-    """Whether ``override`` (``--set`` syntax) changes the data config."""
-    return _absolute(override, cfg).lstrip("~+").split("=", 1)[0].split(".", 1)[0] == "data"
-
-
 def _apply_set(cfg: DictConfig, overrides: Sequence[str], applied: list[str], origin: str | None = None) -> None:
-    """Hydra-style ``key=value`` / ``+key=value`` / ``++key=value`` / ``~key`` overrides applied to ``cfg``."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    parser = OverridesParser.create()
-    for raw in overrides:
-        text = _absolute(raw, cfg)
-        try:
-            (override,) = parser.parse_overrides([text])
-        except HydraException as err:
-            raise EvalError(f"--set {raw}: {err}") from None
-        if override.is_sweep_override():
-            raise EvalError(f"--set {raw}: one value per key (no sweeps)")
-        key = override.key_or_group
-        note = ""
-        current = OmegaConf.select(cfg, key, default=_MISSING)
-        present = current is not _MISSING or _mandatory(cfg, key)
-        if isinstance(current, DictConfig) and not override.is_delete() and not isinstance(override.value(), dict):
-            hint = "use --data <name>" if key == "data" else f"set its entries ({key}.<entry>=...)"
-            raise EvalError(f"--set {raw}: {key} is a config node, not a value: {hint}")
-        if override.is_delete():
-            if not present:
-                raise EvalError(f"--set {raw}: the config has no {key} to delete")
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent) if parent else cfg
-            del node[leaf]
-        elif override.is_add() or override.is_force_add():
-            if override.is_add() and present:
-                raise EvalError(f"--set {raw}: {key} is already set; override it without '+' (or with '++')")
-            OmegaConf.update(cfg, key, override.value(), merge=True, force_add=True)
-        else:
-            if not present:
-                raise EvalError(f"--set {raw}: the config has no {key}; add it with --set +{key}=...")
-            note = _replaced(cfg, key, override.value(), origin)
-            OmegaConf.update(cfg, key, override.value(), merge=True)
-        applied.append(f"{text} (--set{note})")
+    """``--set``: Hydra's ``key=value`` / ``+key=value`` / ``++key=value`` / ``~key`` on the config
+    (:func:`diffkd.config.apply_overrides`; keys relative to ``data`` unless they start with a config group)."""
+    try:
+        changes = apply_overrides(cfg, overrides, "data", flag="--set ", node_hints={"data": "use --data <name>"})
+    except ConfigError as err:
+        raise EvalError(f"--set {err}") from None
+    for change in changes:
+        plain = not change.override.startswith(("+", "~"))
+        note = _replaced(change.key, change.old, change.new, origin) if plain else ""
+        applied.append(f"{change.override} (--set{note})")
 
 
 def _apply_flags(
@@ -337,7 +262,7 @@ def _apply_flags(
         _set_data(cfg, "image_size", args.image_size, "--image-size", applied, origin)
     if args.batch_size is not None:
         # the evaluation batch; batch_size itself stays (Mixup, for one, checks that it is even)
-        separate = "val_batch_size" in cfg.data or _data_class_accepts(cfg.data, "val_batch_size")
+        separate = "val_batch_size" in cfg.data or accepts(cfg.data, "val_batch_size")
         _set_data(cfg, "val_batch_size" if separate else "batch_size", args.batch_size, "--batch-size", applied)
     if args.num_workers is not None:
         _set_data(cfg, "num_workers", args.num_workers, "--num-workers", applied)
@@ -357,11 +282,11 @@ def _student_overrides(cfg: DictConfig, args: argparse.Namespace, applied: list[
     what it replaced)."""
     student = cfg.model.student
     if args.model is not None and args.model != student.get("name"):
-        note = _replaced(cfg, "model.student.name", args.model, origin)
+        note = _replaced("model.student.name", student.get("name"), args.model, origin)
         student.name = args.model
         applied.append(f"model.student.name={args.model} (--model{note})")
     if args.num_classes is not None:
-        note = _replaced(cfg, "model.student.num_classes", args.num_classes, origin)
+        note = _replaced("model.student.num_classes", student.get("num_classes"), args.num_classes, origin)
         student.num_classes = args.num_classes
         applied.append(f"model.student.num_classes={args.num_classes} (--num-classes{note})")
     _no_downloads(student)
@@ -372,7 +297,7 @@ def _keep_shaping(cfg: DictConfig, run_data: DictConfig, name: str, origin: str,
     and label settings where the new data module takes them (the model was trained with them)."""
     for key in _SHAPING_DATA_KEYS:
         value = run_data.get(key)
-        if value is None or not (key in cfg.data or _data_class_accepts(cfg.data, key)):
+        if value is None or not (key in cfg.data or accepts(cfg.data, key)):
             continue
         value = OmegaConf.to_container(value, resolve=True) if isinstance(value, ListConfig) else value
         if cfg.data.get(key) != value:
@@ -390,29 +315,24 @@ class _RunConfig:
         notes: lines printed before the summary.
         origin: ``"the checkpoint's"`` / ``"the export's"`` when the config is the run's, ``None`` when composed
             from ``conf/``.
-        task_known: whether the task module is the run's or the one for the data's batches (``False`` only for the
-            provisional config that reads the data first).
     """
 
     cfg: DictConfig
     applied: list[str]
     notes: list[str]
     origin: str | None
-    task_known: bool
 
 
 def _run_config(
     args: argparse.Namespace,
     checkpoint: Mapping[str, Any] | None,
     meta: Mapping[str, Any] | None,
-    task: str | None = None,
 ) -> _RunConfig:
     """The config to evaluate with: a checkpoint's stored config, an export's meta, or ``conf/`` composed with
-    ``model=<task>``. Without ``task`` the last is provisional: the data is right (flags and ``--set data.*``
-    applied) so that its batches can tell the task, the other ``--set`` overrides wait for it."""
+    ``data=<--data> model=<the task its data module declares>``; then the flags and ``--set``."""
     applied: list[str] = []
     notes: list[str] = []
-    stored = _stored_config(checkpoint) if checkpoint is not None else None
+    stored = stored_config(checkpoint) if checkpoint is not None else None
     root: str | None = None
     cfg = OmegaConf.create(dict(stored)) if stored is not None else _export_config(meta)
     origin = None if cfg is None else "the checkpoint's" if stored is not None else "the export's"
@@ -433,13 +353,17 @@ def _run_config(
                 f"with --data {args.data or DEFAULT_DATA} --model {args.model}"
             )
         name, root = _data_name(args.data or DEFAULT_DATA)
+        try:  # the task module is the one for what the data yields: the data module class says which
+            task = task_of_data(_data_group(name))
+        except ConfigError as err:
+            raise EvalError(f"--data {name}: {err}") from None
         overrides = [
             "~experiment",
             "~callbacks",
             "logger=none",
             "distill=none",
             f"data={name}",
-            f"model={task or 'classification'}",
+            f"model={task}",
         ]
         cfg = _compose(overrides)
         # set here, not as override strings: names such as timm:<model> and paths need no quoting this way
@@ -453,10 +377,8 @@ def _run_config(
             OmegaConf.update(cfg, "model.student.pretrained", True, force_add=True)
         applied.append(f"data={name} ({'--data' if args.data else 'default'})")
     _apply_flags(cfg, args, root, applied, origin)
-    task_known = origin is not None or task is not None
-    sets = args.overrides if task_known else [o for o in args.overrides if _is_data_override(o, cfg)]
-    _apply_set(cfg, sets, applied, origin)
-    return _RunConfig(cfg, applied, notes, origin, task_known)
+    _apply_set(cfg, args.overrides, applied, origin)
+    return _RunConfig(cfg, applied, notes, origin)
 
 
 # --------------------------------------------------------------------------------------------------- the model
@@ -525,16 +447,7 @@ class _Counter(L.Callback):
     ) -> None:
         self._count(batch)
 
-    def on_test_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._count(batch)
+    on_test_batch_end = on_validation_batch_end
 
 
 def _accelerator(device: str) -> tuple[str, int | list[int]]:
@@ -614,15 +527,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, help="the data config's image_size")
     parser.add_argument("--batch-size", type=int, help="evaluation batch (the data config's val_batch_size)")
     parser.add_argument("--num-workers", type=int, help="data loader workers")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Hydra override of the config, e.g. --set data.crop_pct=0.95 (repeatable; +key= adds, ~key deletes; "
-        "a key not starting with a config group is relative to data: --set crop_pct=0.95)",
-    )
+    add_set_option(parser, "data.crop_pct=0.95")
     parser.add_argument("--split", choices=["val", "test"], default="val", help="trainer.validate or trainer.test")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (one device)")
     parser.add_argument("--bf16", action="store_true", help="precision bf16-mixed (default 32-true)")
@@ -656,18 +561,6 @@ def _datamodule(cfg: DictConfig, args: argparse.Namespace) -> Any:
     return dm
 
 
-def _task_of_data(dm: Any, args: argparse.Namespace) -> str:
-    """The task of the data's batches (:func:`task_of_batch`), from one evaluation sample."""
-    from diffkd.data.base import DataNotFoundError
-
-    try:
-        return task_of_batch(dm.example_batch(1, split="val"))
-    except DataNotFoundError as err:
-        raise EvalError(f"{err}\n(point to the data with --data-dir / --root)") from None
-    except ValueError as err:
-        raise EvalError(f"{type(dm).__name__}: {err}") from None
-
-
 def main(argv: list[str] | None = None) -> EvalResult:
     """Evaluate as the command line says; prints the summary and the metrics and returns them."""
     from diffkd.data.base import DataNotFoundError
@@ -682,7 +575,7 @@ def main(argv: list[str] | None = None) -> EvalResult:
         checkpoint, meta = _read_file(Path(args.weights))
     elif args.model is None:
         parser.error("give a checkpoint or weights file, or --model <name> (with --pretrained for its weights)")
-    stored = checkpoint is not None and _stored_config(checkpoint) is not None
+    stored = checkpoint is not None and stored_config(checkpoint) is not None
     if not stored and args.ema:
         raise EvalError("--ema reads the EMA weights of a diffkd training checkpoint (.ckpt with its run config)")
     if not stored and _export_config(meta) is None and args.model is None:
@@ -698,11 +591,6 @@ def main(argv: list[str] | None = None) -> EvalResult:
         )
     run = _run_config(args, checkpoint, meta)
     dm = _datamodule(run.cfg, args)
-    if not run.task_known:  # the task module is the one for what the data yields
-        first_data = run.cfg.data
-        run = _run_config(args, checkpoint, meta, task=_task_of_data(dm, args))
-        if run.cfg.data != first_data:
-            dm = _datamodule(run.cfg, args)
     cfg, applied, notes = run.cfg, run.applied, run.notes
     num_classes = None if args.pretrained and args.num_classes is None else getattr(dm, "num_classes", None)
     module = build_module(cfg, num_classes, teacher=False)

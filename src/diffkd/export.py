@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffkd.config import config_name_of, stored_config
 from diffkd.models.checkpoint import NotACheckpointError, RefusedCheckpointError, read_checkpoint
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
 #: Version of the export meta (``meta["diffkd_export"]``); files without it were written before the meta said more
 #: than the student spec.
 EXPORT_FORMAT = 2
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 # Spec entries that fetch published weights when the model is built: the exported weights replace them.
 _DOWNLOADS = {"pretrained": False, "weights_backbone": None}
 # What the data module says about its input, when it has it (read from the instance, else the config).
@@ -64,7 +64,8 @@ def student_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]
 
 
 def _stored_config(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
-    return (checkpoint.get("diffkd") or {}).get("config") or {}
+    """The run config the checkpoint stores (:func:`diffkd.config.stored_config`), ``{}`` without one."""
+    return stored_config(checkpoint, complete=False) or {}
 
 
 def student_spec(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,36 +132,15 @@ def load_student(path: str | Path) -> nn.Module:
 # ------------------------------------------------------------------------------------------------------- the meta
 
 
-def _class_of(target: str) -> Any:
-    import hydra
-
-    try:
-        return hydra.utils.get_class(target)
-    except Exception:
-        return target
-
-
 def task_config_name(target: str) -> str | None:
     """The ``conf/model/<name>.yaml`` (``classification``, ``detection``, ``segmentation``) whose task module is
     ``target``'s class (``diffkd.tasks.DetectionModule`` and ``diffkd.tasks.detection.DetectionModule`` are one)."""
-    from omegaconf import OmegaConf
-
-    cls = _class_of(target)
-    for path in sorted((CONFIG_DIR / "model").glob("*.yaml")):
-        if _class_of(str(OmegaConf.load(path).get("_target_", ""))) == cls:
-            return path.stem
-    return None
+    return config_name_of("model", target)
 
 
 def data_config_name(target: str) -> str | None:
     """The ``conf/data/<name>.yaml`` whose data module is ``target``'s class."""
-    from omegaconf import OmegaConf
-
-    cls = _class_of(target)
-    for path in sorted((CONFIG_DIR / "data").glob("*.yaml")):
-        if _class_of(str(OmegaConf.load(path).get("_target_", ""))) == cls:
-            return path.stem
-    return None
+    return config_name_of("data", target)
 
 
 def _plain(value: Any) -> Any:

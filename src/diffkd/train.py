@@ -8,19 +8,17 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from diffkd.config import CONFIG_DIR, PRIMARY_CONFIG
 from diffkd.training import train
 from diffkd.utils.instantiate import build_module
 
 __all__ = ["build_module", "main", "train"]
 
 log = logging.getLogger("diffkd.train")
-
-CONFIG_DIR = Path(__file__).resolve().parent / "conf"
 
 #: ``pipeline: <name>`` → the function that runs it with the composed config (``train`` is :func:`train` itself).
 PIPELINES = {
@@ -30,7 +28,8 @@ PIPELINES = {
 }
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+# the Hydra app every other tool composes like (diffkd.config.compose): the packaged conf/, train.yaml
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=PRIMARY_CONFIG)
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("print_config"):
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))

@@ -8,6 +8,8 @@ import json
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from diffkd.check import main
 from diffkd.data.base import BadImagesError, DataNotFoundError, ImageReadError, SkipBadImages, SkippedImageWarning
-from diffkd.data.check import main
 from diffkd.data.cityscapes import CityscapesDataModule
 from diffkd.data.coco import COCODataModule
 from diffkd.data.image_folder import ImageFolderDataModule
@@ -126,6 +128,17 @@ def test_check_clean_set_exits_0_and_a_folder_means_image_folder(clean_folder, t
     assert status == 0 and report["ok"] and list(report["splits"]) == ["val"]
     assert report["settings"]["root"] == str(clean_folder)
     assert text.splitlines()[-1] == "OK: image_folder: 8 samples in val, nothing bad"
+
+
+def test_the_command_keeps_its_module_path(clean_folder, tmp_path) -> None:
+    """``python -m diffkd.data.check`` runs the command line that now lives in ``diffkd.check``: same output, same
+    exit status."""
+    argv = [sys.executable, "-m", "diffkd.data.check", str(clean_folder), "--splits", "val", "--workers", "2"]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "OK: image_folder: 8 samples in val, nothing bad"
+    bad = subprocess.run([*argv[:3], "no_such_data"], capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "diffkd.data.check: 'no_such_data' is neither a data config" in bad.stderr
 
 
 def test_check_notes_non_rgb_images_without_failing(clean_folder, tmp_path, capsys) -> None:

@@ -1,8 +1,8 @@
-"""``python -m diffkd.data.check`` — decode every file of a data set up front and report what is bad.
+"""The data check: decode every file of a data set up front and report what is bad.
 
-The data config is composed from the packaged ``conf/`` as training composes it (``train.yaml`` with
-``~experiment data=<name>``), the datamodule is instantiated and set up, and every sample of each split is checked
-on a thread pool (PIL decodes outside the GIL):
+``python -m diffkd.data.check <data config> [options]`` runs it from the command line (:mod:`diffkd.check`, which
+composes the data config from the packaged ``conf/`` as training does). Here: :func:`check_datamodule` sets a
+datamodule up and checks every sample of each split on a thread pool (PIL decodes outside the GIL):
 
 * image files (ImageFolder, ImageNet, COCO, Cityscapes): decoded and converted as loading does; a missing,
   empty (0-byte), truncated or undecodable file is an error. Files that are not RGB are notes (they are converted
@@ -19,16 +19,7 @@ sample (a COCO json without annotations, every box dropped) and evaluation image
 fail the check as they would fail training, with the same message; a training split smaller than one batch (with
 ``drop_last``, for this config's ``batch_size``) is an error of the train split.
 
-Exit status: 0 when nothing is bad (notes allowed), 1 when there is an error or a warning (or the data set is not
-found or not usable), 2 for a usage error. The last line is the summary; ``--json out.json`` writes the whole
-report.
-
-Examples::
-
-    python -m diffkd.data.check imagenet --data-dir /data/imagenet --workers 32
-    python -m diffkd.data.check image_folder --root ~/my_images --json bad.json
-    python -m diffkd.data.check ~/my_images                       # a folder: image_folder with that root
-    python -m diffkd.data.check coco --root /data/coco --splits val --set val_split=val2017
+The command line's options, exit status and examples: :mod:`diffkd.check`.
 
 The same check runs inside training with ``data.verify=true`` (see :class:`~diffkd.data.base.ImageFileChecks`);
 ``data.skip_bad_images=true`` trains past unreadable files instead.
@@ -36,24 +27,18 @@ The same check runs inside training with ``data.verify=true`` (see :class:`~diff
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from diffkd.data.base import DataIssue
-from diffkd.data.usable import EmptySplitError, MixedSizeError
 
-__all__ = ["CheckReport", "SplitReport", "check_datamodule", "check_dataset", "default_workers", "main"]
+__all__ = ["CheckReport", "SplitReport", "check_datamodule", "check_dataset", "default_workers", "format_report"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 SPLITS = ("train", "val")
 _CHUNK = 64  # samples per pool task: few enough futures for ImageNet, small enough to spread over the threads
 _PROGRESS_EVERY_S = 10.0
@@ -265,179 +250,12 @@ def format_report(report: CheckReport) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------------ the config
-
-
-class UsageError(Exception):
-    """A bad command line or config: printed as one line, exit status 2."""
-
-
-def _compose(overrides: Sequence[str]) -> Any:
-    """``train.yaml`` of the packaged ``conf/`` with ``overrides`` (no Hydra app, no run folder)."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from diffkd.utils.instantiate import compose_packaged
-
-    try:
-        return compose_packaged(overrides, "check")
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UsageError(" ".join(str(err).split())) from None
-
-
-def _data_name(data: str) -> tuple[str, str | None]:
-    """``(data config name, image_folder root or None)``: a config name, or a folder (``image_folder``)."""
-    from diffkd.utils.instantiate import data_config_name
-
-    try:
-        return data_config_name(data)
-    except ValueError as bad:
-        raise UsageError(f"{bad}") from None
-
-
-def _absolute(override: str, groups: Sequence[str]) -> str:
-    """``override`` with its key made absolute: a key whose first part is not a top-level key is under data."""
-    prefix = override[: len(override) - len(override.lstrip("~+"))]
-    body = override[len(prefix) :]
-    first = body.split("=", 1)[0].split(".", 1)[0]
-    return override if first in groups else f"{prefix}data.{body}"
-
-
-def _declares(node: Any, key: str) -> bool:
-    """Whether a config node has ``key``, even as ``???``: ``key in node`` is False for a missing value (the root
-    of ``image_folder``)."""
-    return key in list(node)
-
-
-def data_config(args: argparse.Namespace) -> tuple[Any, str, list[str]]:
-    """``(composed config, data config name, what the flags set)`` of the command line."""
-    from omegaconf import OmegaConf
-
-    name, folder = _data_name(args.data)
-    base = ["~experiment", f"data={name}"]
-    groups = list(_compose(base).keys())
-    sets = [_absolute(s, groups) for s in args.overrides]
-    cfg = _compose([*base, *sets])
-    applied = [f"{s} (--set)" for s in sets]
-    root = args.root if args.root is not None else folder
-    for key, value, flag in (("data_dir", args.data_dir, "--data-dir"), ("root", root, "--root")):
-        if value is None:
-            continue
-        if not _declares(cfg.data, key):
-            other = "--root" if key == "data_dir" else "--data-dir"
-            raise UsageError(f"{flag}: the data config {name} has no {key} (use {other})")
-        OmegaConf.update(cfg, f"data.{key}", str(Path(value).expanduser()), merge=False)
-        applied.append(f"data.{key}={value} ({flag})")
-    for key in ("verify", "skip_bad_images"):  # the check reports every file itself; nothing is skipped
-        if _declares(cfg.data, key):
-            cfg.data[key] = False
-    return cfg, name, applied
-
-
-def _settings(cfg: Any) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
-    keys = ("data_dir", "root", "layout", "train_dir", "val_dir", "train_split", "val_split")
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return {k: data[k] for k in keys if k in data}
-
-
 # ------------------------------------------------------------------------------------------------ the command
 
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m diffkd.data.check",
-        description="Decode every image (and label) of a data set's splits as training loads them; report every "
-        "missing, empty, truncated or undecodable file (and labels or boxes that do not fit their image). Exit "
-        "status 0: nothing bad; 1: something bad, or the data set is not found; 2: a usage error.",
-    )
-    parser.add_argument("data", help="data config (conf/data/<name>.yaml), or a folder of class folders (image_folder)")
-    parser.add_argument("--data-dir", help="the data config's data_dir (cifar100, fashion_mnist, imagenet)")
-    parser.add_argument("--root", help="the data config's root (image_folder, coco, cityscapes)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="Hydra override, e.g. --set val_split=val2017 (repeatable; a key not starting with a config group is "
-        "under data; +key= adds, ~key deletes)",
-    )
-    parser.add_argument("--splits", default="train,val", help="comma-separated splits to check (default train,val)")
-    parser.add_argument(
-        "--workers", type=int, default=None, help=f"decoding threads (default min(32, CPUs + 4) = {default_workers()})"
-    )
-    parser.add_argument("--json", dest="json_path", help="also write the report to this JSON file")
-    return parser
-
-
-def _write_json(path: str | None, report: CheckReport) -> None:
-    if path is not None:
-        Path(path).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Check as the command line says; print the report; return the exit status (0 clean, 1 bad, 2 usage)."""
-    from diffkd.data.base import DataNotFoundError
-    from diffkd.utils.instantiate import instantiate
-
-    parser = _parser()
-    args = parser.parse_args(argv)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if not splits or any(s not in SPLITS for s in splits):
-        parser.error(f"--splits {args.splits!r}: choose from {', '.join(SPLITS)}")
-    if args.workers is not None and args.workers < 1:
-        parser.error("--workers must be >= 1")
-    from omegaconf.errors import MissingMandatoryValue
-
-    name = args.data
-    try:
-        cfg, name, applied = data_config(args)
-        target = str(cfg.data.get("_target_", "?"))
-        dm = instantiate(cfg.data)
-    except UsageError as err:
-        print(f"diffkd.data.check: {err}", file=sys.stderr)
-        return 2
-    except MissingMandatoryValue as err:
-        key = getattr(err, "full_key", None) or "a value"
-        print(f"diffkd.data.check: data config {name}: {key} is not set (--root, --data-dir or --set)", file=sys.stderr)
-        return 2
-    except (TypeError, ValueError) as err:  # an entry the datamodule does not take, or a value it refuses
-        print(f"diffkd.data.check: data config {name}: {err}", file=sys.stderr)
-        return 2
-    report = CheckReport(name, target, _settings(cfg))
-    if applied:
-        report.settings["overrides"] = applied
-    try:
-        report.splits = check_datamodule(
-            dm, splits, args.workers, progress=lambda line: print(line, file=sys.stderr, flush=True)
-        )
-    except (EmptySplitError, MixedSizeError) as err:  # found, but training would refuse it: the message has the fix
-        report.failure = f"{type(err).__name__}: {err}"
-        if isinstance(err, EmptySplitError):
-            report.failure_reason = f"no usable sample in {', '.join(err.splits)}"
-        else:
-            report.failure_reason = "samples of several sizes in one batch"
-        print(err, file=sys.stderr)
-        print(report.summary())
-        _write_json(args.json_path, report)
-        return 1
-    except (DataNotFoundError, ValueError, OSError) as err:  # missing files, malformed lists or annotations
-        report.failure = f"{type(err).__name__}: {err}"
-        hint = "\n(point to the data with --data-dir / --root)" if isinstance(err, FileNotFoundError) else ""
-        print(f"{err}{hint}", file=sys.stderr)
-        print(report.summary())
-        _write_json(args.json_path, report)
-        return 1
-    print(format_report(report))
-    _write_json(args.json_path, report)
-    return 0 if report.ok else 1
-
-
 if __name__ == "__main__":
-    # Run the imported module's main, not this __main__ copy: the data sets import diffkd.data.check (through
-    # ImageFileChecks), and one copy of its classes keeps isinstance and except clauses right.
-    from diffkd.data.check import main as _main
+    # `python -m diffkd.data.check` runs the command line, diffkd.check (it composes configs: the data layer knows no
+    # config files and imports nothing above it, hence by name). It runs as diffkd.check's own __main__, so the
+    # classes here keep one copy (the data sets import this module through ImageFileChecks).
+    import runpy
 
-    sys.exit(_main())
+    runpy.run_module("diffkd.check", run_name="__main__", alter_sys=True)

@@ -1,15 +1,13 @@
 """Public instantiation helpers shared by the entry points (``train``, ``evaluate``, the demo).
 
-Hydra composes ``conf/`` into a config; these turn its groups into objects: the datamodule, the task
+Hydra composes ``conf/`` into a config (:mod:`diffkd.config`, whose ``compose_packaged``, ``data_config_name`` and
+``CONFIG_DIR`` stay importable from here); these turn its groups into objects: the datamodule, the task
 LightningModule (student, teacher, distiller, optimizer), callbacks and loggers.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -17,39 +15,11 @@ import lightning as L
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from diffkd.config import CONFIG_DIR, compose_packaged, data_config_name
+
 __all__ = ["CONFIG_DIR", "build_module", "compose_packaged", "data_config_name", "instantiate", "instantiate_list"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 log = logging.getLogger("diffkd")
-
-
-def compose_packaged(overrides: Sequence[str], tool: str) -> DictConfig:
-    """``train.yaml`` of the packaged ``conf/`` with ``overrides``, outside a Hydra app (the command-line tools:
-    ``evaluate``, ``data.check``). ``paths`` resolve from ``DIFFKD_ROOT`` or the working folder (the defaults read
-    ``${hydra:runtime...}``, which only exists inside an app); the output folder is ``logs/<tool>``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    base = os.environ.get("DIFFKD_ROOT", os.getcwd())
-    paths = [f"paths.root_dir={base}", f"paths.output_dir={base}/logs/{tool}"]
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=[*paths, *overrides])
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def data_config_name(data: str) -> tuple[str, str | None]:
-    """``(data config name, image_folder root or None)`` of a tool's ``data`` argument: a ``conf/data/<name>.yaml``
-    name, or a folder of class folders (``image_folder``). Raises ``ValueError`` listing the configs."""
-    if (CONFIG_DIR / "data" / f"{data}.yaml").is_file():
-        return data, None
-    if Path(data).is_dir():
-        return "image_folder", data
-    known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "data").glob("*.yaml")))
-    raise ValueError(f"{data!r} is neither a data config ({known}) nor a folder")
 
 
 def instantiate(cfg: DictConfig, **kwargs: Any) -> Any:
