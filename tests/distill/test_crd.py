@@ -261,6 +261,39 @@ def test_a_resumed_loss_continues_exactly():
         assert torch.equal(resumed.state_dict()[name], value), name
 
 
+def _ddp_update(rank: int, world: int, init: str, out: str) -> None:
+    """One rank of the DDP bank test: bind equal banks, update them with this rank's half of the batch."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        distance, _ = _bound("exact")
+        g = torch.Generator().manual_seed(5)
+        v_s, v_t = l2_normalize(torch.randn(8, 4, generator=g)), l2_normalize(torch.randn(8, 4, generator=g))
+        index = torch.randperm(40, generator=g)[:8]
+        part = slice(4 * rank, 4 * rank + 4)
+        distance.update_memory(v_s[part], v_t[part], index[part])
+        torch.save(distance.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes (~30 s on 2 busy cores)
+def test_under_ddp_every_rank_applies_the_whole_batch_to_its_banks(tmp_path):
+    """Two gloo ranks, each with half of a batch: both banks end as one process's update with the whole batch."""
+    torch.multiprocessing.spawn(
+        _ddp_update, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2, join=True
+    )
+    torch.manual_seed(0)
+    single, _ = _bound("exact")
+    g = torch.Generator().manual_seed(5)
+    v_s, v_t = l2_normalize(torch.randn(8, 4, generator=g)), l2_normalize(torch.randn(8, 4, generator=g))
+    single.update_memory(v_s, v_t, torch.randperm(40, generator=g)[:8])
+    for rank in (0, 1):
+        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for name in ("memory_student", "memory_teacher"):
+            torch.testing.assert_close(state[name], getattr(single, name), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ errors
 def test_errors_name_the_problem_and_the_fix():
     distance = build_distance("crd", feat_dim=4, num_negatives=6)
