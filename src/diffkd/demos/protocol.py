@@ -35,6 +35,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffkd.config import CONFIG_DIR, PRIMARY_CONFIG
 from diffkd.training import train
 
 # The kit's log records keep the name they had when it lived in ``diffkd.demo``: log settings name it.
@@ -63,7 +64,6 @@ __all__ = [
     "train_demo_run",
 ]
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 #: The table, as printed, in the demo's output folder.
 TABLE_FILE = "demo_table.txt"
 
@@ -213,11 +213,12 @@ def cpu_supports_bf16() -> bool:
 
 @contextmanager
 def _composer() -> Iterator[None]:
-    """Hydra's compose API: the running app's (``python -m diffkd.train``), or the packaged ``conf/``."""
+    """Hydra's compose API: the running app's (``python -m diffkd.train``; its state is kept, unlike
+    :func:`diffkd.config.packaged_config`), or the packaged ``conf/``."""
     if GlobalHydra.instance().is_initialized():
         yield
         return
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         yield
 
 
@@ -231,7 +232,7 @@ def demo_run_config(base: Sequence[str], method: str, fixed: Sequence[str]) -> D
     ``diffkd`` run has ``distill.diffkd``, the ``kd`` run has not)."""
     with _composer():
         plain = [o for o in base if not _key(o).startswith("distill.")]
-        probe = compose(config_name="train", overrides=[*plain, f"distill={method}", *fixed])
+        probe = compose(config_name=PRIMARY_CONFIG, overrides=[*plain, f"distill={method}", *fixed])
         kept = list(plain)
         for override in base:
             key = _key(override)
@@ -242,7 +243,7 @@ def demo_run_config(base: Sequence[str], method: str, fixed: Sequence[str]) -> D
                 log.info("demo: %s does not apply to the %s run (its distiller has no %s)", override, method, parent)
                 continue
             kept.append(override)
-        return compose(config_name="train", overrides=[*kept, f"distill={method}", *fixed])
+        return compose(config_name=PRIMARY_CONFIG, overrides=[*kept, f"distill={method}", *fixed])
 
 
 def _command_line_overrides() -> list[str]:
