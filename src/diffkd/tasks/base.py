@@ -14,9 +14,18 @@ and leaves to a task subclass only the *forward contract* — how a batch reache
 - ``task_losses(student_output, batch)`` → ``{name: loss}`` (a detector's own loss dict; classification
   ``{"ce": ...}``), each logged as ``train/loss/<name>``, weighted by ``task_weights`` and guarded;
 - ``distill_inputs(batch)`` → what the distances may declare they need (``labels``, ``valid_mask``, ...);
-- evaluation steps and metrics: ``validation_step``, ``log_validation_epoch`` (the epoch's metrics), and for the
-  validation contract ``validation_values()`` (the epoch's validation loss) and ``watched_outputs()`` (the modules
-  whose outputs must stay finite; default the student).
+- its evaluation metrics: ``metrics()`` → ``{name: torchmetrics.Metric}`` (fresh ones; a ``loss`` among them is the
+  validation loss the contract checks), ``best_metric``/``best_mode`` (the metric whose best value so far is logged
+  as ``val/<name>_best``), ``update_metrics(metrics, batch)`` (runs the student on an evaluation batch) and, where a
+  metric's value is not what is logged, ``compute_metrics(metrics)`` (detection: one mAP → ``map``, ``map_50``, ...);
+  ``report_metrics`` prints what a task wants printed after an epoch (segmentation's per-class table); and for the
+  validation contract ``watched_outputs()`` (the modules whose outputs must stay finite; default the student).
+
+The evaluation contract, the same for every task: the base builds one set of the task's metrics per evaluation split
+(``val``, ``test``; registered children ``val_<name>``/``test_<name>``, so they move with the module and synchronise
+over the ranks) and the best-so-far tracker ``val_<best_metric>_best``; ``validation_step``/``test_step`` update
+them, every epoch ends with their values logged as ``<split>/<name>`` (``best_metric`` in the progress bar, then
+``val/<best_metric>_best`` outside the sanity check) and the metrics reset.
 
 The validation contract, the same for every task: in a fit, every validation epoch checks the task's validation
 loss and the watched outputs for NaN/inf *before* its metrics are logged and before any checkpoint is written, and
@@ -39,13 +48,14 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torchmetrics import MaxMetric, Metric, MinMetric
 
 from diffkd.data.protocol import DistillDataModule, require_protocol
 from diffkd.distill import Distiller, FeatureTaps, dry_run
@@ -61,6 +71,7 @@ log = logging.getLogger(__name__)
 
 COMPILE_PARTS = ("student", "teacher", "heads")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+EVAL_SPLITS = ("val", "test")  # each gets its own set of the task's metrics
 
 
 def map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -125,6 +136,9 @@ class DistillationModule(L.LightningModule):
             training batch, so the DiffKD noise and dropout of a step do not depend on what ran before it — a
             resumed run draws what the uninterrupted one drew, on every rank.
     """
+
+    best_metric: str | None = None  # logged as val/<name>_best, its best so far (see metrics())
+    best_mode: Literal["max", "min"] = "max"
 
     def __init__(
         self,
@@ -216,10 +230,30 @@ class DistillationModule(L.LightningModule):
     def on_dry_run(self, student_output: Any) -> None:
         """Task hook: what the student's dry-run output tells (e.g. the number of classes)."""
 
-    def validation_values(self) -> dict[str, Tensor]:
-        """The finished validation epoch's values that are finite in a healthy run, ``{"val/loss": ...}``
-        (synchronised over the ranks); ``{}`` for a task without a validation loss (its outputs are watched)."""
+    def metrics(self) -> dict[str, Metric]:
+        """The task's evaluation metrics, fresh: ``{name: metric}`` (called once per split, after the dry run, so
+        they may read e.g. ``num_classes``). A ``loss`` metric is the validation loss the validation contract
+        checks. ``{}``: the task evaluates nothing."""
         return {}
+
+    def update_metrics(self, metrics: Mapping[str, Metric], batch: Any) -> None:
+        """Run the student on an evaluation ``batch`` and update ``metrics`` (one split's set of :meth:`metrics`)."""
+        raise NotImplementedError(f"{type(self).__name__} declares metrics() but no update_metrics(metrics, batch)")
+
+    def compute_metrics(self, metrics: Mapping[str, Metric]) -> dict[str, Tensor]:
+        """The epoch's values ``{name: scalar}``, each logged as ``<split>/<name>`` (default: every metric's
+        ``compute()``, synchronised over the ranks). Must hold ``best_metric``."""
+        return {name: metric.compute() for name, metric in metrics.items()}
+
+    def report_metrics(self, split: str, metrics: Mapping[str, Metric], values: Mapping[str, Tensor]) -> None:
+        """Task hook after an evaluation epoch's values were logged, outside the sanity check (e.g. a table)."""
+
+    def validation_values(self) -> dict[str, Tensor]:
+        """The finished validation epoch's values that are finite in a healthy run: the ``loss`` metric, as
+        ``{"val/loss": ...}`` (synchronised over the ranks) — NaN logits read as class 0 would give an accuracy of
+        nothing; ``{}`` for a task without a validation loss (its outputs are watched)."""
+        loss = self.split_metrics("val").get("loss")
+        return {"val/loss": loss.compute()} if loss is not None else {}
 
     def watched_outputs(self) -> dict[str, nn.Module]:
         """``{name: module}`` whose outputs must be finite in validation and on the probe batch (default: the
@@ -233,7 +267,8 @@ class DistillationModule(L.LightningModule):
         self.student(*args, **kwargs)
 
     def log_validation_epoch(self) -> None:
-        """Task hook: log the validation epoch's metrics (after the validation contract's checks passed)."""
+        """Log the validation epoch's metrics (after the validation contract's checks passed): :meth:`log_split`."""
+        self.log_split("val")
 
     # ------------------------------------------------------------------ calling the models
     def to_memory_format(self, obj: Any) -> Any:
@@ -415,6 +450,7 @@ class DistillationModule(L.LightningModule):
             self._teacher_cast = True
         if self.compile_parts:
             self._compile()
+        self.build_metrics()
 
     def _dry_run_paths(self) -> tuple[list[str] | None, list[str] | None]:
         """Module paths the dry runs record: every module where a point asks for ``@feature``."""
@@ -611,6 +647,68 @@ class DistillationModule(L.LightningModule):
 
     def teardown(self, stage: str) -> None:
         self.output_watch.stop()
+
+    # ------------------------------------------------------------------ evaluation: metrics per split, the best
+    def build_metrics(self) -> None:
+        """One set of :meth:`metrics` per evaluation split as registered children ``<split>_<name>`` and the
+        best-so-far tracker ``val_<best_metric>_best``, on the module's device (from :meth:`build`)."""
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"{type(self).__name__}.best_mode must be 'max' or 'min', got {self.best_mode!r}")
+        self._metric_names: dict[str, tuple[str, ...]] = {}
+        for split in EVAL_SPLITS:
+            metrics = self.metrics()
+            bad = [n for n in metrics if not n.isidentifier()]
+            if bad:
+                raise ValueError(f"{type(self).__name__}.metrics() names {bad}: use Python identifiers")
+            if self.best_metric is not None and split == "val" and not metrics:
+                raise ValueError(f"{type(self).__name__}.best_metric is {self.best_metric!r} but metrics() is empty")
+            self._metric_names[split] = tuple(metrics)
+            for name, metric in metrics.items():
+                setattr(self, f"{split}_{name}", metric.to(self.device))
+        if self.best_metric is not None:
+            tracker = MaxMetric() if self.best_mode == "max" else MinMetric()
+            setattr(self, f"val_{self.best_metric}_best", tracker.to(self.device))
+
+    def split_metrics(self, split: str) -> dict[str, Metric]:
+        """``{name: metric}`` of ``split`` (``val`` or ``test``); ``{}`` before :meth:`build`."""
+        names = getattr(self, "_metric_names", {}).get(split, ())
+        return {name: getattr(self, f"{split}_{name}") for name in names}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        metrics = self.split_metrics("val")
+        if metrics:
+            self.update_metrics(metrics, batch)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        metrics = self.split_metrics("test")
+        if metrics:
+            self.update_metrics(metrics, batch)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_split("test")
+
+    def log_split(self, split: str) -> dict[str, Tensor]:
+        """Log ``split``'s epoch values as ``<split>/<name>`` (and ``val/<best_metric>_best`` outside the sanity
+        check), hand them to :meth:`report_metrics`, reset the split's metrics; returns the values."""
+        metrics = self.split_metrics(split)
+        if not metrics:
+            return {}
+        values = self.compute_metrics(metrics)
+        best = self.best_metric
+        if best is not None and best not in values:
+            raise KeyError(f"{type(self).__name__}.compute_metrics gave {sorted(values)}, not best_metric {best!r}")
+        for name, value in values.items():  # values synchronised by the metrics: the mean over ranks keeps them
+            self.log(f"{split}/{name}", value.to(self.device), prog_bar=name == best, sync_dist=True)
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        if split == "val" and best is not None and not sanity:
+            tracker = getattr(self, f"val_{best}_best")
+            tracker.update(values[best].to(self.device))
+            self.log(f"val/{best}_best", tracker.compute(), prog_bar=True, sync_dist=True)
+        if not sanity:
+            self.report_metrics(split, metrics, values)
+        for metric in metrics.values():
+            metric.reset()
+        return values
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.nonfinite.step_done(self._last_good_checkpoint)  # asked only when a check fails

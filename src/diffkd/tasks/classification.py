@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from diffkd.data.protocol import ClassificationData, require_protocol
@@ -37,6 +38,8 @@ class ClassificationModule(DistillationModule):
     (B, K) targets). Logs ``train/loss`` and its terms, ``train/acc``, ``val/loss``, ``val/acc``,
     ``val/acc_top5``, ``val/acc_best`` (the best ``val/acc`` so far) and the ``test/*`` equivalents.
     """
+
+    best_metric = "acc"
 
     def __init__(self, *args: Any, num_classes: int | None = None, label_smoothing: float = 0.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -78,12 +81,6 @@ class ClassificationModule(DistillationModule):
         assert k is not None
         # validate_args=False: the argument checks read tensors on the host, a sync per training step
         self.train_acc = MulticlassAccuracy(k, average="micro", validate_args=False).to(self.device)
-        self.val_acc = MulticlassAccuracy(k, average="micro").to(self.device)
-        self.val_acc5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(self.device)
-        self.test_acc = MulticlassAccuracy(k, average="micro").to(self.device)
-        self.test_acc5 = MulticlassAccuracy(k, top_k=min(5, k), average="micro").to(self.device)
-        self.val_loss, self.test_loss = MeanMetric().to(self.device), MeanMetric().to(self.device)
-        self.val_acc_best = MaxMetric().to(self.device)
         dm = self.datamodule()
         if dm is not None:
             require_protocol(dm, ClassificationData, "classification")
@@ -99,27 +96,18 @@ class ClassificationModule(DistillationModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, batch: Any, acc, acc5, loss_metric, prefix: str) -> None:
+    def metrics(self) -> dict[str, Metric]:
+        k = self.num_classes
+        assert k is not None
+        return {
+            "loss": MeanMetric(),
+            "acc": MulticlassAccuracy(k, average="micro"),
+            "acc_top5": MulticlassAccuracy(k, top_k=min(5, k), average="micro"),
+        }
+
+    def update_metrics(self, metrics: Mapping[str, Metric], batch: Any) -> None:
         x, y = batch
         logits = self.student(self.to_memory_format(x))
-        loss_metric(F.cross_entropy(logits.float(), y))
-        acc(logits, y)
-        acc5(logits, y)
-        self.log(f"{prefix}/loss", loss_metric, on_step=False, on_epoch=True, prog_bar=False)
-        self.log(f"{prefix}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
-        self.log(f"{prefix}/acc_top5", acc5, on_step=False, on_epoch=True)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_acc, self.val_acc5, self.val_loss, "val")
-
-    def validation_values(self) -> dict[str, Tensor]:
-        return {"val/loss": self.val_loss.compute()}  # NaN logits would read as class 0: an accuracy of nothing
-
-    def log_validation_epoch(self) -> None:
-        if self.trainer.sanity_checking:
-            return
-        self.val_acc_best(self.val_acc.compute())
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_acc, self.test_acc5, self.test_loss, "test")
+        metrics["loss"].update(F.cross_entropy(logits.float(), y))
+        metrics["acc"].update(logits, y)
+        metrics["acc_top5"].update(logits, y)

@@ -50,11 +50,13 @@ student's detections, which torchvision's post-processing returns in the origina
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import Metric
 
 from diffkd.optim.schedulers import WarmupMultiStepLR
 from diffkd.tasks.base import DistillationModule
@@ -183,6 +185,8 @@ class DetectionModule(DistillationModule):
         **kwargs: see :class:`~diffkd.tasks.base.DistillationModule` (``task_weights`` weigh the detector's
             named losses, e.g. ``{loss_box_reg: 2.0}``).
     """
+
+    best_metric = "map"
 
     def __init__(
         self,
@@ -322,13 +326,6 @@ class DetectionModule(DistillationModule):
         if self.inherit_teacher_neck_heads and self.teacher is not None:
             inherit_neck_and_heads(self.student, self.teacher)
         super().build(example)
-        from torchmetrics import MaxMetric
-        from torchmetrics.detection import MeanAveragePrecision
-
-        backend = self.map_backend or _default_backend()
-        self.val_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=backend).to(self.device)
-        self.test_map = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=backend).to(self.device)
-        self.val_map_best = MaxMetric().to(self.device)
         dm = self.datamodule()
         if dm is not None and getattr(dm, "contiguous_labels", False):
             mapping = dm.label_to_category
@@ -346,7 +343,13 @@ class DetectionModule(DistillationModule):
         inside = labels < len(lookup)
         return torch.where(inside, lookup[labels.clamp(max=len(lookup) - 1)], labels)
 
-    def _eval_step(self, batch: Any, metric: Any) -> None:
+    def metrics(self) -> dict[str, Metric]:
+        from torchmetrics.detection import MeanAveragePrecision
+
+        backend = self.map_backend or _default_backend()
+        return {"map": MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend=backend)}
+
+    def update_metrics(self, metrics: Mapping[str, Metric], batch: Any) -> None:
         images, targets = batch
         predictions = self.student(list(images))
         keep = ("boxes", "labels", "iscrowd", "area")
@@ -354,17 +357,11 @@ class DetectionModule(DistillationModule):
         if self._label_to_category is not None:
             predictions = [{**p, "labels": self._to_categories(p["labels"])} for p in predictions]
             truth = [{**t, "labels": self._to_categories(t["labels"])} for t in truth]
-        metric.update(predictions, truth)
+        metrics["map"].update(predictions, truth)
 
-    def _log_map(self, metric: Any, prefix: str) -> Tensor:
-        result = metric.compute()
-        metric.reset()
-        self.log(f"{prefix}/map", result["map"].float(), prog_bar=True)
-        self.log_dict({f"{prefix}/{k}": result[k].float() for k in _MAP_KEYS if k != "map"})
-        return result["map"].float()
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_map)
+    def compute_metrics(self, metrics: Mapping[str, Metric]) -> dict[str, Tensor]:
+        result = metrics["map"].compute()
+        return {k: result[k].float() for k in _MAP_KEYS}
 
     def watched_outputs(self) -> dict[str, nn.Module]:
         """The backbone (+ FPN) and the heads: a detector's predictions cannot show NaN/inf (scores below the
@@ -382,19 +379,6 @@ class DetectionModule(DistillationModule):
 
     def probe_forward(self, batch: Any) -> None:
         self.student(list(batch[0]))
-
-    def log_validation_epoch(self) -> None:
-        value = self._log_map(self.val_map, "val")
-        if self.trainer.sanity_checking:
-            return
-        self.val_map_best(value)
-        self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_map)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_map(self.test_map, "test")
 
 
 def _default_backend() -> str:

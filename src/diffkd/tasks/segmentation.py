@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from diffkd.tasks.base import DistillationModule
@@ -122,6 +122,8 @@ class SegmentationModule(DistillationModule):
     per-class IoU ``val/iou/<class index>`` of every class present; the same under ``test/`` (no ``_best``).
     """
 
+    best_metric = "miou"
+
     def __init__(
         self,
         *args: Any,
@@ -207,18 +209,6 @@ class SegmentationModule(DistillationModule):
         super().build(example)
         k = self.num_classes
         assert k is not None
-        for split in ("val", "test"):
-            metrics = {
-                # NaN marks a class absent from prediction and ground truth, so mean_iou can leave it out
-                "iou": MulticlassJaccardIndex(
-                    k, ignore_index=self.ignore_index, average="none", zero_division=float("nan")
-                ),
-                "pixel_acc": MulticlassAccuracy(k, ignore_index=self.ignore_index, average="micro"),
-                "loss": MeanMetric(),
-            }
-            for name, metric in metrics.items():
-                setattr(self, f"{split}_{name}", metric.to(self.device))
-        self.val_miou_best = MaxMetric().to(self.device)
         if self.class_names is None:
             names = getattr(self.datamodule(), "class_names", None)
             if names is not None and len(names) == k:
@@ -250,51 +240,45 @@ class SegmentationModule(DistillationModule):
         assert total is not None
         return total / views if views > 1 else total
 
-    def _eval_step(self, batch: Any, split: str) -> None:
+    def metrics(self) -> dict[str, Metric]:
+        k = self.num_classes
+        assert k is not None
+        return {
+            # NaN marks a class absent from prediction and ground truth, so mean_iou can leave it out
+            "iou": MulticlassJaccardIndex(
+                k, ignore_index=self.ignore_index, average="none", zero_division=float("nan")
+            ),
+            "pixel_acc": MulticlassAccuracy(k, ignore_index=self.ignore_index, average="micro"),
+            "loss": MeanMetric(),
+        }
+
+    def update_metrics(self, metrics: Mapping[str, Metric], batch: Any) -> None:
         images, labels = batch
         scores = self.predict(images, tuple(labels.shape[-2:]))
         if self.eval_average == "softmax":
             loss = F.nll_loss(scores.clamp_min(1e-12).log(), labels, ignore_index=self.ignore_index)
         else:
             loss = F.cross_entropy(scores, labels, ignore_index=self.ignore_index)
-        getattr(self, f"{split}_loss").update(loss)
+        metrics["loss"].update(loss)
         prediction = scores.argmax(dim=1)
-        getattr(self, f"{split}_iou").update(prediction, labels)
-        getattr(self, f"{split}_pixel_acc").update(prediction, labels)
+        metrics["iou"].update(prediction, labels)
+        metrics["pixel_acc"].update(prediction, labels)
 
-    def _log_epoch(self, split: str) -> None:
-        per_class = getattr(self, f"{split}_iou").compute()  # synchronised across processes
-        miou = mean_iou(per_class, self.absent_classes)
-        pixel_acc = getattr(self, f"{split}_pixel_acc").compute()
-        self.log(f"{split}/miou", miou, prog_bar=True, sync_dist=True)
-        self.log(f"{split}/pixel_acc", pixel_acc, sync_dist=True)
-        self.log(f"{split}/loss", getattr(self, f"{split}_loss").compute(), sync_dist=True)
-        values = per_class.tolist()
-        self.log_dict(
-            {f"{split}/iou/{i}": per_class[i] for i, v in enumerate(values) if not math.isnan(v)}, sync_dist=True
-        )
-        sanity = self._trainer is not None and self.trainer.sanity_checking
-        if split == "val" and not sanity:
-            self.val_miou_best.update(miou)
-            self.log("val/miou_best", self.val_miou_best.compute(), prog_bar=True, sync_dist=True)
-        if self.iou_table and not sanity:
-            names = self.class_names or tuple(str(i) for i in range(len(values)))
-            where = f"{split}, step {self.global_step}" if self._trainer is not None else split
-            self.print(format_iou_table(values, names, float(miou), where, float(pixel_acc)))
-        for name in ("iou", "pixel_acc", "loss"):
-            getattr(self, f"{split}_{name}").reset()
+    def compute_metrics(self, metrics: Mapping[str, Metric]) -> dict[str, Tensor]:
+        per_class = metrics["iou"].compute()  # synchronised across processes
+        values = {
+            "miou": mean_iou(per_class, self.absent_classes),
+            "pixel_acc": metrics["pixel_acc"].compute(),
+            "loss": metrics["loss"].compute(),
+        }
+        values.update({f"iou/{i}": per_class[i] for i, v in enumerate(per_class.tolist()) if not math.isnan(v)})
+        return values
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def validation_values(self) -> dict[str, Tensor]:
-        return {"val/loss": self.val_loss.compute()}
-
-    def log_validation_epoch(self) -> None:
-        self._log_epoch("val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_epoch("test")
+    def report_metrics(self, split: str, metrics: Mapping[str, Metric], values: Mapping[str, Tensor]) -> None:
+        """The per-class IoU table (``iou_table``), rank zero only."""
+        if not self.iou_table:
+            return
+        per_class = metrics["iou"].compute().tolist()  # the cached value: no second synchronisation
+        names = self.class_names or tuple(str(i) for i in range(len(per_class)))
+        where = f"{split}, step {self.global_step}" if self._trainer is not None else split
+        self.print(format_iou_table(per_class, names, float(values["miou"]), where, float(values["pixel_acc"])))
