@@ -272,14 +272,18 @@ def _ddp_update(rank: int, world: int, init: str, out: str) -> None:
         index = torch.randperm(40, generator=g)[:8]
         part = slice(4 * rank, 4 * rank + 4)
         distance.update_memory(v_s[part], v_t[part], index[part])
-        torch.save(distance.state_dict(), f"{out}/rank{rank}.pt")
+        state = {k: v.clone() for k, v in distance.state_dict().items()}
+        distance(v_s[part], v_t[part], index[part])  # the first step sets Z: the same on both ranks
+        state.update(z_student=distance.z_student.clone(), z_teacher=distance.z_teacher.clone())
+        torch.save(state, f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow  # two spawned processes (~30 s on 2 busy cores)
 def test_under_ddp_every_rank_applies_the_whole_batch_to_its_banks(tmp_path):
-    """Two gloo ranks, each with half of a batch: both banks end as one process's update with the whole batch."""
+    """Two gloo ranks, each with half of a batch: both banks end as one process's update with the whole batch, and
+    the first step's Z is the same on both ranks."""
     torch.multiprocessing.spawn(
         _ddp_update, args=(2, f"file://{tmp_path / 'init'}", str(tmp_path)), nprocs=2, join=True
     )
@@ -288,10 +292,12 @@ def test_under_ddp_every_rank_applies_the_whole_batch_to_its_banks(tmp_path):
     g = torch.Generator().manual_seed(5)
     v_s, v_t = l2_normalize(torch.randn(8, 4, generator=g)), l2_normalize(torch.randn(8, 4, generator=g))
     single.update_memory(v_s, v_t, torch.randperm(40, generator=g)[:8])
-    for rank in (0, 1):
-        state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    states = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    for state in states:
         for name in ("memory_student", "memory_teacher"):
             torch.testing.assert_close(state[name], getattr(single, name), rtol=0, atol=0)
+    for name in ("z_student", "z_teacher"):
+        assert float(states[0][name]) > 0 and torch.equal(states[0][name], states[1][name])
 
 
 # ------------------------------------------------------------------ errors

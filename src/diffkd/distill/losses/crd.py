@@ -38,9 +38,10 @@ from (seed, epoch, batch, rank): a resumed run draws the same ones. ``mode``:
 **On purpose unlike mdistiller**: mdistiller draws the contrast indices in its data loader workers with NumPy;
 here they are drawn on the device (same distribution, other numbers). mdistiller is single-process; under DDP the
 batch's embeddings and indices are all-gathered before the bank update, so every rank applies the same update and
-the banks stay identical (with a ``DistributedSampler`` that pads the last batch, a sample may then appear twice in
-one update; which of its two rows is written is unspecified, as with any ``index_copy_`` of repeated indices). The
-scores and the loss run in the banks' dtype (fp32) under autocast too.
+the banks stay identical, and Z is the ranks' average of their first batch's estimates (with a
+``DistributedSampler`` that pads the last batch, a sample may then appear twice in one update; which of its two
+rows is written is unspecified, as with any ``index_copy_`` of repeated indices). The scores and the loss run in
+the banks' dtype (fp32) under autocast too.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ class CRDLoss(nn.Module):
         self.register_buffer("memory_teacher", torch.zeros(0, self.feat_dim))
         self.register_buffer("z_student", torch.tensor(-1.0))
         self.register_buffer("z_teacher", torch.tensor(-1.0))
+        self._z_checked = False  # Z is set (or was loaded) once this process has run a step
         # the sampler's view of the labels: derived from the data module at every start, so not in the checkpoint
         self.register_buffer("train_labels", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.register_buffer("class_order", torch.zeros(0, dtype=torch.int64), persistent=False)
@@ -303,13 +305,25 @@ class CRDLoss(nn.Module):
             rows_s = self.memory_student.index_select(0, flat).view(b, k1, self.feat_dim)
             out_s = torch.exp(torch.bmm(rows_t, v_s.unsqueeze(2)).squeeze(2) / self.temperature)
             out_t = torch.exp(torch.bmm(rows_s, v_t.unsqueeze(2)).squeeze(2) / self.temperature)
-            with torch.no_grad():  # Z: set by the first batch (no host sync), then a constant
-                n = float(self.num_samples)
-                self.z_student.copy_(torch.where(self.z_student < 0, out_s.mean() * n, self.z_student))
-                self.z_teacher.copy_(torch.where(self.z_teacher < 0, out_t.mean() * n, self.z_teacher))
+            if not self._z_checked:
+                self._set_z(out_s, out_t)
             loss = self.nce(out_s / self.z_student) + self.nce(out_t / self.z_teacher)
             self.update_memory(v_s.detach(), v_t.detach(), sample_index)
         return loss
+
+    @torch.no_grad()
+    def _set_z(self, out_s: Tensor, out_t: Tensor) -> None:
+        """Z ← N · mean(exp(score / T)) where not set yet (< 0), at this process's first step, without a host sync;
+        under DDP the ranks' means are averaged, so that every rank keeps the same Z."""
+        candidates = torch.stack([out_s.mean(), out_t.mean()]) * float(self.num_samples)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(candidates)
+            candidates /= dist.get_world_size()
+        z = torch.stack([self.z_student, self.z_teacher])
+        z = torch.where(z < 0, candidates.to(z.dtype), z)
+        self.z_student.copy_(z[0])
+        self.z_teacher.copy_(z[1])
+        self._z_checked = True
 
     @torch.no_grad()
     def update_memory(self, student: Tensor, teacher: Tensor, sample_index: Tensor) -> None:
