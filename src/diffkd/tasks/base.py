@@ -345,9 +345,9 @@ class DistillationModule(L.LightningModule):
         return move_data_to_device(batch, self.device)
 
     def setup(self, stage: str) -> None:
+        indexed = stage == "fit" and self._prepare_sample_index()  # also for a fit after a validate/test
         if self.student_taps is not None:
             return
-        indexed = stage == "fit" and self._prepare_sample_index()
         example = self.example_batch("train" if stage == "fit" else "val")
         if indexed:
             example = self.split_sample_index(example)[0]
