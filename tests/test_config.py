@@ -108,7 +108,9 @@ def test_run_config_from_a_run_folder_and_from_a_checkpoint(tmp_path):
     (run / ".hydra").mkdir(parents=True)
     stored = {"paths": {"output_dir": "${hydra:runtime.output_dir}"}, "model": {"a": 1}, "data": {"b": 2}}
     OmegaConf.save(OmegaConf.create(stored), run / ".hydra" / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run)}}}), run / ".hydra" / "hydra.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"hydra": {"runtime": {"output_dir": str(run)}, "env": {}}}), run / ".hydra" / "hydra.yaml"
+    )
     assert run_config(run).paths.output_dir == str(run)  # ${hydra:...} from the run's own hydra.yaml
     assert run_config(run / ".hydra" / "config.yaml").model.a == 1
 

@@ -185,11 +185,15 @@ def _resolved_with(cfg: DictConfig, hydra_cfg: DictConfig) -> DictConfig:
     """``cfg`` resolved with Hydra's ``${hydra:...}`` reading the run's own Hydra config (as inside its app)."""
     from hydra.conf import HydraConf
     from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import setup_globals
 
+    setup_globals()  # the ${hydra:...} and ${now:...} resolvers, as a Hydra app registers them
     holder = HydraConfig.instance()
     before = holder.cfg
     try:
-        holder.set_config(OmegaConf.create({"hydra": OmegaConf.merge(HydraConf, hydra_cfg.get("hydra") or {})}))
+        schema = OmegaConf.structured(HydraConf)
+        OmegaConf.set_struct(schema, False)  # the run's Hydra may carry keys of its plugins (hydra.env, ...)
+        holder.set_config(OmegaConf.create({"hydra": OmegaConf.merge(schema, hydra_cfg.get("hydra") or {})}))
         return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     finally:
         holder.cfg = before
