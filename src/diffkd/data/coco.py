@@ -38,22 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.datasets import CocoDetection, VisionDataset, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2
 
 from diffkd.data.image_checks import ImageFileChecks
 from diffkd.data.images import DataIssue, DataNotFoundError, ImageReadError, inspect_image, read_image
-from diffkd.data.protocol import preserved_rng_state
-from diffkd.data.resumable import EpochCodedBatchSampler, ResumableDataLoader, SeededSamples, resume_position
-from diffkd.data.sample_index import SampleIndexCapability
-from diffkd.data.usable import SplitProblem, batch_problem, raise_problems
+from diffkd.data.loaders import DataModuleBase, LoaderOptions
+from diffkd.data.resumable import EpochCodedBatchSampler
+from diffkd.data.usable import SplitProblem, raise_problems
 
 __all__ = [
     "BOX_DROP_REASONS",
@@ -642,7 +640,7 @@ class GroupedBatchSampler(EpochCodedBatchSampler):
 # ------------------------------------------------------------------------------------------ the datamodule
 
 
-class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModule):
+class COCODataModule(ImageFileChecks, DataModuleBase):
     """COCO 2017 detection (or any COCO-format set) for torchvision's detectors.
 
     Built on ``torchvision.datasets.CocoDetection`` + ``wrap_dataset_for_transforms_v2`` + transforms v2. See the
@@ -717,7 +715,6 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
 
     checks_name = "COCO"
     task: ClassVar[str] = "detection"
-    builds_sample_index = True
     no_class_hint = "the box labels of the targets (targets[k]['labels']), or a method that needs no per-image class"
 
     def __init__(
@@ -744,13 +741,9 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
         verify: bool = False,
         skip_bad_images: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(LoaderOptions(batch_size, val_batch_size, num_workers, pin_memory, drop_last))
         self.init_image_checks(verify, skip_bad_images)
         self.root = Path(root)
-        self.batch_size = int(batch_size)
-        self.val_batch_size = int(val_batch_size)
-        self.num_workers = int(num_workers)
-        self.pin_memory = bool(pin_memory)
         self.train_split = train_split
         self.val_split = val_split
         self.image_dir = image_dir
@@ -762,11 +755,8 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
         self.contiguous_labels = bool(contiguous_labels)
         self.remove_images_without_annotations = bool(remove_images_without_annotations)
         self.aspect_ratio_group_factor = int(aspect_ratio_group_factor)
-        self.drop_last = bool(drop_last)
         self.min_box_size = float(min_box_size)
         self.seed = seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
         self.train_group_ids: list[int] | None = None
         self.box_usage: BoxUsage | None = None
         self.category_ids: list[int] = []
@@ -943,13 +933,12 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
         )
         return SplitProblem("train", where, why, fix)
 
-    def train_batch_problem(self) -> SplitProblem | None:
-        """Why the training split gives no batch on this process (``drop_last`` and fewer images than
-        ``batch_size``), or None; ``python -m diffkd.data.check`` reports it, :meth:`train_dataloader` raises it."""
-        self.setup("fit")
-        where = f"{self.train_split}, {self.split_paths(self.train_split)[1]}"
-        replicas = self._distributed_kwargs()["num_replicas"]
-        return batch_problem("train", where, len(self.train_set), self.batch_size, self.drop_last, replicas)
+    def train_location(self) -> str:
+        """``<train split>, <its annotation json>`` (for the "no training batch" error)."""
+        return f"{self.train_split}, {self.split_paths(self.train_split)[1]}"
+
+    def empty_split_name(self) -> str:
+        return self.checks_name
 
     def _val_problem(self, images: CocoImages) -> SplitProblem | None:
         """Why the evaluation split has nothing to evaluate against (no image, or no non-crowd annotation), or
@@ -970,6 +959,19 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
     def _seed(self) -> int:
         return int(os.environ.get("PL_GLOBAL_SEED", 0)) if self.seed is None else int(self.seed)
 
+    def train_seed(self) -> int:
+        """``seed``, else ``PL_GLOBAL_SEED`` (0 when unset): the shuffle and the augmentation draws."""
+        return self._seed()
+
+    @property
+    def example_seed(self) -> int:  # type: ignore[override]
+        """:meth:`example_batch` draws its flips and scales from the training seed: the same batch every call."""
+        return self._seed()
+
+    def collate_fn(self) -> Callable[[list[Any]], Any]:
+        """:func:`collate_detection`: images differ in size, so a batch is two lists."""
+        return collate_detection
+
     def _distributed_kwargs(self) -> dict[str, int]:
         """``num_replicas`` and ``rank`` of the attached trainer (1 and 0 without one or without data parallelism)."""
         kwargs = getattr(self.trainer, "distributed_sampler_kwargs", None) or {}
@@ -982,70 +984,21 @@ class COCODataModule(SampleIndexCapability, ImageFileChecks, L.LightningDataModu
             self.train_set, shuffle=True, seed=self._seed(), drop_last=False, **self._distributed_kwargs()
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """The training loader: this rank's shuffled shard in aspect-ratio-grouped batches (or plain ones), and
-        exactly resumable — each sample's flip and scale drawn from (seed, epoch, index) (``SeededSamples``, the
-        batch sampler passing ``epoch × N + index``), a run resumed mid-epoch starting after the batches it had
-        trained (``ResumableDataLoader``)."""
-        self.setup("fit")
+    def train_batch_sampler(self, size: int) -> EpochCodedBatchSampler:
+        """This rank's shuffled shard (:meth:`train_sampler`) in aspect-ratio-grouped batches
+        (:class:`GroupedBatchSampler`), or plain ones without grouping; both hand the data set the codes
+        ``epoch × N + index`` (each sample's flip and scale drawn from (seed, epoch, index)) and follow the trainer's
+        epoch, so a resumed run sees the batches of the uninterrupted one."""
         sampler = self.train_sampler()
-        n = len(self.train_set)
-        raise_problems("COCO", [self.train_batch_problem()])
-        epoch = self._resume_epoch
         if self.train_group_ids is None:
-            batches: EpochCodedBatchSampler = EpochCodedBatchSampler(
-                sampler, self.batch_size, self.drop_last, size=n, epoch_fn=epoch
+            return EpochCodedBatchSampler(
+                sampler, self.batch_size, self.drop_last, size=size, epoch_fn=self._resume_epoch
             )
-        else:
-            batches = GroupedBatchSampler(
-                sampler, self.train_group_ids, self.batch_size, self.drop_last, epoch_codes=True, epoch_fn=epoch
-            )
-        return ResumableDataLoader(
-            SeededSamples(self.indexed_train_set(self.train_set), seed=self._seed()),
-            batch_sampler=batches,
-            collate_fn=self.indexed_collate(collate_detection),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            position_fn=self._resume_position,
+        return GroupedBatchSampler(
+            sampler,
+            self.train_group_ids,
+            self.batch_size,
+            self.drop_last,
+            epoch_codes=True,
+            epoch_fn=self._resume_epoch,
         )
-
-    def _resume_position(self) -> tuple[int, int]:
-        return resume_position(getattr(self, "trainer", None))
-
-    def _resume_epoch(self) -> int:
-        return self._resume_position()[0]
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return DataLoader(
-            self.val_set,
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            collate_fn=collate_detection,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def example_batch(self, size: int = 2, split: str = "train") -> Batch:
-        """A real batch of the first ``size`` samples of ``split`` (``train`` or ``val``), on the CPU.
-
-        The samples go through that split's transform (with a fixed seed, so the batch is the same every call) and
-        :func:`collate_detection`; the global random states (Python, NumPy, torch) are left as they were.
-        """
-        if split not in ("train", "val"):
-            raise ValueError(f"example_batch(split={split!r}): choose 'train' or 'val'")
-        self.setup("fit" if split == "train" else "validate")
-        dataset = self.train_set if split == "train" else self.val_set
-        if not 1 <= size <= len(dataset):
-            raise ValueError(f"example_batch size must be in 1..{len(dataset)} (the {split} split), got {size}")
-        collate = collate_detection
-        if split == "train":
-            dataset, collate = self.indexed_train_set(dataset), self.indexed_collate(collate)
-        with preserved_rng_state():
-            torch.default_generator.manual_seed(self._seed())  # CPU only: torch.manual_seed would queue a CUDA seed
-            return collate([dataset[i] for i in range(size)])
