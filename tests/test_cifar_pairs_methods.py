@@ -4,7 +4,8 @@ What a method needs on a pair (VID's stages, FitNet's hint layer, DKD's β, the 
 ``align`` for small students) comes from ``conf/pair_distill/<pair>/<method>.yaml``, merged by the defaults-list
 interpolation of ``conf/train.yaml``. Each (pair, method) here composes, builds the module (dry run on a 32×32
 batch, untrained teacher) and computes finite loss terms with gradients; VID on ResNet-32x4 → ShuffleNetV1, whose
-stage maps differ in size (``align: head``), trains a few steps. CRD and ReviewKD are not implemented yet.
+stage maps differ in size (``align: head``), trains a few steps.
+CRD gets a memory bank of 8 samples and the batch's sample indices.
 """
 
 from __future__ import annotations
