@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from diffkd.data.cityscapes import CityscapesDataModule, CityscapesTransform, discrete_scales, find_pairs
-from diffkd.data.segmentation import SegmentationFolder, SegmentationTransform
+from diffkd.data.images import DataNotFoundError
+from diffkd.data.segmentation import PairLayout, SegmentationFolder, SegmentationTransform
 from diffkd.data.segmentation_folder import SegmentationFolderDataModule, find_segmentation_pairs
 from tests.helpers.fake_cityscapes import write_fake_cityscapes
 from tests.helpers.fake_segmentation import write_grey_scenes
@@ -121,3 +122,38 @@ def test_one_pair_finder_for_both_layouts(tmp_path: Path):
     folder = find_segmentation_pairs(root, ["train"])["train"]
     assert [(i.stem, lbl.stem) for i, lbl in folder] == [("s0", "s0"), ("s1", "s1"), ("s2", "s2")]
     assert isinstance(SegmentationFolder(folder, None, 4)[0][1], torch.Tensor)
+
+
+class AdeLikeScenes(SegmentationFolderDataModule):
+    """A new segmentation data set in a dozen lines: its folder layout and its label map (ADE20K's convention:
+    label 0 is unlabelled and ignored, classes 1..K become 0..K-1); loaders, transform, checks and resume are
+    the shared ones."""
+
+    checks_name = "ADE-like scenes"
+    layout = PairLayout("ADE-like scenes", "images/{split}", "annotations/{split}", (".png", ".jpg"), ".png")
+
+    def dataset(self, split: str, pairs, train: bool) -> SegmentationFolder:
+        lut = torch.full((256,), self.ignore_index, dtype=torch.uint8)
+        lut[1 : self.num_classes + 1] = torch.arange(self.num_classes, dtype=torch.uint8)
+        mode = "RGB" if self.in_chans == 3 else "L"
+        return SegmentationFolder(
+            pairs, self.transform(train), self.num_classes, self.ignore_index, mode, label_map=lut
+        )
+
+
+def test_a_new_layout_and_label_map_plug_into_the_generic_module(tmp_path: Path):
+    scenes = write_grey_scenes(tmp_path / "scenes", n_train=4, n_val=2, size=8)
+    for split in ("train", "val"):  # the same files in the ADE-like layout
+        (tmp_path / "ade" / "images").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "ade" / "annotations").mkdir(parents=True, exist_ok=True)
+        (scenes / split / "images").rename(tmp_path / "ade" / "images" / split)
+        (scenes / split / "labels").rename(tmp_path / "ade" / "annotations" / split)
+    dm = AdeLikeScenes(str(tmp_path / "ade"), 3, batch_size=2, in_chans=1, mean=(0.5,), std=(0.25,))
+    images, labels = next(iter(dm.val_dataloader()))
+    files = [np.array(Image.open(lbl)) for _, lbl in dm.val_set.pairs]
+    expected = torch.stack([torch.from_numpy(f).long() - 1 for f in files])
+    expected[expected < 0] = 255
+    assert images.shape == (2, 1, 8, 8) and torch.equal(labels, expected)
+    assert len(next(iter(dm.train_dataloader()))) == 2 and dm.task == "segmentation"
+    with pytest.raises(DataNotFoundError, match=r"ADE-like scenes \(2 folder\(s\) missing\)"):
+        AdeLikeScenes(str(tmp_path / "nowhere"), 3).setup("validate")
