@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffkd.data.base import DataIssue
+from diffkd.data.images import DataIssue
 
 __all__ = ["CheckReport", "SplitReport", "check_datamodule", "check_dataset", "default_workers", "format_report"]
 
