@@ -107,11 +107,13 @@ def _compose(pair: str, method: str, *extra: str):
     return compose_config([f"experiment={pair}", f"distill={method}", "model.teacher.weights=null", *extra])
 
 
-def _build_and_step(pair: str, method: str) -> dict:
+def _build_and_step(
+    pair: str, method: str, shape: tuple[int, ...] = (4, 3, 32, 32), classes: int = 100, extra: tuple[str, ...] = ()
+) -> dict:
     torch.manual_seed(0)
-    cfg = _compose(pair, method)
-    module = build_module(cfg, 100)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4,))
+    cfg = _compose(pair, method, *extra)
+    module = build_module(cfg, classes)
+    x, y = torch.randn(*shape), torch.randint(0, classes, (shape[0],))
     module.build(x)
     module.train()
     s_out, s_feats = module.student_taps.collect(module.student(x))
@@ -138,6 +140,23 @@ def test_pair_method_builds_and_steps(pair, method):
 @pytest.mark.parametrize(("pair", "method"), SLOW)
 def test_pair_method_builds_and_steps_all(pair, method):
     _build_and_step(pair, method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_the_demo_pair(method):
+    """The embedded demo's pair (Fashion-MNIST, demo_cnn_teacher → demo_cnn_student) runs every method: the README's
+    table of all methods comes from ``python -m diffkd.train demo.methods=[...]`` (conf/pair_distill/demo/)."""
+    # the demo sets its models per run (demo.teacher, demo.student), as here
+    models = ("model.student.name=demo_cnn_student", "model.teacher.name=demo_cnn_teacher")
+    _build_and_step("demo", method, shape=(4, 1, 28, 28), classes=10, extra=models)
+
+
+def test_demo_pair_settings():
+    """The demo pair's files: the warm-ups scaled to its 3 epochs, CRD's CPU concession, VID/ReviewKD's stages."""
+    assert _compose("demo", "dkd").distill.points.logits.warmup_epochs == 1
+    assert _compose("demo", "reviewkd").distill.points.review.warmup_epochs == 1
+    assert _compose("demo", "crd").distill.points.embedding.distance.num_negatives == 1024
+    assert _compose("demo", "vid").distill.points.stage3.student == "features.conv4"
 
 
 @functools.cache
