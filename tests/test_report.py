@@ -179,3 +179,18 @@ def test_metrics_json_is_written_at_the_end_and_removed_when_the_folder_trains_a
                         f"ckpt_path={objs['last_ckpt']}", "trainer.max_epochs=2"))  # fmt: skip
     assert not (tmp_path / "out" / "metrics.json").exists()
     assert not list((tmp_path / "out").glob(".metrics.json.*"))
+
+
+def test_a_one_seed_task_demos_runs_are_named_by_their_folder(tmp_path):
+    """Detection/segmentation demos with one seed write ``<method>/`` beside ``demo_table.txt``; their runs, started
+    in-process, record no Hydra choice, so the folder names the method (without the table it stays unknown)."""
+    from diffkd.report import Run, Skipped, read_run
+
+    record = {"metrics": {"val/map": 0.25}, "seed": 3, "method": None, "optimized_metric": "val/map"}
+    run = tmp_path / "demo" / "kd"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(record))
+    assert isinstance(read_run(run), Skipped)
+    (tmp_path / "demo" / "demo_table.txt").write_text("table\n")
+    found = read_run(run)
+    assert isinstance(found, Run) and (found.method, found.seed, found.metrics["val/map"]) == ("kd", 3, 0.25)

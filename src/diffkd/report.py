@@ -178,12 +178,15 @@ def _override(overrides: Any, key: str) -> str | None:
 
 
 def _demo_layout(folder: Path) -> tuple[str | None, int | None]:
-    """The demo's run folders: ``<method>/seed<k>`` → (method, k); ``teacher`` → ("teacher", None)."""
+    """The demo's run folders: ``<method>/seed<k>`` → (method, k); ``teacher`` → ("teacher", None); a one-seed
+    detection/segmentation demo's ``<method>`` beside its ``demo_table.txt`` → (method, None)."""
     match = re.fullmatch(r"seed(\d+)", folder.name)
     if match:
         return folder.parent.name, int(match.group(1))
     if folder.name == "teacher":
         return "teacher", None
+    if (folder.parent / "demo_table.txt").is_file():
+        return folder.name, None
     return None, None
 
 
