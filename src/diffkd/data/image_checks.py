@@ -8,6 +8,7 @@ from collections.abc import Mapping
 
 from torch.utils.data import Dataset
 
+from diffkd.data.check import check_dataset
 from diffkd.data.images import BadImagesError, DataIssue, SkipBadImages
 
 __all__ = ["ImageFileChecks"]
@@ -54,8 +55,6 @@ class ImageFileChecks:
 
     def verify_image_sets(self, sets: Mapping[str, Dataset], workers: int | None = None) -> None:
         """Decode every file of ``sets`` and raise :class:`BadImagesError` listing those that cannot be used."""
-        from diffkd.data.check import check_dataset
-
         errors: list[tuple[str, DataIssue]] = []
         skipped: list[tuple[str, DataIssue]] = []
         for split, dataset in sets.items():
