@@ -93,6 +93,9 @@ def test_overrides_on_a_stored_config():
             apply_overrides(cfg, [override], **kwargs)
 
     refused("nope=1", r"^nope=1: the config has no data.nope; add it with --set \+data.nope=...$", flag="--set ")
+    refused(
+        "crop_pt=1", r"the config has no data.crop_pt; add it with \+data.crop_pt=... \(did you mean data.crop_pct\?\)$"
+    )
     refused("+crop_pct=1", r"data.crop_pct is already set; override it without '\+' \(or with '\+\+'\)")
     refused("~data.nope", "the config has no data.nope to delete")
     refused("crop_pct=0.9,0.95", r"one value per key \(no sweeps\)")

@@ -13,6 +13,7 @@ Nothing under ``diffkd.data`` imports this module: the data layer knows no confi
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -318,7 +319,9 @@ def apply_overrides(
             OmegaConf.update(cfg, key, value, merge=True, force_add=True)
         else:
             if not present:
-                raise ConfigError(f"{raw}: the config has no {key}; add it with {flag}+{key}=...")
+                near = difflib.get_close_matches(leaf, list(node) if isinstance(node, DictConfig) else [], n=3)
+                hint = f" (did you mean {' or '.join(f'{parent}.{k}' if parent else k for k in near)}?)" if near else ""
+                raise ConfigError(f"{raw}: the config has no {key}; add it with {flag}+{key}=...{hint}")
             OmegaConf.update(cfg, key, value, merge=True)
         changes.append(Change(text, key, old, value))
     return changes
