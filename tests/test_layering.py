@@ -178,3 +178,50 @@ def test_no_import_circle():
 def test_layers_import_only_downwards():
     bad = upward_imports(_settled(import_graph()))
     assert not bad, "imports of a higher layer:\n" + "\n".join(bad)
+
+
+def _eager_imports(path: Path) -> set[str]:
+    """Modules a file imports when it is imported: statements outside functions and classes (any ``if``/``try``),
+    relative imports resolved, ``from a import b`` as ``a`` and ``a.b``."""
+    name = _module_name(path)
+    package = name if _is_package(path) else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def walk(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    module = ".".join([*base, node.module] if node.module else base)
+                else:
+                    module = node.module or ""
+                found.add(module)
+                found.update(f"{module}.{alias.name}" for alias in node.names)
+            elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    walk(getattr(node, field, []) or [])
+
+    walk(ast.parse(path.read_text()).body)
+    return found
+
+
+def test_import_diffkd_stays_light():
+    """``import diffkd`` loads the method (and the config resolvers), not the zoo, the trainer, the data layer or
+    the config engine: ``diffkd.create_model`` imports the zoo on first use."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    loaded, todo, external = set(), [ROOT], set()
+    while todo:
+        module = todo.pop()
+        if module in loaded or module not in files:
+            continue
+        loaded.add(module)
+        for target in _eager_imports(files[module]):
+            if target.split(".")[0] != ROOT:
+                external.add(target.split(".")[0])
+            todo.extend(c for c in (target, *_ancestors(target)) if c in files)
+    assert "diffkd.method.head" in loaded  # the walk sees the method
+    heavy = sorted(external & {"lightning", "torchvision", "timm", "hydra", "torchmetrics"})
+    layers = sorted(m for m in loaded - {ROOT} if layer(m)[1] > LAYERS["diffkd.method"])
+    assert not heavy and not layers, f"import diffkd imports {heavy + layers}"
