@@ -116,11 +116,11 @@ def test_the_official_loop_is_development_code_outside_the_package():
 
 
 def test_official_rows_without_a_source_checkout_say_they_need_one(tmp_path, monkeypatch):
-    import diffkd.bench as bench
+    import diffkd.bench.classification as bench
 
     # an installed wheel: diffkd/bench.py in site-packages, no benchmarks/ above it
     monkeypatch.delenv(bench.BENCHMARKS_DIR_ENV, raising=False)
-    monkeypatch.setattr(bench, "_THIS_FILE", tmp_path / "site-packages" / "diffkd" / "bench.py")
+    monkeypatch.setattr(bench, "_THIS_FILE", tmp_path / "site-packages" / "diffkd" / "bench" / "classification.py")
     with pytest.raises(SystemExit, match=r"official-code rows .* need a source checkout of diffkd"):
         main(["--methods", "kd,official_diffkd", "--official-dir", str(tmp_path), "--out", str(tmp_path / "b.json")])
     with pytest.raises(FileNotFoundError, match=r"DIFFKD_BENCHMARKS_DIR=<clone>/benchmarks"):
@@ -156,7 +156,7 @@ def test_eager_steps_count_their_flops_and_the_count_is_linear_in_the_batch():
 
 
 def test_compiled_rows_take_the_flops_of_the_eager_row_of_their_pair_method_and_batch():
-    from diffkd.bench import BenchResult, _share_flops
+    from diffkd.bench.classification import BenchResult, _share_flops
 
     def row(compile, batch, gflop):
         return BenchResult("cifar", "kd", "bf16", True, compile, batch, 10.0, 1.0, None, "cpu", gflop_per_step=gflop)
@@ -207,16 +207,18 @@ def test_the_gpu_script_rehearses_every_part_on_the_cpu(tmp_path):
 
 
 def test_small_pair_is_the_demos_pair_and_its_heads_are_a_modest_fraction(tmp_path):
-    from diffkd.bench import PAIRS
+    from diffkd.bench import PAIRS, pair_config
     from tests.conftest import compose_config
 
     demo = compose_config(["experiment=demo"])
-    small = PAIRS["small"]
-    assert (small["teacher"], small["student"], small["batch"]) == (
+    small = pair_config("small", "kd")
+    assert PAIRS["small"] == "demo" and small.distill.points.logits.distance.tau == 4.0  # conf/distill/kd.yaml
+    assert (small.model.teacher.name, small.model.student.name, small.data.batch_size) == (
         demo.demo.teacher,
         demo.demo.student,
         demo.data.batch_size,
     )
+    assert small.model.teacher.weights is None  # a benchmark needs no weight file
     out = tmp_path / "b.json"
     main(["--pairs", "small", "--methods", "kd,diffkd", "--precision", "fp32", "--channels-last", "on",
           "--no-heads", "--steps", "1", "--warmup", "1", "--batch", "16", "--out", str(out)])  # fmt: skip

@@ -1,14 +1,17 @@
 """``python -m diffkd.bench`` — training-step throughput of student alone, KD and DiffKD.
 
-For each pair (CIFAR-100 WRN-40-2 → WRN-16-2 at batch 64, 32²; ImageNet ResNet-34 → ResNet-18 at batch 32, 224²)
-and each combination of precision (fp32 / bf16-mixed), channels_last (off / on) and ``torch.compile`` (off / on),
-it runs real Lightning training steps of :class:`~diffkd.tasks.ClassificationModule` on synthetic batches already
-on the device, and reports img/s, ms/step and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of an
-isolated subprocess with ``--isolate``, otherwise not measured), plus the DiffKD/KD step-time ratio and the bf16
-speed-up. A table goes to the screen and everything to JSON (``--out``).
+For each pair — a packaged experiment: ``small`` (``experiment=demo``, its Fashion-MNIST pair, batch 128, 28²),
+``cifar`` (``experiment=cifar_wrn40_wrn16``, WRN-40-2 → WRN-16-2, batch 64, 32²), ``imagenet``
+(``experiment=imagenet_r34_r18``, ResNet-34 → ResNet-18, batch 32, 224²) or any other classification experiment by
+name — each method (a ``conf/distill`` name: ``none``, ``kd``, ``diffkd``, ...) and each combination of precision
+(fp32 / bf16-mixed), channels_last (off / on) and ``torch.compile`` (off / on / teacher / heads), it runs real
+Lightning training steps of the experiment's module on the task's synthetic batch already on the device, and
+reports img/s, ms/step and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of an isolated subprocess
+with ``--isolate``, otherwise not measured), plus the DiffKD/KD step-time ratio and the bf16 speed-up. A table goes
+to the screen and everything to JSON (``--out``). Teachers are untrained (no weight files).
 
-It also times the DiffKD head alone (forward + backward) at the CIFAR feature point (128 channels, 8×8,
-batch 64, no AE) and the ImageNet feature point (512 → 1024 latent with AE, 7×7, batch 32).
+It also times the DiffKD feature head alone (forward + backward of its loss) at each pair's feature point, as the
+pair's ``distill=diffkd`` builds it (CIFAR: 128 channels, 8×8, no AE; ImageNet: 512 → 1024 latent with AE, 7×7).
 
 The rows ``official_kd`` / ``official_diffkd`` time the official implementation (a local clone, ``--official-dir``)
 in a loop re-created by ``benchmarks/official.py``: development-only code that is not part of the installed package,
@@ -21,14 +24,10 @@ import argparse
 import importlib.util
 import itertools
 import json
-import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
-import time
-import warnings
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -36,9 +35,23 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES, configure_cpu_malloc
+from diffkd.bench.common import (
+    as_row,
+    bench_config,
+    build_bench_module,
+    check_configs,
+    cpu_malloc_mode,
+    data_facts,
+    device_name,
+    median_round,
+    quiet_logs,
+    repeat_loader,
+    time_point_heads,
+    time_training_steps,
+    write_report,
+)
+from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES
 
 __all__ = [
     "OFFICIAL_METHODS",
@@ -49,11 +62,28 @@ __all__ = [
     "device_name",
     "load_official_bench",
     "main",
+    "pair_config",
 ]
 
 OFFICIAL_METHODS = ("official_kd", "official_diffkd")  # rows timed by benchmarks/official.py (source checkout only)
 BENCHMARKS_DIR_ENV = "DIFFKD_BENCHMARKS_DIR"
 _THIS_FILE = Path(__file__).resolve()
+
+# the benchmark's short names of packaged experiments (any other experiment is named as it is)
+PAIRS: dict[str, str] = {"small": "demo", "cifar": "cifar_wrn40_wrn16", "imagenet": "imagenet_r34_r18"}
+# the official code's KD_MODULES entries (spec §C.1) of an experiment's pair: (module names, their channels)
+OFFICIAL_KD_MODULES: dict[str, tuple[tuple[str, str], tuple[int, int]]] = {
+    "cifar_wrn40_wrn16": (("relu", "fc"), (128, 128)),
+    "imagenet_r34_r18": (("layer4", "fc"), (512, 512)),
+}
+
+
+def experiment_of(pair: str) -> str:
+    """The experiment a ``--pairs`` entry names: a short name of :data:`PAIRS`, else the experiment itself."""
+    return PAIRS.get(pair, pair)
+
+
+# ------------------------------------------------------------------------------------------------ the official code
 
 
 def _benchmarks_dir() -> Path:
@@ -96,24 +126,21 @@ def load_official_bench() -> ModuleType:
     return _load_file(_benchmarks_dir() / "official.py")
 
 
-PAIRS: dict[str, dict[str, Any]] = {
-    # small: the embedded demo's pair and batch (conf/experiment/demo.yaml), grey 28×28 Fashion-MNIST images
-    "small": {"teacher": "demo_cnn_teacher", "student": "demo_cnn_student", "classes": 10, "size": 28, "chans": 1,
-              "batch": 128},
-    # official_points / official_channels: the official KD_MODULES entries (spec §C.1) for --official-dir
-    "cifar": {"teacher": "wrn_40_2", "student": "wrn_16_2", "classes": 100, "size": 32, "batch": 64,
-              "official_points": ("relu", "fc"), "official_channels": (128, 128)},
-    "imagenet": {"teacher": "tv_resnet34", "student": "tv_resnet18", "classes": 1000, "size": 224, "batch": 32,
-                 "official_points": ("layer4", "fc"), "official_channels": (512, 512)},
-}  # fmt: skip
-METHODS = {
-    "none": {},
-    "kd": {"logits": {"student": "", "teacher": "", "distance": {"name": "kl", "tau": 4.0}, "weight": 0.9}},
-    "diffkd": {
-        "feature": {"head": "diffkd", "distance": {"name": "mse"}},
-        "logits": {"student": "", "teacher": "", "head": "diffkd", "distance": {"name": "kl", "tau": 1.0}},
-    },
-}
+def official_pair(pair: str) -> dict[str, Any]:
+    """What ``benchmarks/official.py`` needs of a pair (models, classes, image side, the official KD_MODULES),
+    read from the composed experiment."""
+    experiment = experiment_of(pair)
+    if experiment not in OFFICIAL_KD_MODULES:
+        raise ValueError(f"the official code has no setting for {pair!r}; it has {sorted(OFFICIAL_KD_MODULES)}")
+    cfg = bench_config(experiment, "diffkd")
+    nc, shape = data_facts(cfg)
+    points, channels = OFFICIAL_KD_MODULES[experiment]
+    return {"teacher": cfg.model.teacher.name, "student": cfg.model.student.name, "classes": nc, "size": shape[-1],
+            "batch": cfg.data.batch_size, "official_points": points, "official_channels": channels,
+            "use_ae": bool(cfg.distill.points.feature.head_kwargs.get("use_ae"))}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ a training step
 
 
 @dataclass
@@ -141,61 +168,38 @@ class BenchResult:
         return self.gflop_per_step / (self.ms_per_step / 1000)
 
 
-class _Repeat:
-    """The same device-resident batch ``n`` times (an iterable Lightning takes as a train loader)."""
-
-    def __init__(self, batch: tuple[torch.Tensor, torch.Tensor], n: int) -> None:
-        self.batch, self.n = batch, n
-
-    def __iter__(self):
-        return iter([self.batch] * self.n)
-
-    def __len__(self) -> int:
-        return self.n
+def _compile_value(compile: bool | str) -> str:
+    return str(compile).lower() if isinstance(compile, bool) else compile
 
 
-def device_name(device: str) -> str:
-    """The benchmarked device in words: a GPU's name, or the CPU's model, cores and torch threads."""
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    name = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines() if ln.startswith("model name")]
-    name = models[0] if models else name
-    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
-def _build_module(
-    pair: dict[str, Any],
+def pair_config(
+    pair: str,
     method: str,
-    channels_last: bool,
-    compile: bool | str,
-    ae: bool,
+    channels_last: bool = False,
+    compile: bool | str = False,
     compile_mode: str | None = None,
-):
-    from functools import partial
+) -> Any:
+    """The pair's experiment with ``distill=<method>`` as training composes it, untrained, with the measured
+    settings (channels_last, compile, compile_mode; the teacher in fp32; the non-finite flags read once)."""
+    return bench_config(
+        experiment_of(pair),
+        method,
+        [f"model.channels_last={str(channels_last).lower()}", f"model.compile={_compile_value(compile)}",
+         f"model.compile_mode={compile_mode or 'null'}", "model.teacher_dtype=null",
+         "model.nonfinite_check_every=10000"],
+    )  # fmt: skip
 
-    from diffkd.distill import Distiller
-    from diffkd.models import create_model
-    from diffkd.tasks import ClassificationModule
 
-    points = json.loads(json.dumps(METHODS[method]))
-    if ae and "feature" in points:  # the ImageNet recipe's AE (latent 1024)
-        points["feature"]["head_kwargs"] = {"use_ae": True, "ae_channels": 1024}
-    student = create_model(pair["student"], num_classes=pair["classes"])
-    teacher = create_model(pair["teacher"], num_classes=pair["classes"]) if points else None
-    return ClassificationModule(
-        student=student,
-        teacher=teacher,
-        distiller=Distiller(points, task_weight=0.1 if method == "kd" else 1.0),
-        optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=5e-4),
-        input_size=(pair.get("chans", 3), pair["size"], pair["size"]),
-        channels_last=channels_last,
-        compile=compile,
-        compile_mode=compile_mode,
-        teacher_dtype=None,
-        nonfinite_check_every=10_000,
-    )
+def pair_module(
+    pair: str, method: str, batch: int | None = None, device: str = "cpu", **settings: Any
+) -> tuple[Any, Any]:
+    """``(module, batch)``: the pair's module for ``method`` (:func:`pair_config`) and ``batch`` samples (default:
+    the experiment's ``data.batch_size``) of the task's synthetic batch, on ``device``."""
+    cfg = pair_config(pair, method, **settings)
+    nc, shape = data_facts(cfg)
+    if shape is None:
+        raise ValueError(f"{pair}: the data module of experiment={experiment_of(pair)} declares no image size")
+    return build_bench_module(cfg, nc, shape, batch or int(cfg.data.batch_size), device)
 
 
 def bench_step(
@@ -216,30 +220,27 @@ def bench_step(
     ``official_kd`` / ``official_diffkd`` time the official implementation's step instead (``benchmarks/official.py``
     of the source checkout, running the official code of ``official_dir``); it has neither channels_last nor compile.
     """
-
-    pair = PAIRS[pair_name]
-    bs = batch or pair["batch"]
     if method in OFFICIAL_METHODS:
         if channels_last or compile:
             raise ValueError(f"{method}: the official code has neither channels_last nor torch.compile")
         official = load_official_bench()
         if official_dir is None:
             raise ValueError(f"{method} needs --official-dir: {official.CLONE_HINT}")
+        pair = official_pair(pair_name)
+        bs = batch or pair["batch"]
         seconds, peak, finite, flops = official.bench_official_step(
-            official_dir, pair, method, precision, device, steps, warmup, bs, use_ae=pair_name == "imagenet"
-        )  # fmt: skip
+            official_dir, pair, method, precision, device, steps, warmup, bs, use_ae=pair["use_ae"]
+        )
         return BenchResult(pair_name, method, precision, False, False, bs, 1000 * seconds, bs / seconds, peak,
                            device, finite=finite, gflop_per_step=_gflop(flops))  # fmt: skip
-    torch.manual_seed(0)
-    module = _build_module(pair, method, channels_last, compile, ae=pair_name == "imagenet", compile_mode=compile_mode)
-    dev = torch.device(device)
-    x = torch.randn(bs, pair.get("chans", 3), pair["size"], pair["size"], device=dev)
-    y = torch.randint(0, pair["classes"], (bs,), device=dev)
-    batches = _Repeat((x, y), warmup + steps)
+    module, data = pair_module(pair_name, method, batch, device, channels_last=channels_last, compile=compile,
+                               compile_mode=compile_mode)  # fmt: skip
+    bs = len(data[1])
     # FLOPs are counted in the first warm-up step, eagerly: compiled graphs bypass the counting dispatch mode
     timed = time_training_steps(
-        module, batches, steps, warmup, device, "bf16-mixed" if precision == "bf16" else "32-true", not compile
-    )
+        module, repeat_loader(data, warmup + steps), steps, warmup, device,
+        "bf16-mixed" if precision == "bf16" else "32-true", not compile,
+    )  # fmt: skip
     seconds = timed.seconds
     return BenchResult(
         pair_name, method, precision, channels_last, compile, bs, 1000 * seconds, bs / seconds, timed.peak_mb, device,
@@ -247,123 +248,27 @@ def bench_step(
     )  # fmt: skip
 
 
-@dataclass
-class TimedSteps:
-    """What :func:`time_training_steps` measured."""
-
-    seconds: float  # per timed step
-    flops: int | None  # of the first warm-up step (forward + backward), when counted
-    finite: bool | None  # the last step's loss
-    peak_mb: float | None  # CUDA peak memory of the timed steps
-    losses: dict[str, float]  # the last step's logged train/loss* values
-
-
-def time_training_steps(
-    module: Any,
-    loader: Any,
-    steps: int,
-    warmup: int,
-    device: str,
-    precision: str = "32-true",
-    count_flops: bool = True,
-) -> TimedSteps:
-    """``warmup`` + ``steps`` real Lightning training steps of ``module`` over ``loader`` (``warmup + steps``
-    batches, with a length); the device is synchronised around the timed steps only."""
-    import lightning as L
-
-    dev = torch.device(device)
-    marks: dict[str, float] = {}
-    last_loss: list[torch.Tensor] = []
-    counter = FlopCounterMode(display=False) if count_flops and warmup > 0 else None
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    class Timer(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 0 and counter is not None:
-                counter.__enter__()
-            if batch_idx == warmup:
-                sync()
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                marks["start"] = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if batch_idx == 0 and counter is not None:
-                counter.__exit__(None, None, None)
-            if batch_idx == warmup + steps - 1:
-                sync()
-                marks["end"] = time.perf_counter()
-                last_loss.append(outputs["loss"].detach())
-
-    trainer = L.Trainer(
-        accelerator="gpu" if dev.type == "cuda" else "cpu",
-        devices=1,
-        precision=precision,
-        max_steps=warmup + steps,
-        max_epochs=1,  # not -1 (Lightning's default with max_steps): the train loader's length must be read
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[Timer()],
-    )
-    trainer.fit(module, train_dataloaders=loader)
-    return TimedSteps(
-        seconds=(marks["end"] - marks["start"]) / steps,
-        flops=counter.get_total_flops() if counter is not None else None,
-        finite=bool(torch.isfinite(last_loss[0]).item()) if last_loss else None,
-        peak_mb=torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
-        losses={k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")},
-    )
-
-
 def _gflop(flops: int | None) -> float | None:
     return None if flops is None else flops / 1e9
 
 
-def bench_head(point: str, precision: str, device: str, steps: int = 10, warmup: int = 3) -> dict[str, Any]:
-    """Forward + backward of one DiffKD head (MSE + L_diff [+ L_ae]); ms per call and parameter count."""
-    import torch.nn.functional as F
+def bench_head(
+    point: str, precision: str, device: str, steps: int = 10, warmup: int = 3, batch: int | None = None
+) -> dict[str, Any]:
+    """Forward + backward of the DiffKD feature head of pair ``point`` as its ``distill=diffkd`` builds it (MSE +
+    L_diff [+ L_ae], weighted as the experiment weighs them) at the experiment's batch; ms per call and the head's
+    parameter count."""
+    module, data = pair_module(point, "diffkd", batch)
+    distiller = module.distiller
+    info = distiller.points["feature"]
+    bs = len(data[1])
+    times = time_point_heads(distiller, bs, steps, warmup, device, points=["feature"], precision=precision)
+    params = sum(p.numel() for p in distiller.heads[info.head].parameters())
+    return {"point": point, "precision": precision, "batch": bs, "ms_fwd_bwd": sum(times) / len(times),
+            "params": params, "device": device}  # fmt: skip
 
-    from diffkd import DiffKD
 
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    if point == "small":  # the demo's feature point: demo_cnn_student 24 → demo_cnn_teacher 32 channels, 4 × 4
-        head, bs, cs, ct, hw = DiffKD(24, 32), 128, 24, 32, 4
-    elif point == "cifar":
-        head, bs, cs, ct, hw = DiffKD(128, 128), 64, 128, 128, 8
-    else:
-        head, bs, cs, ct, hw = DiffKD(512, 512, use_ae=True, ae_channels=1024), 32, 512, 512, 7
-    head.to(dev)
-    s = torch.randn(bs, cs, hw, hw, device=dev, requires_grad=True)
-    t = torch.randn(bs, ct, hw, hw, device=dev)
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            out = head(s, t)
-            loss = F.mse_loss(out.student, out.teacher) + out.diffusion_loss
-            if out.ae_loss is not None:
-                loss = loss + out.ae_loss
-        loss.backward()
-
-    for _ in range(warmup):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    ms = 1000 * (time.perf_counter() - start) / steps
-    params = sum(p.numel() for p in head.parameters())
-    return {"point": point, "precision": precision, "batch": bs, "ms_fwd_bwd": ms, "params": params, "device": device}
+# ------------------------------------------------------------------------------------------------ the report
 
 
 def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
@@ -382,17 +287,6 @@ def _run_isolated(args: argparse.Namespace, combo: tuple) -> BenchResult:
         return BenchResult(pair, method, prec, cl, comp, 0, float("nan"), float("nan"), None, args.device,
                            error=out.stderr.strip().splitlines()[-1] if out.stderr else "failed")  # fmt: skip
     return BenchResult(**json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def _median(runs: list[BenchResult]) -> BenchResult:
-    """The run with the median step time (the spread of all rounds kept in ``ms_runs``)."""
-    ok = sorted((r for r in runs if not r.error), key=lambda r: r.ms_per_step)
-    if not ok:
-        return runs[-1]
-    best = ok[(len(ok) - 1) // 2]
-    best.ms_runs = [round(r.ms_per_step, 1) for r in runs if not r.error]
-    best.finite = None if any(r.finite is None for r in ok) else all(r.finite for r in ok)
-    return best
 
 
 def _onoff(value: bool | str) -> str:
@@ -467,12 +361,19 @@ def _ratios(results: list[BenchResult]) -> list[dict[str, Any]]:
     return out
 
 
-def _choices(value: str, allowed: dict[str, Any]) -> list[Any]:
-    keys = [v.strip() for v in value.split(",")]
-    bad = [k for k in keys if k not in allowed]
-    if bad:
-        raise SystemExit(f"unknown value(s) {bad}; choose from {', '.join(allowed)}")
-    return [allowed[k] for k in keys]
+def _ratio_line(q: dict[str, Any]) -> str | None:
+    if not q["diffkd_over_kd"]:
+        return None
+    extra = f" (FLOPs ×{q['diffkd_over_kd_flops']:.2f})" if q.get("diffkd_over_kd_flops") else ""
+    extra += f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q.get("bf16_speedup") else ""
+    if q.get("speedup_vs_official"):
+        extra += f", ×{q['speedup_vs_official']:.2f} the official step's speed"
+    if q.get("speedup_vs_official_fp32") and q["precision"] != "fp32":
+        extra += f" (×{q['speedup_vs_official_fp32']:.2f} its fp32 step's)"
+    who = "official " if q.get("method") == "official" else ""
+    cl, comp = _onoff(q["channels_last"]), _onoff(q["compile"])
+    return (f"{q['pair']:<9}{q['precision']:<6}cl={cl:<4}compile={comp:<8} "
+            f"{who}DiffKD/KD step time ×{q['diffkd_over_kd']:.2f}{extra}")  # fmt: skip
 
 
 def _check_official(official_dir: str | None) -> None:
@@ -486,11 +387,27 @@ def _check_official(official_dir: str | None) -> None:
         raise SystemExit(str(err)) from None
 
 
-def main(argv: list[str] | None = None) -> list[BenchResult]:
+def _pairs(value: str) -> list[str]:
+    from diffkd.bench.common import parse_names
+
+    pairs = parse_names(value, what="pair")
+    check_configs("experiment", [experiment_of(p) for p in pairs])
+    return pairs
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffkd.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--pairs", default="small,cifar,imagenet", help="small (the demo's), cifar, imagenet")
-    parser.add_argument("--methods", default="none,kd,diffkd")
+    parser.add_argument(
+        "--pairs",
+        default="small,cifar,imagenet",
+        help="small (the demo's), cifar, imagenet, or any classification experiment's name",
+    )
+    parser.add_argument(
+        "--methods",
+        default="none,kd,diffkd",
+        help="distill configs (conf/distill: none, kd, diffkd, dkd, ...), official_kd, official_diffkd",
+    )
     parser.add_argument("--precision", default="fp32,bf16")
     parser.add_argument("--channels-last", default="off,on")
     parser.add_argument("--compile", default="off", help="off | on | teacher | heads, comma-separated")
@@ -516,18 +433,40 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         " malloc alone (what a plain training loop gets)",
     )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _combos(args: argparse.Namespace) -> list[tuple]:
+    from diffkd.bench.common import parse_names
+
+    onoff = {"off": False, "on": True}
+    methods = parse_names(args.methods, what="method")
+    check_configs("distill", [m for m in methods if m not in OFFICIAL_METHODS])
+    if any(m in OFFICIAL_METHODS for m in methods):
+        _check_official(args.official_dir)
+    flags = {"precision": ["fp32", "bf16"], "channels-last": list(onoff), "compile": [*onoff, "teacher", "heads"]}
+    values = {k: parse_names(getattr(args, k.replace("-", "_")), allowed, k) for k, allowed in flags.items()}
+    compiles = [onoff.get(c, c) for c in values["compile"]]
+    return [
+        c
+        for c in itertools.product(
+            _pairs(args.pairs), methods, values["precision"], [onoff[v] for v in values["channels-last"]], compiles
+        )
+        # the official code has neither channels_last nor compile: one configuration per precision;
+        # compile=teacher or heads without a teacher or heads would repeat compile=off
+        if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4]))
+        and not (c[1] == "none" and c[4] in ("teacher", "heads"))
+        and (c[1] not in OFFICIAL_METHODS or experiment_of(c[0]) in OFFICIAL_KD_MODULES)  # none for `small`
+    ]
+
+
+def main(argv: list[str] | None = None) -> list[BenchResult]:
+    args = _parser().parse_args(argv)
     gpu = args.device.startswith("cuda")
     args.steps = args.steps or (10 if gpu else 5)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
-    import lightning  # noqa: F401  (its import sets its loggers to INFO: quiet them afterwards)
-
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger("diffkd").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
-    # what the CPU's malloc does in this run (None on a GPU, where the setting does not apply)
-    malloc_mode = None if gpu else ("keep" if configure_cpu_malloc(args.cpu_malloc) else "default")
+    quiet_logs()
+    malloc_mode = cpu_malloc_mode(args.device, args.cpu_malloc)
 
     if args.one:  # child of --isolate
         pair, method, prec, cl, comp = json.loads(args.one)
@@ -537,34 +476,14 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
         print(json.dumps(asdict(r)))
         return [r]
 
-    onoff = {"off": False, "on": True}
-    methods = _choices(args.methods, {k: k for k in (*METHODS, *OFFICIAL_METHODS)})
-    if any(m in OFFICIAL_METHODS for m in methods):
-        _check_official(args.official_dir)
-    combos = [
-        c
-        for c in itertools.product(
-            _choices(args.pairs, {k: k for k in PAIRS}),
-            methods,
-            _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"}),
-            _choices(args.channels_last, onoff),
-            _choices(args.compile, {**onoff, "teacher": "teacher", "heads": "heads"}),
-        )
-        # the official code has neither channels_last nor compile: one configuration per precision;
-        # compile=teacher or heads without a teacher or heads would repeat compile=off
-        if (c[1] not in OFFICIAL_METHODS or (not c[3] and not c[4]))
-        and not (c[1] == "none" and c[4] in ("teacher", "heads"))
-        and (c[1] not in OFFICIAL_METHODS or "official_points" in PAIRS[c[0]])  # no official setting for `small`
-    ]
+    combos = _combos(args)
     malloc = f" | cpu_malloc={malloc_mode}" if malloc_mode else ""
     print(f"device: {device_name(args.device)} | torch {torch.__version__}{malloc} | {len(combos)} configurations",
           flush=True)  # fmt: skip
     heads = []
     if not args.no_heads:
-        for point, prec in itertools.product(
-            _choices(args.pairs, {k: k for k in PAIRS}), _choices(args.precision, {"fp32": "fp32", "bf16": "bf16"})
-        ):
-            h = bench_head(point, prec, args.device)
+        for point, prec in itertools.product(_pairs(args.pairs), args.precision.split(",")):
+            h = bench_head(point, prec.strip(), args.device)
             heads.append(h)
             print(f"DiffKD head {point:<8} {prec:<5} batch {h['batch']:>3}: {h['ms_fwd_bwd']:8.1f} ms fwd+bwd, "
                   f"{h['params']:,} params", flush=True)  # fmt: skip
@@ -581,46 +500,16 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
                     r = BenchResult(*combo, 0, float("nan"), float("nan"), None, args.device, error=repr(err)[:200])
             rounds[i].append(r)
             print(_table([r]).splitlines()[1], flush=True)
-    results = [_median(rs) for rs in rounds]
+    results = [median_round(rs) for rs in rounds]
     _share_flops(results)
     print("\n" + _table(results))
     ratios = _ratios(results)
     for q in ratios:
-        extra = f" (FLOPs ×{q['diffkd_over_kd_flops']:.2f})" if q.get("diffkd_over_kd_flops") else ""
-        extra += f", bf16 speed-up ×{q['bf16_speedup']:.2f}" if q.get("bf16_speedup") else ""
-        if q.get("speedup_vs_official"):
-            extra += f", ×{q['speedup_vs_official']:.2f} the official step's speed"
-        if q.get("speedup_vs_official_fp32") and q["precision"] != "fp32":
-            extra += f" (×{q['speedup_vs_official_fp32']:.2f} its fp32 step's)"
-        if q["diffkd_over_kd"]:
-            who = "official " if q.get("method") == "official" else ""
-            cl, comp = _onoff(q["channels_last"]), _onoff(q["compile"])
-            print(f"{q['pair']:<9}{q['precision']:<6}cl={cl:<4}compile={comp:<8} "
-                  f"{who}DiffKD/KD step time ×{q['diffkd_over_kd']:.2f}{extra}")  # fmt: skip
-    out = Path(args.out or f"bench_results/{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "device": device_name(args.device),
-        "torch": torch.__version__,
-        "argv": sys.argv[1:] if argv is None else argv,
-        "compile_mode": args.compile_mode,
-        "cpu_count": os.cpu_count(),
-        "cpu_malloc": malloc_mode,
-    }
-    out.write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "heads": heads,
-                "steps": [{**asdict(r), "gflop_per_s": r.gflop_per_s} for r in results],
-                "ratios": ratios,
-            },
-            indent=2,
-        )
-    )
+        line = _ratio_line(q)
+        if line:
+            print(line)
+    meta = {"compile_mode": args.compile_mode, "cpu_malloc": malloc_mode,
+            "experiments": {p: experiment_of(p) for p in _pairs(args.pairs)}}  # fmt: skip
+    out = write_report(args, argv, "", meta, {"heads": heads, "steps": [as_row(r) for r in results], "ratios": ratios})
     print(f"wrote {out}")
     return results
-
-
-if __name__ == "__main__":
-    main()
