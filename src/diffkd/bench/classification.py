@@ -37,6 +37,8 @@ from typing import Any
 import torch
 
 from diffkd.bench.common import (
+    Measured,
+    add_common_options,
     as_row,
     bench_config,
     build_bench_module,
@@ -51,7 +53,6 @@ from diffkd.bench.common import (
     time_training_steps,
     write_report,
 )
-from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES
 
 __all__ = [
     "OFFICIAL_METHODS",
@@ -144,7 +145,7 @@ def official_pair(pair: str) -> dict[str, Any]:
 
 
 @dataclass
-class BenchResult:
+class BenchResult(Measured):
     pair: str
     method: str
     precision: str
@@ -159,13 +160,6 @@ class BenchResult:
     finite: bool | None = None  # was the last timed step's loss finite
     ms_runs: list[float] | None = None  # every round's ms/step with --repeat
     gflop_per_step: float | None = None  # matmul/conv FLOPs of one step, forward + backward (FlopCounterMode)
-
-    @property
-    def gflop_per_s(self) -> float | None:
-        """Achieved matmul/conv throughput: GFLOP per step / seconds per step."""
-        if self.gflop_per_step is None or not self.ms_per_step > 0:
-            return None
-        return self.gflop_per_step / (self.ms_per_step / 1000)
 
 
 def _compile_value(compile: bool | str) -> str:
@@ -304,10 +298,7 @@ def _table(results: list[BenchResult]) -> str:
         rate = f"{r.gflop_per_s:.0f}" if r.gflop_per_s is not None else "—"
         row = f"{r.pair:<9}{r.method:<16}{r.precision:<6}{'on' if r.channels_last else 'off':<5}"
         row += f"{_onoff(r.compile):<9}{r.ms_per_step:>10.1f}{r.img_per_s:>10.1f}{peak:>10}{gflop:>12}{rate:>10}"
-        if r.ms_runs and len(r.ms_runs) > 1:
-            row += f"   runs {min(r.ms_runs):.0f}–{max(r.ms_runs):.0f}"
-        row += "   loss NaN/inf" if r.finite is False else ""
-        lines.append(row + (f"   error: {r.error}" if r.error else ""))
+        lines.append(row + r.notes())
     return "\n".join(lines)
 
 
@@ -397,42 +388,28 @@ def _pairs(value: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffkd.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument(
-        "--pairs",
-        default="small,cifar,imagenet",
-        help="small (the demo's), cifar, imagenet, or any classification experiment's name",
-    )
-    parser.add_argument(
-        "--methods",
-        default="none,kd,diffkd",
-        help="distill configs (conf/distill: none, kd, diffkd, dkd, ...), official_kd, official_diffkd",
-    )
-    parser.add_argument("--precision", default="fp32,bf16")
-    parser.add_argument("--channels-last", default="off,on")
-    parser.add_argument("--compile", default="off", help="off | on | teacher | heads, comma-separated")
-    parser.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
-    parser.add_argument(
-        "--official-dir",
-        default=None,
-        help="clone of https://github.com/hunto/DiffKD (at 5367f44, or with its classification submodule), for"
-        " --methods official_kd,official_diffkd; needs a source checkout of diffkd (benchmarks/official.py)",
-    )
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
-    parser.add_argument("--batch", type=int, default=None, help="batch size for every pair (default: the pair's)")
-    parser.add_argument("--repeat", type=int, default=1, help="rounds over all configurations; the median is kept")
-    parser.add_argument("--isolate", action="store_true", help="one process per configuration (CPU peak RSS)")
-    parser.add_argument("--no-heads", action="store_true", help="skip the DiffKD-head micro-benchmark")
-    parser.add_argument("--out", default=None, help="JSON path (default: bench_results/<time>.json)")
-    parser.add_argument(
-        "--cpu-malloc",
-        default="keep",
-        choices=CPU_MALLOC_MODES,
-        help="CPU only: keep = glibc keeps freed memory for reuse (as diffkd.train does on the CPU); default = leave"
-        " malloc alone (what a plain training loop gets)",
-    )
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    add = parser.add_argument
+    # fmt: off
+    add("--pairs", default="small,cifar,imagenet", help="small (the demo's), cifar, imagenet, or any classification "
+        "experiment's name")
+    add("--methods", default="none,kd,diffkd", help="distill configs (none, kd, diffkd, dkd, ...), official_kd, "
+        "official_diffkd")
+    add("--precision", default="fp32,bf16")
+    add("--channels-last", default="off,on")
+    add("--compile", default="off", help="off | on | teacher | heads, comma-separated")
+    add("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
+    add("--official-dir", default=None, help="clone of https://github.com/hunto/DiffKD (at 5367f44, or with its "
+        "classification submodule), for --methods official_kd,official_diffkd; needs a source checkout of diffkd "
+        "(benchmarks/official.py)")
+    add("--steps", type=int, default=None, help="timed steps (default: 10 on GPU, 5 on CPU)")
+    add("--warmup", type=int, default=None, help="untimed steps first (default: 5 GPU, 2 CPU)")
+    add("--batch", type=int, default=None, help="batch size for every pair (default: the pair's)")
+    add("--repeat", type=int, default=1, help="rounds over all configurations; the median is kept")
+    add("--isolate", action="store_true", help="one process per configuration (CPU peak RSS)")
+    add("--no-heads", action="store_true", help="skip the DiffKD-head micro-benchmark")
+    add("--one", default=None, help=argparse.SUPPRESS)
+    # fmt: on
+    add_common_options(parser, "<time>")
     return parser
 
 

@@ -21,7 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -373,15 +373,32 @@ def time_point_heads(
 # ------------------------------------------------------------------------------------------------ rounds and report
 
 
-class _Measured(Protocol):
+class Measured:
+    """What the result rows of both benchmarks (dataclasses with these fields) derive and print alike."""
+
     ms_per_step: float
-    error: str | None
+    gflop_per_step: float | None
     ms_runs: list[float] | None
     finite: bool | None
-    gflop_per_step: float | None
+    error: str | None
+
+    @property
+    def gflop_per_s(self) -> float | None:
+        """Achieved matmul/conv throughput: GFLOP per step / seconds per step."""
+        if self.gflop_per_step is None or not self.ms_per_step > 0:
+            return None
+        return self.gflop_per_step / (self.ms_per_step / 1000)
+
+    def notes(self) -> str:
+        """The end of its table row: the rounds' spread, a non-finite loss, the error."""
+        out = (
+            f"   runs {min(self.ms_runs):.0f}–{max(self.ms_runs):.0f}" if self.ms_runs and len(self.ms_runs) > 1 else ""
+        )
+        out += "   loss NaN/inf" if self.finite is False else ""
+        return out + (f"   error: {self.error}" if self.error else "")
 
 
-R = TypeVar("R", bound=_Measured)
+R = TypeVar("R", bound=Measured)
 
 
 def median_round(runs: list[R]) -> R:
@@ -431,6 +448,22 @@ def check_configs(group: str, names: Sequence[str]) -> None:
     if missing:
         known = ", ".join(sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml")))
         raise SystemExit(f"no {group} config {missing} in {CONFIG_DIR / group}; choose from {known}")
+
+
+def add_common_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options both benchmarks take: ``--device``, ``--out`` (default ``bench_results/<out>.json``),
+    ``--cpu-malloc``."""
+    from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES
+
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--out", default=None, help=f"JSON path (default: bench_results/{out}.json)")
+    parser.add_argument(
+        "--cpu-malloc",
+        default="keep",
+        choices=CPU_MALLOC_MODES,
+        help="CPU only: keep = glibc keeps freed memory for reuse (as diffkd.train does on the CPU); default = leave"
+        " malloc alone (what a plain training loop gets)",
+    )
 
 
 def write_report(

@@ -56,6 +56,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffkd.bench.common import (
+    Measured,
+    add_common_options,
     as_row,
     bench_config,
     build_bench_module,
@@ -74,7 +76,6 @@ from diffkd.bench.common import (
     time_training_steps,
     write_report,
 )
-from diffkd.utils.cpu_malloc import CPU_MALLOC_MODES
 
 __all__ = [
     "TASKS",
@@ -208,7 +209,7 @@ def _num_classes(task: str, cfg: Any) -> int | None:
 
 
 @dataclass
-class StepResult:
+class StepResult(Measured):
     """One configuration's training step: median over ``--repeat`` rounds."""
 
     task: str
@@ -222,12 +223,6 @@ class StepResult:
     losses: dict[str, float] = field(default_factory=dict)  # the last step's logged loss terms
     ms_runs: list[float] | None = None  # every round's ms/step
     error: str | None = None
-
-    @property
-    def gflop_per_s(self) -> float | None:
-        if self.gflop_per_step is None or not self.ms_per_step > 0:
-            return None
-        return self.gflop_per_step / (self.ms_per_step / 1000)
 
 
 def bench_task_step(
@@ -509,10 +504,7 @@ def step_table(results: Sequence[StepResult]) -> str:
     for r in results:
         row = f"{r.task:<14}{r.method:<16}{r.input:<20}{_fmt(r.ms_per_step, '.0f'):>10}"
         row += f"{_fmt(r.gflop_per_step, '.1f'):>12}{_fmt(r.gflop_per_s, '.1f'):>9}"
-        if r.ms_runs and len(r.ms_runs) > 1:
-            row += f"   runs {min(r.ms_runs):.0f}–{max(r.ms_runs):.0f}"
-        row += "   loss NaN/inf" if r.finite is False else ""
-        lines.append(row + (f"   error: {r.error}" if r.error else ""))
+        lines.append(row + r.notes())
     return "\n".join(lines)
 
 
@@ -564,74 +556,36 @@ def _step_rounds(
 def _parser() -> argparse.ArgumentParser:
     seg, det = TASKS["segmentation"], TASKS["detection"]
     parser = argparse.ArgumentParser(prog="python -m diffkd.bench_tasks", description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default=",".join(TASKS), help="segmentation, detection or both")
-    parser.add_argument(
-        "--seg-methods",
-        default=",".join(seg.methods),
-        help="distill configs timed for segmentation (none = student alone)",
-    )
-    parser.add_argument(
-        "--det-methods",
-        default=",".join(det.methods),
-        help="distill configs timed for detection (none = student alone)",
-    )
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (the first one counts FLOPs)")
-    parser.add_argument("--repeat", type=int, default=3, help="round-robin rounds; the median is kept")
-    parser.add_argument(
-        "--crop",
-        type=_hw,
-        default=None,
-        help=f"segmentation crop HxW (default {seg.step_input[0]}x{seg.step_input[1]})",
-    )
-    parser.add_argument(
-        "--size",
-        type=int,
-        default=None,
-        help=f"detection short side: the detectors' min_size, "
-        f"images size×4size/3, max_size size·1333/800 (default {det.step_input[0]})",
-    )
-    parser.add_argument(
-        "--batch",
-        type=int,
-        default=None,
-        help=f"batch of every step (default: segmentation {seg.batch}, detection {det.batch})",
-    )
-    parser.add_argument(
-        "--head-crop",
-        type=_hw,
-        default=None,
-        help=f"segmentation crop of the head table (default {seg.head_input[0]}x{seg.head_input[1]}: 19×64×128 logits)",
-    )
-    parser.add_argument(
-        "--head-input",
-        type=_hw,
-        default=None,
-        help=f"detection image of the head table (default {det.head_input[0]}x{det.head_input[1]})",
-    )
-    parser.add_argument(
-        "--head-batch",
-        type=int,
-        default=2,
-        help="batch of the segmentation heads' forward + backward timing (0: not timed)",
-    )
-    parser.add_argument("--no-heads", action="store_true", help="skip the head tables")
-    parser.add_argument("--no-steps", action="store_true", help="skip the training steps")
-    parser.add_argument("--override", action="append", default=[], help="a Hydra override for every config")
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="toy sizes and small teachers (the test): crop 32x64 batch 2, detection 64 px batch 1",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    parser.add_argument("--out", default=None, help="JSON path (default: bench_results/tasks-<time>.json)")
-    parser.add_argument(
-        "--cpu-malloc",
-        default="keep",
-        choices=CPU_MALLOC_MODES,
-        help="CPU only: keep = glibc keeps freed memory for reuse (as diffkd.train does)",
-    )
-    parser.add_argument("--raise-errors", action="store_true", help="stop at the first failing configuration")
+    add = parser.add_argument
+    # fmt: off
+    add("--task", default=",".join(TASKS), help="segmentation, detection or both")
+    add("--seg-methods", default=",".join(seg.methods), help="distill configs timed for segmentation (none = student "
+        "alone)")
+    add("--det-methods", default=",".join(det.methods), help="distill configs timed for detection (none = student "
+        "alone)")
+    add("--steps", type=int, default=2, help="timed steps per round")
+    add("--warmup", type=int, default=1, help="untimed steps first (the first one counts FLOPs)")
+    add("--repeat", type=int, default=3, help="round-robin rounds; the median is kept")
+    add("--crop", type=_hw, default=None, help="segmentation crop HxW (default "
+        f"{seg.step_input[0]}x{seg.step_input[1]})")
+    add("--size", type=int, default=None, help="detection short side: the detectors' min_size, images size×4size/3, "
+        f"max_size size·1333/800 (default {det.step_input[0]})")
+    add("--batch", type=int, default=None, help=f"batch of every step (default: segmentation {seg.batch}, detection "
+        f"{det.batch})")
+    add("--head-crop", type=_hw, default=None, help="segmentation crop of the head table (default "
+        f"{seg.head_input[0]}x{seg.head_input[1]}: 19×64×128 logits)")
+    add("--head-input", type=_hw, default=None, help="detection image of the head table (default "
+        f"{det.head_input[0]}x{det.head_input[1]})")
+    add("--head-batch", type=int, default=2, help="batch of the segmentation heads' forward + backward timing (0: not "
+        "timed)")
+    add("--no-heads", action="store_true", help="skip the head tables")
+    add("--no-steps", action="store_true", help="skip the training steps")
+    add("--override", action="append", default=[], help="a Hydra override for every config")
+    add("--tiny", action="store_true", help="toy sizes and small teachers (the test): crop 32x64 batch 2, detection 64 "
+        "px batch 1")
+    add("--raise-errors", action="store_true", help="stop at the first failing configuration")
+    # fmt: on
+    add_common_options(parser, "tasks-<time>")
     return parser
 
 
