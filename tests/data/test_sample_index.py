@@ -283,3 +283,27 @@ def test_a_module_that_builds_its_own_train_loader_cannot_give_indices(roots):
     ):
         dm.enable_sample_index()
     assert not dm.sample_index
+
+
+@pytest.mark.parametrize("name", ["cifar", "scenes", "coco"])
+def test_ddp_shards_carry_the_positions_of_their_samples(roots, name):
+    """As Lightning prepares the train loader for rank r of 2 (its distributed sampler injected): each rank's
+    indices name the samples it holds, and the two ranks' indices are disjoint shards of 0..N-1."""
+    from tests.data.test_coco import _ddp_trainer, _lightning_train_loader
+
+    shards = []
+    for rank in (0, 1):
+        dm = MODULES[name](roots, batch_size=2, drop_last=False)
+        dm.enable_sample_index()
+        _, loader = _lightning_train_loader(dm, _ddp_trainer(rank))
+        seen = []
+        for batch in loader:
+            for k, i in enumerate(batch[-1].tolist()):
+                image, target = _sample_of(batch, k)
+                ref_image, ref_target = dm.train_set[i]
+                assert torch.equal(image, ref_image)
+                assert _same(target, torch.tensor(ref_target) if isinstance(ref_target, int) else ref_target)
+            seen += batch[-1].tolist()
+        shards.append(set(seen))
+    assert shards[0].isdisjoint(shards[1]) or name == "coco"  # grouping may repeat an image to fill a batch
+    assert shards[0] | shards[1] == set(range(dm.num_train_samples()))
