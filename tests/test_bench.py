@@ -226,3 +226,19 @@ def test_small_pair_is_the_demos_pair_and_its_heads_are_a_modest_fraction(tmp_pa
     assert all(s["error"] is None and s["finite"] for s in steps.values())
     # the demo's design (conf/experiment/demo.yaml): the two DiffKD heads add well under a fifth of the KD step's FLOPs
     assert 1.0 < steps["diffkd"]["gflop_per_step"] / steps["kd"]["gflop_per_step"] < 1.2
+
+
+def test_a_pair_is_any_packaged_experiment_and_a_method_any_distill_config():
+    # not one of the short names: experiment=cifar_res56_res20 with distill=dkd, composed as training composes it
+    r = bench_step("cifar_res56_res20", "dkd", "fp32", False, False, "cpu", steps=1, warmup=1, batch=4)
+    assert r.error is None and r.finite is True and r.batch == 4 and r.gflop_per_step > 0
+
+
+def test_unknown_pairs_and_methods_name_the_configs_to_choose_from(tmp_path):
+    out = ["--no-heads", "--out", str(tmp_path / "b.json")]
+    with pytest.raises(SystemExit, match=r"no experiment config \['cifar_nope'\].*cifar_wrn40_wrn16"):
+        main(["--pairs", "cifar_nope", *out])
+    with pytest.raises(SystemExit, match=r"no distill config \['kdd'\].*diffkd, .*kd"):
+        main(["--pairs", "cifar", "--methods", "kdd", *out])
+    with pytest.raises(SystemExit, match=r"unknown precision\(s\) \['fp64'\]; choose from fp32, bf16"):
+        main(["--pairs", "cifar", "--precision", "fp64", *out])

@@ -111,3 +111,20 @@ def test_head_flops_match_a_count_from_the_module_shapes(task, shapes, point):
     assert forward == 2 * macs  # one MAC = 2 FLOPs; BatchNorm, the embedding and the distance count none
     assert total == 3 * forward  # backward: the input's and the weight's gradient, each as costly as the forward
     assert point_flops(distiller, point, batch=3) == (3 * forward, 3 * total)
+
+
+def test_a_synthetic_batch_grows_to_the_step_batch_in_any_task_format():
+    import torch
+
+    from diffkd.bench.common import describe_batch, tile_batch
+
+    seg = (torch.randn(2, 3, 8, 16), torch.zeros(2, 8, 16, dtype=torch.long))
+    grown = tile_batch(seg, 5)
+    assert grown[0].shape == (5, 3, 8, 16) and grown[1].shape == (5, 8, 16)
+    assert torch.equal(grown[0][2], seg[0][0]) and describe_batch(grown) == "5×3×8×16"
+    det = ([torch.rand(3, 8, 10), torch.rand(3, 8, 10)], [{"boxes": torch.ones(1, 4), "image_id": i} for i in (0, 1)])
+    images, targets = tile_batch(det, 3)
+    assert len(images) == len(targets) == 3 and [t["image_id"] for t in targets] == [0, 1, 0]
+    assert targets[2] is not det[1][0] and describe_batch((images, targets)) == "3 images 8×10"
+    with pytest.raises(TypeError, match="cannot grow a batch of str"):
+        tile_batch("x", 2)
