@@ -190,14 +190,15 @@ def task_config(
     module's batch); models that resize their input themselves (a ``min_size`` key: the detectors) resize to
     ``size`` (short side; long side ≤ ``size``·1333/800)."""
     spec = TASKS[task]
-    cfg = bench_config(spec.experiment, method, overrides=())  # read which models resize, then compose once
-    extra: list[str] = []
-    if size is not None:
-        extra += [f"model.{side}.{k}={v}" for side in ("student", "teacher") if "min_size" in cfg.model.get(side, {})
-                  for k, v in (("min_size", size), ("max_size", round(size * MAX_OVER_MIN)))]  # fmt: skip
-    if tiny:
-        extra += [f"model.teacher.name={spec.tiny_teacher}", *spec.tiny_overrides]
-    return bench_config(spec.experiment, method, [*extra, *overrides], tool="bench_tasks")
+    extra = [f"model.teacher.name={spec.tiny_teacher}", *spec.tiny_overrides] if tiny else []
+    cfg = bench_config(spec.experiment, method, [*extra, *overrides], tool="bench_tasks")
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides}
+    for side in ("student", "teacher") if size is not None else ():
+        resize = {"min_size": size, "max_size": round(size * MAX_OVER_MIN)}
+        for key, value in resize.items():
+            if key in cfg.model.get(side, {}) and f"model.{side}.{key}" not in given:
+                cfg.model[side][key] = value
+    return cfg
 
 
 def _num_classes(task: str, cfg: Any) -> int | None:
