@@ -93,7 +93,8 @@ def test_the_transform_gives_what_both_former_transforms_gave():
 
 
 @pytest.mark.parametrize("norm", ["cirkd", "imagenet"])
-def test_cityscapes_batches_are_those_of_the_former_pipeline(tmp_path: Path, norm: str):
+def test_cityscapes_batches_are_those_of_the_former_pipeline(tmp_path: Path, norm: str, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # the digests' run seed (an earlier test may have set one)
     root = write_fake_cityscapes(tmp_path / "cs", size=(64, 128)).root
     dm = CityscapesDataModule(str(root), batch_size=2, num_workers=0, crop_size=(48, 80), normalization=norm)
     assert [_digest(*b, dtype=False) for b in dm.train_dataloader()] == BATCH_DIGESTS[f"cs-{norm}-train"]
@@ -101,7 +102,8 @@ def test_cityscapes_batches_are_those_of_the_former_pipeline(tmp_path: Path, nor
     assert _digest(*dm.example_batch(2), dtype=False) == BATCH_DIGESTS[f"cs-{norm}-example"]
 
 
-def test_segmentation_folder_batches_are_those_of_the_former_pipeline(tmp_path: Path):
+def test_segmentation_folder_batches_are_those_of_the_former_pipeline(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # the digests' run seed (an earlier test may have set one)
     root = write_grey_scenes(tmp_path / "sc", n_train=6, n_val=3, size=24)
     kw = {"batch_size": 2, "in_chans": 1, "mean": (0.5,), "std": (0.25,), "crop_size": (20, 28)}
     dm = SegmentationFolderDataModule(str(root), 4, scale_range=(0.5, 1.5), hflip_prob=0.5, **kw)
