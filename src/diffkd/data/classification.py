@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from abc import abstractmethod
 from collections.abc import Callable
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -197,36 +197,15 @@ class PreloadableDataModule(ClassificationDataModule):
     crop/flip/normalise, its memory format) on the preload device, crop offsets and flips from a fixed generator.
 
     Args:
-        gpu_preload: keep the data set on the device and augment there (see above).
-        others: see ``ClassificationDataModule``.
+        gpu_preload: keep the data set on the device and augment there (see above); a keyword.
+        args, kwargs: those of ``ClassificationDataModule``.
     """
 
     fused_normalize: bool = False  # False: torchvision's ToTensor + Normalize order of operations
     builds_sample_index = True
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        batch_size: int = 64,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        drop_last: bool = True,
-        gpu_preload: bool = False,
-        *,
-        train_transform: TransformSpec = None,
-        val_transform: TransformSpec = None,
-    ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            val_batch_size,
-            num_workers,
-            pin_memory,
-            drop_last,
-            train_transform=train_transform,
-            val_transform=val_transform,
-        )
+    def __init__(self, *args: Any, gpu_preload: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.gpu_preload = bool(gpu_preload)
         configured = [f"data.{split}_transform" for split in ("train", "val") if self.custom_transform(split)]
         if self.gpu_preload and configured:

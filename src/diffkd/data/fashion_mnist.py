@@ -257,17 +257,9 @@ class FashionMNISTDataModule(PreloadableDataModule):
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
     ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            val_batch_size,
-            num_workers,
-            pin_memory,
-            drop_last,
-            gpu_preload,
-            train_transform=train_transform,
-            val_transform=val_transform,
-        )
+        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        transforms = {"train_transform": train_transform, "val_transform": val_transform}
+        super().__init__(data_dir, *loader, gpu_preload=gpu_preload, **transforms)
         self.download = download
         self.image_size = int(image_size)
         if subset is not None and subset <= 0:

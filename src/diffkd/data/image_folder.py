@@ -88,16 +88,8 @@ class ImageFolderDataModule(ImageFileChecks, ClassificationDataModule):
         verify: bool = False,
         skip_bad_images: bool = False,
     ) -> None:
-        super().__init__(
-            root,
-            batch_size,
-            val_batch_size,
-            num_workers,
-            pin_memory,
-            drop_last,
-            train_transform=train_transform,
-            val_transform=val_transform,
-        )
+        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(root, *loader, train_transform=train_transform, val_transform=val_transform)
         self.init_image_checks(verify, skip_bad_images)
         self.root = Path(root)
         self.train_dir = self.root / train_dir

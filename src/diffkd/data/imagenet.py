@@ -235,16 +235,8 @@ class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
         verify: bool = False,
         skip_bad_images: bool = False,
     ) -> None:
-        super().__init__(
-            data_dir,
-            batch_size,
-            val_batch_size,
-            num_workers,
-            pin_memory,
-            drop_last,
-            train_transform=train_transform,
-            val_transform=val_transform,
-        )
+        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        super().__init__(data_dir, *loader, train_transform=train_transform, val_transform=val_transform)
         if layout not in ("auto", "folders", "list"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'list', got {layout!r}")
         self.init_image_checks(verify, skip_bad_images)
