@@ -89,13 +89,15 @@ def bench_config(experiment: str, method: str, overrides: Sequence[str] = (), to
 
 def data_facts(cfg: Any) -> tuple[int | None, tuple[int, int, int] | None]:
     """``(num_classes, (C, S, S))`` the experiment's data module declares (``num_classes``, ``in_chans``,
-    ``image_size``), read from the configured module without setting it up (no files are read); ``None`` for what
-    it does not declare as a plain number."""
+    ``image_size``), read from the configured module without setting it up; ``None`` for what it does not declare
+    as a number or reads from files that are not there."""
     from diffkd.utils.instantiate import instantiate
 
     dm = instantiate(cfg.data)
-    nc = getattr(type(dm), "num_classes", None)
-    nc = getattr(dm, "num_classes", None) if isinstance(nc, int) or nc is None else None  # a property reads files
+    try:
+        nc = getattr(dm, "num_classes", None)
+    except (OSError, ValueError):  # a data module that reads it from its files (COCO's annotations), absent here
+        nc = None
     chans, size = getattr(dm, "in_chans", None), getattr(dm, "image_size", None)
     shape = (int(chans), int(size), int(size)) if isinstance(chans, int) and isinstance(size, int) else None
     return (int(nc) if isinstance(nc, int) else None), shape
