@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from diffkd.distill.losses.dense import MaskableDenseLoss
 from diffkd.distill.registry import register_distance
 from diffkd.method.distances import mask_like
 
@@ -26,7 +27,7 @@ __all__ = ["ChannelWiseDistillation"]
 
 
 @register_distance("cwd")
-class ChannelWiseDistillation(nn.Module):
+class ChannelWiseDistillation(MaskableDenseLoss):
     """``τ²/(N·C) · Σ KL(softmax_hw(t/τ) ‖ softmax_hw(s/τ))`` over images and channels (see the module docstring).
 
     Args:
@@ -34,14 +35,8 @@ class ChannelWiseDistillation(nn.Module):
         masked: spatial softmax over the valid positions only (CIRKD: False, every position).
     """
 
-    accepts = ("valid_mask",)
-
     def __init__(self, tau: float = 4.0, masked: bool = False) -> None:
-        super().__init__()
-        if not isinstance(masked, bool):
-            raise TypeError(f"masked must be a bool, got {masked!r}")
-        self.tau = float(tau)
-        self.masked = masked
+        super().__init__(tau, masked)
 
     def forward(self, student: Tensor, teacher: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         """student, teacher (B, C, H, W); valid_mask (B, H', W') bool → scalar."""

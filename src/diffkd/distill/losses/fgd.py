@@ -187,116 +187,15 @@ class GlobalContext(nn.Module):
         return x + self.channel_add(context)
 
 
-@register_distance("fgd")
-class FGDLoss(nn.Module):
-    """FGD's loss on one FPN level (module docstring), with its learnable align conv and GcBlocks.
+class _FGDTerms(nn.Module):
+    """What FGD's two distances share: the temperature, the weights of ``L_fg``, ``L_bg``, ``L_at``, the box frame,
+    and the masks, attentions and feature terms of one level."""
 
-    Args:
-        student_channels, teacher_channels: widths of the two maps (256 on an FPN); a 1×1 ``align`` conv maps the
-            student to the teacher's width when they differ (FGD's, default PyTorch initialisation).
-        temp: attention temperature T.
-        alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd: weights of ``L_fg``, ``L_bg``, ``L_at``, ``L_global``.
-        box_frame: ``"image"`` (FGD) or ``"padded"`` (see the module docstring).
-    """
-
+    label = "fgd"
     needs = ("gt_boxes", "image_sizes")
     accepts = ("padded_size",)
 
-    def __init__(
-        self,
-        student_channels: int = 256,
-        teacher_channels: int = 256,
-        temp: float = 0.5,
-        alpha_fgd: float = 0.001,
-        beta_fgd: float = 0.0005,
-        gamma_fgd: float = 0.001,
-        lambda_fgd: float = 0.000005,
-        box_frame: BoxFrame = "image",
-    ) -> None:
-        super().__init__()
-        _check_frame(box_frame)
-        self.temp = float(temp)
-        self.alpha_fgd, self.beta_fgd = float(alpha_fgd), float(beta_fgd)
-        self.gamma_fgd, self.lambda_fgd = float(gamma_fgd), float(lambda_fgd)
-        self.box_frame: BoxFrame = box_frame
-        self.teacher_channels = int(teacher_channels)
-        self.align = (
-            nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
-            if student_channels != teacher_channels
-            else None
-        )
-        self.global_s = GlobalContext(teacher_channels)
-        self.global_t = GlobalContext(teacher_channels)
-
-    def forward(
-        self,
-        student: Tensor,
-        teacher: Tensor,
-        gt_boxes: Sequence[Tensor],
-        image_sizes: Sequence[Sequence[int]],
-        padded_size: Sequence[int] | None = None,
-    ) -> Tensor:
-        """The weighted sum of FGD's four terms (a scalar).
-
-        Args:
-            student: (N, C_s, H, W); teacher: (N, C_t, H, W).
-            gt_boxes: per image, (n_i, 4) xyxy boxes in the pixels of the (transformed) image.
-            image_sizes: per image, (h_i, w_i) before padding.
-            padded_size: (H_pad, W_pad) of the padded batch (``box_frame="padded"``).
-        """
-        student, teacher = student.float(), teacher.detach().float()
-        if self.align is not None:
-            student = self.align(student)
-        if student.shape != teacher.shape:
-            raise ValueError(f"FGD: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
-        n, _, h, w = student.shape
-        t_spatial, t_channel = fgd_attention(teacher, self.temp)
-        s_spatial, s_channel = fgd_attention(student, self.temp)
-        fg, bg = fgd_masks(gt_boxes, (h, w), _frames(self.box_frame, n, image_sizes, padded_size), student.device)
-        fg_loss, bg_loss = fgd_feature_loss(student, teacher, fg, bg, t_spatial, t_channel)
-        at_loss = _attention_loss(s_spatial, s_channel, t_spatial, t_channel)
-        global_loss = (self.global_s(student) - self.global_t(teacher)).square().sum() / n
-        return (
-            self.alpha_fgd * fg_loss
-            + self.beta_fgd * bg_loss
-            + self.gamma_fgd * at_loss
-            + self.lambda_fgd * global_loss
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"temp={self.temp}, alpha={self.alpha_fgd}, beta={self.beta_fgd}, gamma={self.gamma_fgd}, "
-            f"lambda={self.lambda_fgd}, box_frame={self.box_frame!r}"
-        )
-
-
-@register_distance("fgd_mse")
-class FGDFeatureMSE(nn.Module):
-    """FGD's attention-weighted fg/bg MSE ``α·L_fg + β·L_bg (+ γ·L_at)`` without parameters: our reading of the
-    DiffKD paper's "attention-based MSE inspired by FGD" (DiffKD†), which it does not define.
-
-    After a DiffKD head the student is the denoised feature; the attentions are the teacher's (and, for ``L_at``,
-    the denoised student's).
-
-    Args:
-        temp: attention temperature T.
-        alpha_fgd, beta_fgd: weights of ``L_fg`` and ``L_bg`` (FGD's per-detector values).
-        gamma_fgd: weight of FGD's attention loss ``L_at`` (0: not included — the paper mentions only the
-            foreground/background balance).
-        box_frame: ``"image"`` (FGD) or ``"padded"`` (see the module docstring).
-    """
-
-    needs = ("gt_boxes", "image_sizes")
-    accepts = ("padded_size",)
-
-    def __init__(
-        self,
-        temp: float = 0.5,
-        alpha_fgd: float = 0.001,
-        beta_fgd: float = 0.0005,
-        gamma_fgd: float = 0.0,
-        box_frame: BoxFrame = "image",
-    ) -> None:
+    def __init__(self, temp: float, alpha_fgd: float, beta_fgd: float, gamma_fgd: float, box_frame: BoxFrame) -> None:
         super().__init__()
         _check_frame(box_frame)
         self.temp = float(temp)
@@ -311,22 +210,130 @@ class FGDFeatureMSE(nn.Module):
         image_sizes: Sequence[Sequence[int]],
         padded_size: Sequence[int] | None = None,
     ) -> Tensor:
-        """The scalar loss; shapes as :meth:`FGDLoss.forward` (equal widths: no align conv here)."""
-        student, teacher = student.float(), teacher.detach().float()
+        """The weighted sum of the distance's terms (a scalar).
+
+        Args:
+            student: (N, C_s, H, W); teacher: (N, C_t, H, W) (C_s = C_t unless the distance aligns the student).
+            gt_boxes: per image, (n_i, 4) xyxy boxes in the pixels of the (transformed) image.
+            image_sizes: per image, (h_i, w_i) before padding.
+            padded_size: (H_pad, W_pad) of the padded batch (``box_frame="padded"``).
+        """
+        student, teacher = self._aligned(student.float()), teacher.detach().float()
         if student.shape != teacher.shape:
-            raise ValueError(f"fgd_mse: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
+            raise ValueError(f"{self.label}: student {tuple(student.shape)} and teacher {tuple(teacher.shape)} differ")
         n, _, h, w = student.shape
         t_spatial, t_channel = fgd_attention(teacher, self.temp)
         fg, bg = fgd_masks(gt_boxes, (h, w), _frames(self.box_frame, n, image_sizes, padded_size), student.device)
         fg_loss, bg_loss = fgd_feature_loss(student, teacher, fg, bg, t_spatial, t_channel)
+        return self._combine(student, teacher, fg_loss, bg_loss, t_spatial, t_channel)
+
+    def _aligned(self, student: Tensor) -> Tensor:
+        """The student map at the teacher's width (here: as it is)."""
+        return student
+
+    def _combine(
+        self, student: Tensor, teacher: Tensor, fg_loss: Tensor, bg_loss: Tensor, t_spatial: Tensor, t_channel: Tensor
+    ) -> Tensor:
+        """The loss from ``L_fg``, ``L_bg`` and the teacher's attentions S_t (N, H, W), C_t (N, C)."""
+        raise NotImplementedError
+
+    def _attention_term(self, student: Tensor, t_spatial: Tensor, t_channel: Tensor) -> Tensor:
+        """``L_at`` between the student's attentions and the teacher's."""
+        s_spatial, s_channel = fgd_attention(student, self.temp)
+        return _attention_loss(s_spatial, s_channel, t_spatial, t_channel)
+
+    def _repr_weights(self) -> str:
+        return f"temp={self.temp}, alpha={self.alpha_fgd}, beta={self.beta_fgd}, gamma={self.gamma_fgd}"
+
+
+@register_distance("fgd")
+class FGDLoss(_FGDTerms):
+    """FGD's loss on one FPN level (module docstring), with its learnable align conv and GcBlocks.
+
+    Args:
+        student_channels, teacher_channels: widths of the two maps (256 on an FPN); a 1×1 ``align`` conv maps the
+            student to the teacher's width when they differ (FGD's, default PyTorch initialisation).
+        temp: attention temperature T.
+        alpha_fgd, beta_fgd, gamma_fgd, lambda_fgd: weights of ``L_fg``, ``L_bg``, ``L_at``, ``L_global``.
+        box_frame: ``"image"`` (FGD) or ``"padded"`` (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        student_channels: int = 256,
+        teacher_channels: int = 256,
+        temp: float = 0.5,
+        alpha_fgd: float = 0.001,
+        beta_fgd: float = 0.0005,
+        gamma_fgd: float = 0.001,
+        lambda_fgd: float = 0.000005,
+        box_frame: BoxFrame = "image",
+    ) -> None:
+        super().__init__(temp, alpha_fgd, beta_fgd, gamma_fgd, box_frame)
+        self.lambda_fgd = float(lambda_fgd)
+        self.teacher_channels = int(teacher_channels)
+        self.align = (
+            nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+            if student_channels != teacher_channels
+            else None
+        )
+        self.global_s = GlobalContext(teacher_channels)
+        self.global_t = GlobalContext(teacher_channels)
+
+    def _aligned(self, student: Tensor) -> Tensor:
+        return student if self.align is None else self.align(student)
+
+    def _combine(
+        self, student: Tensor, teacher: Tensor, fg_loss: Tensor, bg_loss: Tensor, t_spatial: Tensor, t_channel: Tensor
+    ) -> Tensor:
+        at_loss = self._attention_term(student, t_spatial, t_channel)
+        global_loss = (self.global_s(student) - self.global_t(teacher)).square().sum() / student.shape[0]
+        return (
+            self.alpha_fgd * fg_loss
+            + self.beta_fgd * bg_loss
+            + self.gamma_fgd * at_loss
+            + self.lambda_fgd * global_loss
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self._repr_weights()}, lambda={self.lambda_fgd}, box_frame={self.box_frame!r}"
+
+
+@register_distance("fgd_mse")
+class FGDFeatureMSE(_FGDTerms):
+    """FGD's attention-weighted fg/bg MSE ``α·L_fg + β·L_bg (+ γ·L_at)`` without parameters: our reading of the
+    DiffKD paper's "attention-based MSE inspired by FGD" (DiffKD†), which it does not define.
+
+    After a DiffKD head the student is the denoised feature; the attentions are the teacher's (and, for ``L_at``,
+    the denoised student's).
+
+    Args:
+        temp: attention temperature T.
+        alpha_fgd, beta_fgd: weights of ``L_fg`` and ``L_bg`` (FGD's per-detector values).
+        gamma_fgd: weight of FGD's attention loss ``L_at`` (0: not included — the paper mentions only the
+            foreground/background balance).
+        box_frame: ``"image"`` (FGD) or ``"padded"`` (see the module docstring).
+    """
+
+    label = "fgd_mse"
+
+    def __init__(
+        self,
+        temp: float = 0.5,
+        alpha_fgd: float = 0.001,
+        beta_fgd: float = 0.0005,
+        gamma_fgd: float = 0.0,
+        box_frame: BoxFrame = "image",
+    ) -> None:
+        super().__init__(temp, alpha_fgd, beta_fgd, gamma_fgd, box_frame)
+
+    def _combine(
+        self, student: Tensor, teacher: Tensor, fg_loss: Tensor, bg_loss: Tensor, t_spatial: Tensor, t_channel: Tensor
+    ) -> Tensor:
         loss = self.alpha_fgd * fg_loss + self.beta_fgd * bg_loss
         if self.gamma_fgd:
-            s_spatial, s_channel = fgd_attention(student, self.temp)
-            loss = loss + self.gamma_fgd * _attention_loss(s_spatial, s_channel, t_spatial, t_channel)
+            loss = loss + self.gamma_fgd * self._attention_term(student, t_spatial, t_channel)
         return loss
 
     def extra_repr(self) -> str:
-        return (
-            f"temp={self.temp}, alpha={self.alpha_fgd}, beta={self.beta_fgd}, gamma={self.gamma_fgd}, "
-            f"box_frame={self.box_frame!r}"
-        )
+        return f"{self._repr_weights()}, box_frame={self.box_frame!r}"

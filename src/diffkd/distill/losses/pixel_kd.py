@@ -17,8 +17,9 @@ B), which for maps is H·W times this mean over pixels.
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from diffkd.distill.losses.dense import MaskableDenseLoss
 from diffkd.distill.registry import register_distance
 from diffkd.method.distances import mask_like
 
@@ -40,7 +41,7 @@ def pixel_kl(student: Tensor, teacher: Tensor, tau: float) -> Tensor:
 
 
 @register_distance("pixel_kd")
-class PixelKD(nn.Module):
+class PixelKD(MaskableDenseLoss):
     """``τ² · mean over pixels of KL(softmax(t/τ) ‖ softmax(s/τ))`` (see the module docstring).
 
     Args:
@@ -49,14 +50,8 @@ class PixelKD(nn.Module):
             (CIRKD: False). Without a mask from the task every pixel counts either way.
     """
 
-    accepts = ("valid_mask",)
-
     def __init__(self, tau: float = 1.0, masked: bool = False) -> None:
-        super().__init__()
-        if not isinstance(masked, bool):
-            raise TypeError(f"masked must be a bool, got {masked!r}")
-        self.tau = float(tau)
-        self.masked = masked
+        super().__init__(tau, masked)
 
     def forward(self, student: Tensor, teacher: Tensor, valid_mask: Tensor | None = None) -> Tensor:
         """student, teacher (B, K, H, W) logits (or (B, K)); valid_mask (B, H', W') bool → scalar."""
