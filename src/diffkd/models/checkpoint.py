@@ -31,9 +31,12 @@ __all__ = [
     "NotACheckpointError",
     "RefusedCheckpointError",
     "extract_state_dict",
+    "format_mismatches",
+    "key_mismatches",
     "load_weights",
     "pickle_globals",
     "read_checkpoint",
+    "read_source",
     "refusal_message",
     "refused_by_weights_only",
 ]
@@ -207,6 +210,38 @@ def _fmt(names: list[str], what: str) -> str:
     return f"  {what} ({len(names)}): {', '.join(names[:_SHOW])}{more}\n"
 
 
+def read_source(source: str | Path | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
+    """``(origin, obj)``: a loaded dict as given (origin ``"<dict>"``), or a path read with :func:`read_checkpoint`
+    (origin the quoted, user-expanded path, as error messages show it)."""
+    if isinstance(source, Mapping):
+        return "<dict>", source
+    return f"'{Path(source).expanduser()}'", read_checkpoint(source)
+
+
+def key_mismatches(
+    own: Mapping[str, Tensor], state: Mapping[str, Tensor], *, source_word: str = "checkpoint"
+) -> tuple[list[str], list[str], list[str]]:
+    """``(missing, unexpected, shapes)`` of ``state`` against the model's ``own`` state dict.
+
+    ``missing`` leaves out BatchNorm's ``num_batches_tracked``, which BatchNorm fills itself (files from
+    PyTorch < 0.4.1 have none); ``shapes`` reads ``"<key>: <source_word> (shape) vs model (shape)"``.
+    """
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: {source_word} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    return missing, unexpected, shapes
+
+
+def format_mismatches(missing: list[str], unexpected: list[str], shapes: list[str]) -> str:
+    """The lines of a load error listing each non-empty kind (first few names, with counts), newline-ended."""
+    kinds = ((missing, "missing keys"), (unexpected, "unexpected keys"), (shapes, "shape mismatches"))
+    return "".join(_fmt(names, what) for names, what in kinds if names)
+
+
 def load_weights(
     model: nn.Module, source: str | Path | Mapping[str, Any], *, strict: bool = True, key: str | None = None
 ) -> None:
@@ -225,11 +260,7 @@ def load_weights(
         RuntimeError: the weights do not fit: the message names the source and lists missing and unexpected keys
             (the first few of each, with counts) and shape mismatches. The model is left untouched.
     """
-    if isinstance(source, Mapping):
-        origin, obj = "<dict>", source
-    else:
-        origin = f"'{Path(source).expanduser()}'"
-        obj = read_checkpoint(source)
+    origin, obj = read_source(source)
     # a model that reads another framework's checkpoints (diffkd.models.mmdet: MMDetection's model zoo) converts them
     # itself, strictly, and answers None for anything else
     convert = getattr(model, "convert_foreign_checkpoint", None)
@@ -248,22 +279,10 @@ def load_weights(
         if head and all(k.startswith(head) for k in state) and not all(k.startswith(head) for k in own):
             state = {k.split(".", 1)[1]: v for k, v in state.items()}
 
-    # BatchNorm fills a missing `num_batches_tracked` itself (files from PyTorch < 0.4.1 have none)
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
+    missing, unexpected, shapes = key_mismatches(own, state)
     if shapes or (strict and (missing or unexpected)):
         msg = f"cannot load the weights from {origin} into {type(model).__name__} (strict={strict}):\n"
-        if missing:
-            msg += _fmt(missing, "missing keys")
-        if unexpected:
-            msg += _fmt(unexpected, "unexpected keys")
-        if shapes:
-            msg += _fmt(shapes, "shape mismatches")
+        msg += format_mismatches(missing, unexpected, shapes)
         heads = _top_level_names(state)
         if key is None and {"student", "teacher"} & set(heads):
             msg += (

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.checkpoint import extract_state_dict, read_checkpoint
+from diffkd.models.checkpoint import extract_state_dict, format_mismatches, key_mismatches, read_source
 
 __all__ = [
     "BasicBlockV1b",
@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 NormLayer = Callable[[int], nn.Module]
-_SHOW = 10
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -374,11 +373,6 @@ class DilatedMobileNetV2(nn.Module):
 # ---------------------------------------------------------------------------------------- ImageNet weights
 
 
-def _fmt(names: Sequence[str], what: str) -> str:
-    more = f", … (+{len(names) - _SHOW} more)" if len(names) > _SHOW else ""
-    return f"  {what} ({len(names)}): {', '.join(names[:_SHOW])}{more}\n"
-
-
 def load_imagenet_backbone(
     module: nn.Module,
     source: str | Path | Mapping[str, Any],
@@ -405,25 +399,16 @@ def load_imagenet_backbone(
         RuntimeError: the keys do not fit; the message lists missing / unexpected keys and shape mismatches and
             says when passing ``drop_classifier=True`` would be enough.
     """
-    origin = "<dict>" if isinstance(source, Mapping) else f"'{Path(source).expanduser()}'"
-    obj = source if isinstance(source, Mapping) else read_checkpoint(source)
+    origin, obj = read_source(source)
     state = extract_state_dict(obj, origin=origin)
     if drop_classifier:
         state = {k: v for k, v in state.items() if not k.startswith(tuple(classifier_prefixes))}
 
     own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
+    missing, unexpected, shapes = key_mismatches(own, state, source_word="file")
     if shapes or (strict and (missing or unexpected)):
         msg = f"cannot load the ImageNet backbone {origin} into {type(module).__name__} (strict={strict}):\n"
-        for names, what in ((missing, "missing keys"), (unexpected, "unexpected keys"), (shapes, "shape mismatches")):
-            if names:
-                msg += _fmt(names, what)
+        msg += format_mismatches(missing, unexpected, shapes)
         if (
             unexpected
             and not missing
