@@ -32,12 +32,14 @@ assumed (B, 49, C), spec §F.2 item 5).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from torch import nn
 
-from diffkd.models.registry import register_model, register_model_prefix
+from diffkd.models._entry import entry_point
+from diffkd.models.registry import register_model_prefix
 
 __all__ = [
     "DISTILL_POINTS",
@@ -272,172 +274,143 @@ register_model_prefix("timm", _resolve_timm)
 
 _TAGS_TV = ("imagenet", "torchvision")
 _TAGS_TIMM = ("imagenet", "timm")
+Entry = Callable[..., nn.Module]
 
 
-@register_model(tags=_TAGS_TV)
-def tv_resnet18(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+def _tv(arch: str, default_weights: str = "IMAGENET1K_V1") -> Callable[[Callable[[], object]], Entry]:
+    """Turn a docstring-only stub into the entry point of torchvision's ``arch`` (see :mod:`diffkd.models._entry`):
+    ``fn(num_classes=1000, pretrained=False, weights=None, **kwargs) -> nn.Module``."""
+
+    def make(stub: Callable[[], object]) -> Entry:
+        name = stub.__name__
+
+        def entry(
+            num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
+        ) -> nn.Module:
+            return build_torchvision(
+                arch, num_classes, pretrained, weights, default_weights=default_weights, label=name, **kwargs
+            )
+
+        return entry_point(entry, stub, _TAGS_TV)
+
+    return make
+
+
+def _timm(default_tag: str) -> Callable[[Callable[[], object]], Entry]:
+    """Turn a docstring-only stub named after a timm model into its entry point, pretrained tag ``default_tag``
+    unless ``weights`` names another: ``fn(num_classes=1000, pretrained=False, weights=None, **kwargs)``."""
+
+    def make(stub: Callable[[], object]) -> Entry:
+        arch = stub.__name__
+
+        def entry(
+            num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
+        ) -> nn.Module:
+            return build_timm(arch, num_classes, pretrained, weights or default_tag, label=arch, **kwargs)
+
+        return entry_point(entry, stub, _TAGS_TIMM)
+
+    return make
+
+
+# ---------------------------------------------------------------------------------- torchvision entries
+
+
+@_tv("resnet18")
+def tv_resnet18() -> None:
     """torchvision ResNet-18 (11.7M params); pretrained ``IMAGENET1K_V1`` (69.76): the paper's B1 student.
 
     Feature point ``layer4`` → (B, 512, 7, 7) post-ReLU at 224²; logits ``fc`` → (B, num_classes).
     """
-    return build_torchvision(
-        "resnet18", num_classes, pretrained, weights, default_weights="IMAGENET1K_V1", label="tv_resnet18", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TV)
-def tv_resnet34(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_tv("resnet34")
+def tv_resnet34() -> None:
     """torchvision ResNet-34 (21.8M params); pretrained ``IMAGENET1K_V1`` (73.31): the paper's B1 teacher.
 
     Feature point ``layer4`` → (B, 512, 7, 7) post-ReLU at 224²; logits ``fc`` → (B, num_classes).
     """
-    return build_torchvision(
-        "resnet34", num_classes, pretrained, weights, default_weights="IMAGENET1K_V1", label="tv_resnet34", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TV)
-def tv_resnet50(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_tv("resnet50")
+def tv_resnet50() -> None:
     """torchvision ResNet-50 (25.6M params); pretrained ``IMAGENET1K_V1`` (76.16): the paper's B1 teacher.
 
     ``weights="IMAGENET1K_V2"`` gives torchvision's newer 80.86 recipe instead.
     Feature point ``layer4`` → (B, 2048, 7, 7) post-ReLU at 224²; logits ``fc`` → (B, num_classes).
     """
-    return build_torchvision(
-        "resnet50", num_classes, pretrained, weights, default_weights="IMAGENET1K_V1", label="tv_resnet50", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TV)
-def tv_resnet101(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_tv("resnet101")
+def tv_resnet101() -> None:
     """torchvision ResNet-101 (44.5M params); pretrained ``IMAGENET1K_V1`` (77.37).
 
     Feature point ``layer4`` → (B, 2048, 7, 7) post-ReLU at 224²; logits ``fc`` → (B, num_classes).
     """
-    return build_torchvision(
-        "resnet101", num_classes, pretrained, weights, default_weights="IMAGENET1K_V1", label="tv_resnet101", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TV)
-def tv_mobilenet_v2(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_tv("mobilenet_v2")
+def tv_mobilenet_v2() -> None:
     """torchvision MobileNetV2 (3.5M params); pretrained ``IMAGENET1K_V1`` (71.88).
 
     Feature point ``features.18`` (last Conv-BN-ReLU6) → (B, 1280, 7, 7) at 224²; logits ``classifier``
     (Dropout + Linear) → (B, num_classes).
     """
-    return build_torchvision(
-        "mobilenet_v2",
-        num_classes,
-        pretrained,
-        weights,
-        default_weights="IMAGENET1K_V1",
-        label="tv_mobilenet_v2",
-        **kwargs,
-    )
 
 
 # ----------------------------------------------------------------------------------------- timm entries
 
 
-@register_model(tags=_TAGS_TIMM)
-def mobilenetv1_100(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_timm("ra4_e3600_r224_in1k")
+def mobilenetv1_100() -> None:
     """timm MobileNetV1 ×1.0 (4.2M params); pretrained tag ``ra4_e3600_r224_in1k``: the paper's MBV1 student.
 
     Feature point ``blocks`` (last depthwise-separable block, ends in BN+ReLU6) → (B, 1024, 7, 7) at 224²;
     ``conv_head``/``bn2`` are ``Identity`` here. Logits ``classifier`` → (B, num_classes).
     """
-    return build_timm(
-        "mobilenetv1_100", num_classes, pretrained, weights or "ra4_e3600_r224_in1k", label="mobilenetv1_100", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TIMM)
-def mobilenetv2_100(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_timm("ra_in1k")
+def mobilenetv2_100() -> None:
     """timm MobileNetV2 ×1.0 (3.5M params); pretrained tag ``ra_in1k``: the paper's B2 MobileNetV2 student.
 
     Feature point ``bn2`` (BatchNormAct2d after ``conv_head``, post-ReLU6) → (B, 1280, 7, 7) at 224²
     (``conv_head`` alone is pre-BN). Logits ``classifier`` → (B, num_classes).
     """
-    return build_timm(
-        "mobilenetv2_100", num_classes, pretrained, weights or "ra_in1k", label="mobilenetv2_100", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TIMM)
-def efficientnet_b0(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_timm("ra_in1k")
+def efficientnet_b0() -> None:
     """timm EfficientNet-B0 (5.3M params); pretrained tag ``ra_in1k``: the paper's B2 EfficientNet-B0 student.
 
     Feature point ``bn2`` (BatchNormAct2d after ``conv_head``, post-SiLU) → (B, 1280, 7, 7) at 224²
     (the official code hooks ``conv_head``, which is pre-BN). Logits ``classifier`` → (B, num_classes).
     """
-    return build_timm(
-        "efficientnet_b0", num_classes, pretrained, weights or "ra_in1k", label="efficientnet_b0", **kwargs
-    )
 
 
-@register_model(tags=_TAGS_TIMM)
-def resnet50(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_timm("a1_in1k")
+def resnet50() -> None:
     """timm ResNet-50 (25.6M params); pretrained tag ``a1_in1k``: the paper's B2 teacher "ResNet-50-SB (80.1)".
 
     ``a1_in1k`` is the "ResNet strikes back" A1 recipe (timm evaluates it at crop_pct 0.95 bicubic; at the
     official 224/0.875 bilinear pipeline it scores lower, presumably the paper's 80.1). As a B3 student it
     is trained from scratch. Feature point ``layer4`` → (B, 2048, 7, 7) post-ReLU at 224²; logits ``fc``.
     """
-    return build_timm("resnet50", num_classes, pretrained, weights or "a1_in1k", label="resnet50", **kwargs)
 
 
-@register_model(tags=_TAGS_TIMM)
-def swin_tiny_patch4_window7_224(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_timm("ms_in1k")
+def swin_tiny_patch4_window7_224() -> None:
     """timm Swin-T (28.3M params); pretrained tag ``ms_in1k`` (81.2): the paper's B3 student.
 
     Input must be 224² (window 7; ``img_size=`` changes it). Feature point ``norm`` → channels-last
     (B, 7, 7, 768) at 224² — permute to (B, 768, 7, 7) before a conv. Logits ``head`` → (B, num_classes).
     """
-    return build_timm(
-        "swin_tiny_patch4_window7_224",
-        num_classes,
-        pretrained,
-        weights or "ms_in1k",
-        label="swin_tiny_patch4_window7_224",
-        **kwargs,
-    )
 
 
-@register_model(tags=_TAGS_TIMM)
-def swin_large_patch4_window7_224(
-    num_classes: int = _IMAGENET_CLASSES, pretrained: bool = False, weights: str | None = None, **kwargs: Any
-) -> nn.Module:
+@_timm("ms_in22k_ft_in1k")
+def swin_large_patch4_window7_224() -> None:
     """timm Swin-L (196.5M params); pretrained tag ``ms_in22k_ft_in1k`` (86.3): the paper's B3 teacher.
 
     ImageNet-22k pre-trained, fine-tuned on 1k. Input must be 224². Feature point ``norm`` → channels-last
     (B, 7, 7, 1536) at 224². Logits ``head`` → (B, num_classes).
     """
-    return build_timm(
-        "swin_large_patch4_window7_224",
-        num_classes,
-        pretrained,
-        weights or "ms_in22k_ft_in1k",
-        label="swin_large_patch4_window7_224",
-        **kwargs,
-    )
