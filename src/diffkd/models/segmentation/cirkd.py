@@ -27,16 +27,16 @@ pipeline's business, not the model's.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from diffkd.models._entry import entry_point
 from diffkd.models.checkpoint import load_weights
 from diffkd.models.imagenet import WeightsDownloadError
-from diffkd.models.registry import register_model
 from diffkd.models.segmentation.backbones import (
     DilatedMobileNetV2,
     NormLayer,
@@ -228,38 +228,46 @@ def _no_download(name: str) -> WeightsDownloadError:
     )
 
 
-def _finish(
-    model: CIRKDSegmentationModel,
-    name: str,
-    pretrained: bool | str | os.PathLike | None,
-    backbone_weights: str | os.PathLike | None,
-    backbone_drop_classifier: bool,
-) -> CIRKDSegmentationModel:
-    if backbone_weights is not None:
-        model.load_backbone_weights(backbone_weights, drop_classifier=backbone_drop_classifier)
-    if pretrained and not isinstance(pretrained, bool):
-        # a whole-model checkpoint overrides the backbone weights; strict, CIRKD files are bare state dicts
-        load_weights(model, Path(pretrained))
-    return model
+def _cirkd(
+    arch: type[DeepLabV3 | PSPNet], backbone: Callable[[NormLayer], nn.Module], width: int, *, has_aux: bool = True
+) -> Callable[[Callable[[], object]], Callable[..., CIRKDSegmentationModel]]:
+    """Turn a docstring-only stub into the CIRKD entry point ``arch(backbone(norm_layer), K, width, aux, norm_layer)``
+    (see :mod:`diffkd.models._entry`); ``has_aux=False`` makes ``aux`` default to ``False`` and refuse ``True``."""
 
+    def make(stub: Callable[[], object]) -> Callable[..., CIRKDSegmentationModel]:
+        name = stub.__name__
 
-def _check_pretrained(name: str, pretrained: bool | str | os.PathLike | None) -> None:
-    if pretrained is True:
-        raise _no_download(name)
+        def entry(
+            num_classes: int = CITYSCAPES_CLASSES,
+            pretrained: bool | str | os.PathLike = False,
+            aux: bool = has_aux,
+            backbone_weights: str | os.PathLike | None = None,
+            backbone_drop_classifier: bool = False,
+            norm_layer: NormLayer = nn.BatchNorm2d,
+        ) -> CIRKDSegmentationModel:
+            if aux and not has_aux:
+                raise ValueError(f"{name} has no aux head in CIRKD (its checkpoints have no auxlayer); use aux=False")
+            if pretrained is True:
+                raise _no_download(name)
+            model = arch(backbone(norm_layer), num_classes, width, aux, norm_layer)
+            if backbone_weights is not None:
+                model.load_backbone_weights(backbone_weights, drop_classifier=backbone_drop_classifier)
+            if pretrained and not isinstance(pretrained, bool):
+                # a whole-model checkpoint overrides the backbone weights; strict, CIRKD files are bare state dicts
+                load_weights(model, Path(pretrained))
+            return model
+
+        entry.__annotations__["return"] = arch.__name__  # the signature names the class it builds
+        return entry_point(entry, stub, _TAGS)
+
+    return make
 
 
 # ------------------------------------------------------------------------------------------------ entries
 
 
-@register_model(tags=_TAGS)
-def cirkd_deeplabv3_resnet101(
-    num_classes: int = CITYSCAPES_CLASSES,
-    pretrained: bool | str | os.PathLike = False,
-    aux: bool = True,
-    backbone_weights: str | os.PathLike | None = None,
-    backbone_drop_classifier: bool = False,
-    norm_layer: NormLayer = nn.BatchNorm2d,
-) -> DeepLabV3:
+@_cirkd(DeepLabV3, lambda norm_layer: resnet101_v1s(norm_layer=norm_layer), 256)
+def cirkd_deeplabv3_resnet101() -> None:
     """CIRKD DeepLabV3-ResNet-101 (61.12M with aux; the paper's teacher, 78.07 val mIoU): deep-stem dilated
     ResNet-101, ASPP width 256, aux FCN head on c3 (1024 → 256 → K).
 
@@ -272,64 +280,25 @@ def cirkd_deeplabv3_resnet101(
         backbone_drop_classifier: drop that file's ``fc.*`` keys instead of failing on them.
         norm_layer: normalisation layer class (``nn.SyncBatchNorm`` for multi-GPU, as CIRKD trains).
     """
-    name = "cirkd_deeplabv3_resnet101"
-    _check_pretrained(name, pretrained)
-    model = DeepLabV3(resnet101_v1s(norm_layer=norm_layer), num_classes, 256, aux, norm_layer)
-    return _finish(model, name, pretrained, backbone_weights, backbone_drop_classifier)
 
 
-@register_model(tags=_TAGS)
-def cirkd_deeplabv3_resnet18(
-    num_classes: int = CITYSCAPES_CLASSES,
-    pretrained: bool | str | os.PathLike = False,
-    aux: bool = True,
-    backbone_weights: str | os.PathLike | None = None,
-    backbone_drop_classifier: bool = False,
-    norm_layer: NormLayer = nn.BatchNorm2d,
-) -> DeepLabV3:
+@_cirkd(DeepLabV3, lambda norm_layer: resnet18_v1s(norm_layer=norm_layer), 128)
+def cirkd_deeplabv3_resnet18() -> None:
     """CIRKD DeepLabV3-ResNet-18 (13.61M with aux, 13.46M without): deep-stem dilated ResNet-18, ASPP width 128,
     aux FCN head on c3 (256 → 64 → K). Arguments as :func:`cirkd_deeplabv3_resnet101`
     (ImageNet file ``resnet18-imagenet.pth``)."""
-    name = "cirkd_deeplabv3_resnet18"
-    _check_pretrained(name, pretrained)
-    model = DeepLabV3(resnet18_v1s(norm_layer=norm_layer), num_classes, 128, aux, norm_layer)
-    return _finish(model, name, pretrained, backbone_weights, backbone_drop_classifier)
 
 
-@register_model(tags=_TAGS)
-def cirkd_psp_resnet18(
-    num_classes: int = CITYSCAPES_CLASSES,
-    pretrained: bool | str | os.PathLike = False,
-    aux: bool = True,
-    backbone_weights: str | os.PathLike | None = None,
-    backbone_drop_classifier: bool = False,
-    norm_layer: NormLayer = nn.BatchNorm2d,
-) -> PSPNet:
+@_cirkd(PSPNet, lambda norm_layer: resnet18_v1s(norm_layer=norm_layer), 128)
+def cirkd_psp_resnet18() -> None:
     """CIRKD PSPNet-ResNet-18 (12.92M with aux, 12.77M without): deep-stem dilated ResNet-18, pyramid pooling
     (bins 1/2/3/6, 512 → 128 each), 3×3 1024 → 128, aux FCN head on c3. Arguments as
     :func:`cirkd_deeplabv3_resnet101` (ImageNet file ``resnet18-imagenet.pth``)."""
-    name = "cirkd_psp_resnet18"
-    _check_pretrained(name, pretrained)
-    model = PSPNet(resnet18_v1s(norm_layer=norm_layer), num_classes, 128, aux, norm_layer)
-    return _finish(model, name, pretrained, backbone_weights, backbone_drop_classifier)
 
 
-@register_model(tags=_TAGS)
-def cirkd_deeplabv3_mobilenetv2(
-    num_classes: int = CITYSCAPES_CLASSES,
-    pretrained: bool | str | os.PathLike = False,
-    aux: bool = False,
-    backbone_weights: str | os.PathLike | None = None,
-    backbone_drop_classifier: bool = False,
-    norm_layer: NormLayer = nn.BatchNorm2d,
-) -> DeepLabV3:
+@_cirkd(DeepLabV3, lambda norm_layer: DilatedMobileNetV2(8, norm_layer), 128, has_aux=False)
+def cirkd_deeplabv3_mobilenetv2() -> None:
     """CIRKD DeepLabV3-MobileNetV2 (3.23M): MobileNetV2 features dilated to stride 8 (320 channels), ASPP width
     128, no aux head (CIRKD has none for MobileNetV2; ``aux=True`` raises). Arguments as
     :func:`cirkd_deeplabv3_resnet101` (ImageNet file ``mobilenetv2-imagenet.pth``, whose ``features.18.*`` and
     ``classifier.*`` keys ``backbone_drop_classifier=True`` drops)."""
-    name = "cirkd_deeplabv3_mobilenetv2"
-    if aux:
-        raise ValueError(f"{name} has no aux head in CIRKD (its checkpoints have no auxlayer); use aux=False")
-    _check_pretrained(name, pretrained)
-    model = DeepLabV3(DilatedMobileNetV2(8, norm_layer), num_classes, 128, False, norm_layer)
-    return _finish(model, name, pretrained, backbone_weights, backbone_drop_classifier)

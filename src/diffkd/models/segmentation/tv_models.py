@@ -21,12 +21,13 @@ torchvision's own default would download it, here it is ``None``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
+from diffkd.models._entry import entry_point
 from diffkd.models.imagenet import WeightsDownloadError
-from diffkd.models.registry import register_model
 
 __all__ = ["build_torchvision_segmentation"]
 
@@ -34,21 +35,16 @@ _TAGS = ("segmentation", "torchvision")
 _CLASSES = 19
 
 # backbone stages (module, channels, reduction) of the IntermediateLayerGetter, then the head feature
+_RESNET_FEATURES = [
+    ("backbone.layer1", 256, 4),
+    ("backbone.layer2", 512, 8),
+    ("backbone.layer3", 1024, 8),
+    ("backbone.layer4", 2048, 8),
+    ("classifier.3", 256, 8),
+]
 _FEATURES: dict[str, list[tuple[str, int, int]]] = {
-    "deeplabv3_resnet50": [
-        ("backbone.layer1", 256, 4),
-        ("backbone.layer2", 512, 8),
-        ("backbone.layer3", 1024, 8),
-        ("backbone.layer4", 2048, 8),
-        ("classifier.3", 256, 8),
-    ],
-    "deeplabv3_resnet101": [
-        ("backbone.layer1", 256, 4),
-        ("backbone.layer2", 512, 8),
-        ("backbone.layer3", 1024, 8),
-        ("backbone.layer4", 2048, 8),
-        ("classifier.3", 256, 8),
-    ],
+    "deeplabv3_resnet50": _RESNET_FEATURES,
+    "deeplabv3_resnet101": _RESNET_FEATURES,
     "deeplabv3_mobilenet_v3_large": [
         ("backbone.3", 24, 4),
         ("backbone.6", 40, 8),
@@ -141,68 +137,41 @@ def build_torchvision_segmentation(
     return model
 
 
-@register_model(tags=_TAGS)
-def tv_deeplabv3_resnet50(
-    num_classes: int = _CLASSES,
-    pretrained: bool = False,
-    aux: bool = True,
-    weights: str | None = None,
-    weights_backbone: str | None = None,
-    **kwargs: Any,
-) -> nn.Module:
+def _tv(arch: str) -> Callable[[Callable[[], object]], Callable[..., nn.Module]]:
+    """Turn a docstring-only stub into the entry point of torchvision's ``arch`` (see :mod:`diffkd.models._entry`):
+    ``fn(num_classes=19, pretrained=False, aux=True, weights=None, weights_backbone=None, **kwargs) -> nn.Module``."""
+
+    def make(stub: Callable[[], object]) -> Callable[..., nn.Module]:
+        name = stub.__name__
+
+        def entry(
+            num_classes: int = _CLASSES,
+            pretrained: bool = False,
+            aux: bool = True,
+            weights: str | None = None,
+            weights_backbone: str | None = None,
+            **kwargs: Any,
+        ) -> nn.Module:
+            return build_torchvision_segmentation(
+                arch, num_classes, pretrained, aux, weights, weights_backbone, label=name, **kwargs
+            )
+
+        return entry_point(entry, stub, _TAGS)
+
+    return make
+
+
+@_tv("deeplabv3_resnet50")
+def tv_deeplabv3_resnet50() -> None:
     """torchvision DeepLabV3-ResNet-50 (42.0M with aux at K=21), output upsampled to the input size."""
-    return build_torchvision_segmentation(
-        "deeplabv3_resnet50",
-        num_classes,
-        pretrained,
-        aux,
-        weights,
-        weights_backbone,
-        label="tv_deeplabv3_resnet50",
-        **kwargs,
-    )
 
 
-@register_model(tags=_TAGS)
-def tv_deeplabv3_resnet101(
-    num_classes: int = _CLASSES,
-    pretrained: bool = False,
-    aux: bool = True,
-    weights: str | None = None,
-    weights_backbone: str | None = None,
-    **kwargs: Any,
-) -> nn.Module:
+@_tv("deeplabv3_resnet101")
+def tv_deeplabv3_resnet101() -> None:
     """torchvision DeepLabV3-ResNet-101 (61.0M with aux at K=21), output upsampled to the input size."""
-    return build_torchvision_segmentation(
-        "deeplabv3_resnet101",
-        num_classes,
-        pretrained,
-        aux,
-        weights,
-        weights_backbone,
-        label="tv_deeplabv3_resnet101",
-        **kwargs,
-    )
 
 
-@register_model(tags=_TAGS)
-def tv_deeplabv3_mobilenet_v3_large(
-    num_classes: int = _CLASSES,
-    pretrained: bool = False,
-    aux: bool = True,
-    weights: str | None = None,
-    weights_backbone: str | None = None,
-    **kwargs: Any,
-) -> nn.Module:
+@_tv("deeplabv3_mobilenet_v3_large")
+def tv_deeplabv3_mobilenet_v3_large() -> None:
     """torchvision DeepLabV3-MobileNetV3-Large (11.0M with aux at K=21; backbone output stride 16), output
     upsampled to the input size."""
-    return build_torchvision_segmentation(
-        "deeplabv3_mobilenet_v3_large",
-        num_classes,
-        pretrained,
-        aux,
-        weights,
-        weights_backbone,
-        label="tv_deeplabv3_mobilenet_v3_large",
-        **kwargs,
-    )
