@@ -25,10 +25,11 @@ __all__ = ["entry_point"]
 F = TypeVar("F", bound=Callable)
 
 
-def entry_point(impl: F, stub: Callable[[], object], tags: tuple[str, ...]) -> F:
-    """Register ``impl`` under ``stub``'s name and give it ``stub``'s docstring and module; returns ``impl``."""
+def entry_point(impl: F, stub: Callable[[], object], tags: tuple[str, ...], *, name: str | None = None) -> F:
+    """Give ``impl`` ``stub``'s name, docstring and module and register it under ``name`` (default: that name,
+    as :func:`~diffkd.models.registry.register_model`); returns ``impl``."""
     impl.__name__ = stub.__name__
     impl.__qualname__ = stub.__qualname__
     impl.__module__ = stub.__module__
     impl.__doc__ = stub.__doc__
-    return register_model(impl, tags=tags)
+    return register_model(impl, name=name, tags=tags)

@@ -8,13 +8,13 @@ average pooling and one ``Linear`` classifier. The last feature map is the outpu
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.registry import register_model
+from diffkd.models._entry import entry_point
 
 __all__ = ["ConvBNReLU", "SmallCNN", "demo_cnn_student", "demo_cnn_teacher", "smallcnn_student", "smallcnn_teacher"]
 
@@ -71,28 +71,40 @@ class SmallCNN(nn.Module):
         return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-@register_model(tags=("small",))
-def smallcnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+def _small(
+    channels: Sequence[int], strides: Sequence[int]
+) -> Callable[[Callable[[], object]], Callable[..., SmallCNN]]:
+    """Turn a docstring-only stub into the ``SmallCNN(channels, strides)`` entry point (see
+    :mod:`diffkd.models._entry`): ``fn(num_classes=10, pretrained=False, **kwargs)``, ``in_chans`` 1 by default."""
+
+    def make(stub: Callable[[], object]) -> Callable[..., SmallCNN]:
+        name = stub.__name__
+
+        def entry(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+            if pretrained:
+                raise ValueError(f"{name} has no published weights (train it, e.g. with the Fashion-MNIST demo)")
+            kwargs.setdefault("in_chans", 1)
+            return SmallCNN(channels, strides, num_classes=num_classes, **kwargs)
+
+        return entry_point(entry, stub, ("small",))
+
+    return make
+
+
+@_small((32, 64, 128, 64), (2, 2, 1, 1))
+def smallcnn_teacher() -> None:
     """Demo teacher: widths 32/64/128/64, strides 2/2/1/1 (167k params at 10 classes).
 
     Last feature map: ``features``, (B, 64, 7, 7) for a 28×28 input.
     """
-    if pretrained:
-        raise ValueError("smallcnn_teacher has no published weights (train it, e.g. with the Fashion-MNIST demo)")
-    kwargs.setdefault("in_chans", 1)
-    return SmallCNN((32, 64, 128, 64), (2, 2, 1, 1), num_classes=num_classes, **kwargs)
 
 
-@register_model(tags=("small",))
-def smallcnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+@_small((16, 32, 48), (2, 2, 1))
+def smallcnn_student() -> None:
     """Demo student: widths 16/32/48, strides 2/2/1 (19k params at 10 classes).
 
     Last feature map: ``features``, (B, 48, 7, 7) for a 28×28 input.
     """
-    if pretrained:
-        raise ValueError("smallcnn_student has no published weights (train it, e.g. with the Fashion-MNIST demo)")
-    kwargs.setdefault("in_chans", 1)
-    return SmallCNN((16, 32, 48), (2, 2, 1), num_classes=num_classes, **kwargs)
 
 
 # The embedded demo's pair (conf/experiment/demo.yaml). Both end on a 4×4 map (strides 2·2·2: 28 → 14 → 7 → 4)
@@ -101,25 +113,17 @@ def smallcnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: 
 # tapping smallcnn_teacher's 64 × 7 × 7 map made them cost more than the whole KD step (+115 %).
 
 
-@register_model(tags=("small",))
-def demo_cnn_teacher(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+@_small((32, 64, 128, 32), (2, 2, 1, 2))
+def demo_cnn_teacher() -> None:
     """Demo teacher: widths 32/64/128/32, strides 2/2/1/2 (130k params at 10 classes).
 
     Last feature map: ``features``, (B, 32, 4, 4) for a 28×28 input.
     """
-    if pretrained:
-        raise ValueError("demo_cnn_teacher has no published weights (train it, e.g. with the Fashion-MNIST demo)")
-    kwargs.setdefault("in_chans", 1)
-    return SmallCNN((32, 64, 128, 32), (2, 2, 1, 2), num_classes=num_classes, **kwargs)
 
 
-@register_model(tags=("small",))
-def demo_cnn_student(num_classes: int = 10, pretrained: bool = False, **kwargs: Any) -> SmallCNN:
+@_small((16, 32, 48, 24), (2, 2, 1, 2))
+def demo_cnn_student() -> None:
     """Demo student: widths 16/32/48/24, strides 2/2/1/2 (29k params at 10 classes).
 
     Last feature map: ``features``, (B, 24, 4, 4) for a 28×28 input: DiffKD's ``trans`` bridges 24 → 32 channels.
     """
-    if pretrained:
-        raise ValueError("demo_cnn_student has no published weights (train it, e.g. with the Fashion-MNIST demo)")
-    kwargs.setdefault("in_chans", 1)
-    return SmallCNN((16, 32, 48, 24), (2, 2, 1, 2), num_classes=num_classes, **kwargs)

@@ -1,13 +1,20 @@
-"""Helpers shared by the CIFAR zoo: the ``pretrained`` guard and the reference weight initialisations."""
+"""Helpers shared by the CIFAR zoo: the entry-point factory, the ``pretrained`` guard and the reference weight
+initialisations."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["CIFAR_TEACHERS_HINT", "ShuffleBlock", "check_pretrained", "init_msra_fan_out"]
+from diffkd.models._entry import entry_point
+
+__all__ = ["CIFAR_TEACHERS_HINT", "ShuffleBlock", "check_pretrained", "cifar_entry", "init_msra_fan_out"]
+
+M = TypeVar("M", bound=nn.Module)
 
 CIFAR_TEACHERS_HINT = (
     "mdistiller's CIFAR-100 teachers (RepDistiller's files) are the asset `cifar_teachers.tar` of the GitHub "
@@ -26,6 +33,33 @@ def check_pretrained(name: str, pretrained: bool) -> None:
             f"`diffkd.models.checkpoint.load_weights(model, 'cifar_teachers/{name}_vanilla/ckpt_epoch_240.pth')`. "
             + CIFAR_TEACHERS_HINT
         )
+
+
+def cifar_entry(
+    cls: type[M], *args: Any, teacher: bool = False, name: str | None = None, **fixed: Any
+) -> Callable[[Callable[[], object]], Callable[..., M]]:
+    """Turn a docstring-only stub into the CIFAR entry point ``fn(num_classes=100, pretrained=False, **kwargs)``
+    returning ``cls(*args, num_classes=num_classes, **fixed, **kwargs)`` (see :mod:`diffkd.models._entry`).
+
+    Args:
+        cls: the model class.
+        *args: its positional arguments (depth, widths, ...).
+        teacher: also tag ``"cifar_teacher"`` (mdistiller publishes a teacher checkpoint for it).
+        name: the registry name when it is not the stub's (``MobileNetV2`` for ``mobile_half``).
+        **fixed: keyword arguments every build passes (``batch_norm=True``, ``widen_factor=2``).
+    """
+
+    def make(stub: Callable[[], object]) -> Callable[..., M]:
+        label = name or stub.__name__
+
+        def entry(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> M:
+            check_pretrained(label, pretrained)
+            return cls(*args, num_classes=num_classes, **fixed, **kwargs)
+
+        entry.__annotations__["return"] = cls.__name__  # the signature names the class it builds
+        return entry_point(entry, stub, ("cifar", "cifar_teacher") if teacher else ("cifar",), name=name)
+
+    return make
 
 
 @torch.no_grad()

@@ -6,13 +6,10 @@ conv to 1280 channels, global average pooling and ``classifier = Sequential(Line
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained, init_msra_fan_out
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import cifar_entry, init_msra_fan_out
 
 __all__ = ["InvertedResidual", "MobileNetV2", "mobile_half"]
 
@@ -109,11 +106,9 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(out), 1))
 
 
-@register_model(name="MobileNetV2", tags=("cifar",))
-def mobile_half(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> MobileNetV2:
+@cifar_entry(MobileNetV2, T=6, width_mult=0.5, name="MobileNetV2")
+def mobile_half() -> None:
     """MobileNetV2 (T=6, width 0.5; 812,836 params), registered as ``MobileNetV2``.
 
     Last feature map: ``conv2``, (B, 1280, 2, 2).
     """
-    check_pretrained("MobileNetV2", pretrained)
-    return MobileNetV2(T=6, num_classes=num_classes, width_mult=0.5, **kwargs)

@@ -7,13 +7,11 @@ then global average pooling and ``fc``. ``resnet8x4``/``resnet32x4`` use four ti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained, init_msra_fan_out
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import cifar_entry, init_msra_fan_out
 
 __all__ = [
     "BasicBlock",
@@ -165,60 +163,46 @@ _SMALL = (16, 16, 32, 64)
 _X4 = (32, 64, 128, 256)
 
 
-def _resnet(name: str, depth: int, filters: Sequence[int], num_classes: int, pretrained: bool, **kwargs: Any):
-    check_pretrained(name, pretrained)
-    return ResNet(depth, filters, "basicblock", num_classes=num_classes, **kwargs)
-
-
-@register_model(tags=("cifar",))
-def resnet8(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 8, _SMALL, "basicblock")
+def resnet8() -> None:
     """ResNet-8 (1 block per stage, 83,892 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet8", 8, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def resnet14(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 14, _SMALL, "basicblock")
+def resnet14() -> None:
     """ResNet-14 (2 blocks per stage, 181,108 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet14", 14, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def resnet20(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 20, _SMALL, "basicblock")
+def resnet20() -> None:
     """ResNet-20 (3 blocks per stage, 278,324 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet20", 20, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def resnet32(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 32, _SMALL, "basicblock")
+def resnet32() -> None:
     """ResNet-32 (5 blocks per stage, 472,756 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet32", 32, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def resnet44(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 44, _SMALL, "basicblock")
+def resnet44() -> None:
     """ResNet-44 (7 blocks per stage, 667,188 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet44", 44, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar", "cifar_teacher"))
-def resnet56(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 56, _SMALL, "basicblock", teacher=True)
+def resnet56() -> None:
     """ResNet-56 (9 blocks per stage, 861,620 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet56", 56, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar", "cifar_teacher"))
-def resnet110(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 110, _SMALL, "basicblock", teacher=True)
+def resnet110() -> None:
     """ResNet-110 (18 blocks per stage, 1,736,564 params). Last feature map: ``layer3``, (B, 64, 8, 8)."""
-    return _resnet("resnet110", 110, _SMALL, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def resnet8x4(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 8, _X4, "basicblock")
+def resnet8x4() -> None:
     """ResNet-8×4 (widths 32/64/128/256, 1,233,540 params). Last feature map: ``layer3``, (B, 256, 8, 8)."""
-    return _resnet("resnet8x4", 8, _X4, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar", "cifar_teacher"))
-def resnet32x4(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNet:
+@cifar_entry(ResNet, 32, _X4, "basicblock", teacher=True)
+def resnet32x4() -> None:
     """ResNet-32×4 (widths 32/64/128/256, 7,433,860 params). Last feature map: ``layer3``, (B, 256, 8, 8)."""
-    return _resnet("resnet32x4", 32, _X4, num_classes, pretrained, **kwargs)

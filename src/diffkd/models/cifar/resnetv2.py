@@ -7,13 +7,11 @@ input ends at 4×4. (RepDistiller calls the file ``resnetv2.py``; the blocks are
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained, init_msra_fan_out
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import cifar_entry, init_msra_fan_out
 
 __all__ = ["BasicBlockV2", "BottleneckV2", "ResNet18", "ResNet50", "ResNetV2"]
 
@@ -135,15 +133,11 @@ class ResNetV2(nn.Module):
         return self.linear(torch.flatten(self.avgpool(out), 1))
 
 
-@register_model(tags=("cifar",))
-def ResNet18(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNetV2:
+@cifar_entry(ResNetV2, BasicBlockV2, [2, 2, 2, 2])
+def ResNet18() -> None:
     """CIFAR ResNet-18 ([2, 2, 2, 2] basic blocks, 11,220,132 params). Last feature map: ``layer4``, (B, 512, 4, 4)."""
-    check_pretrained("ResNet18", pretrained)
-    return ResNetV2(BasicBlockV2, [2, 2, 2, 2], num_classes=num_classes, **kwargs)
 
 
-@register_model(tags=("cifar", "cifar_teacher"))
-def ResNet50(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ResNetV2:
+@cifar_entry(ResNetV2, BottleneckV2, [3, 4, 6, 3], teacher=True)
+def ResNet50() -> None:
     """CIFAR ResNet-50 ([3, 4, 6, 3] bottlenecks, 23,705,252 params). Last feature map: ``layer4``, (B, 2048, 4, 4)."""
-    check_pretrained("ResNet50", pretrained)
-    return ResNetV2(BottleneckV2, [3, 4, 6, 3], num_classes=num_classes, **kwargs)

@@ -7,13 +7,11 @@ and an average-pooled shortcut that is concatenated), then global average poolin
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import ShuffleBlock, check_pretrained
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import ShuffleBlock, cifar_entry
 
 __all__ = ["Bottleneck", "ShuffleBlock", "ShuffleNet", "ShuffleV1"]
 
@@ -105,8 +103,6 @@ class ShuffleNet(nn.Module):
         return self.linear(torch.flatten(self.avgpool(out), 1))
 
 
-@register_model(tags=("cifar",))
-def ShuffleV1(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ShuffleNet:
+@cifar_entry(ShuffleNet, (240, 480, 960), (4, 8, 4), 3)
+def ShuffleV1() -> None:
     """ShuffleNet V1 (groups 3, 949,258 params). Last feature map: ``layer3``, (B, 960, 4, 4)."""
-    check_pretrained("ShuffleV1", pretrained)
-    return ShuffleNet((240, 480, 960), (4, 8, 4), 3, num_classes=num_classes, **kwargs)

@@ -6,13 +6,10 @@ A 1×1 stem conv to 24 channels (stride 1), three stages (a stride-2 ``DownBlock
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import ShuffleBlock, check_pretrained
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import ShuffleBlock, cifar_entry
 
 __all__ = ["CONFIGS", "BasicBlock", "DownBlock", "ShuffleNetV2", "ShuffleV2"]
 
@@ -143,8 +140,6 @@ class ShuffleNetV2(nn.Module):
         return self.linear(torch.flatten(self.avgpool(out), 1))
 
 
-@register_model(tags=("cifar",))
-def ShuffleV2(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> ShuffleNetV2:
+@cifar_entry(ShuffleNetV2, net_size=1)
+def ShuffleV2() -> None:
     """ShuffleNet V2 (net size 1, 1,355,528 params). Last feature map: ``relu``, (B, 1024, 4, 4)."""
-    check_pretrained("ShuffleV2", pretrained)
-    return ShuffleNetV2(net_size=1, num_classes=num_classes, **kwargs)

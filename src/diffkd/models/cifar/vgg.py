@@ -8,13 +8,11 @@ reference), then global average pooling and ``classifier = Linear(512, num_class
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained, init_msra_fan_out
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import cifar_entry, init_msra_fan_out
 
 __all__ = ["VGG", "vgg8", "vgg13"]
 
@@ -90,15 +88,11 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.pool4(x), 1))
 
 
-@register_model(tags=("cifar",))
-def vgg8(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> VGG:
+@cifar_entry(VGG, CFG["S"], batch_norm=True)
+def vgg8() -> None:
     """VGG-8 with BN (cfg "S", 3,965,028 params). Last feature map: ``relu4``, (B, 512, 4, 4)."""
-    check_pretrained("vgg8", pretrained)
-    return VGG(CFG["S"], batch_norm=True, num_classes=num_classes, **kwargs)
 
 
-@register_model(tags=("cifar", "cifar_teacher"))
-def vgg13(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> VGG:
+@cifar_entry(VGG, CFG["B"], batch_norm=True, teacher=True)
+def vgg13() -> None:
     """VGG-13 with BN (cfg "B", 9,462,180 params). Last feature map: ``relu4``, (B, 512, 4, 4)."""
-    check_pretrained("vgg13", pretrained)
-    return VGG(CFG["B"], batch_norm=True, num_classes=num_classes, **kwargs)

@@ -6,14 +6,11 @@ widths ``[16k, 32k, 64k]`` and strides 1/2/2, then ``bn1 → relu → global ave
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffkd.models.cifar._common import check_pretrained, init_msra_fan_out
-from diffkd.models.registry import register_model
+from diffkd.models.cifar._common import cifar_entry, init_msra_fan_out
 
 __all__ = ["BasicBlock", "NetworkBlock", "WideResNet", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
 
@@ -117,30 +114,21 @@ class WideResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(out), 1))
 
 
-def _wrn(name: str, depth: int, widen_factor: int, num_classes: int, pretrained: bool, **kwargs: Any):
-    check_pretrained(name, pretrained)
-    return WideResNet(depth, num_classes=num_classes, widen_factor=widen_factor, **kwargs)
-
-
-@register_model(tags=("cifar", "cifar_teacher"))
-def wrn_40_2(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> WideResNet:
+@cifar_entry(WideResNet, 40, widen_factor=2, teacher=True)
+def wrn_40_2() -> None:
     """WRN-40-2 (2,255,156 params at 100 classes). Last feature map: ``relu``, (B, 128, 8, 8)."""
-    return _wrn("wrn_40_2", 40, 2, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def wrn_40_1(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> WideResNet:
+@cifar_entry(WideResNet, 40, widen_factor=1)
+def wrn_40_1() -> None:
     """WRN-40-1 (569,780 params at 100 classes). Last feature map: ``relu``, (B, 64, 8, 8)."""
-    return _wrn("wrn_40_1", 40, 1, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def wrn_16_2(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> WideResNet:
+@cifar_entry(WideResNet, 16, widen_factor=2)
+def wrn_16_2() -> None:
     """WRN-16-2 (703,284 params at 100 classes). Last feature map: ``relu``, (B, 128, 8, 8)."""
-    return _wrn("wrn_16_2", 16, 2, num_classes, pretrained, **kwargs)
 
 
-@register_model(tags=("cifar",))
-def wrn_16_1(num_classes: int = 100, pretrained: bool = False, **kwargs: Any) -> WideResNet:
+@cifar_entry(WideResNet, 16, widen_factor=1)
+def wrn_16_1() -> None:
     """WRN-16-1 (180,916 params at 100 classes). Last feature map: ``relu``, (B, 64, 8, 8)."""
-    return _wrn("wrn_16_1", 16, 1, num_classes, pretrained, **kwargs)
