@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from diffkd.data.classification import PreloadableDataModule
 from diffkd.data.images import DataNotFoundError
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.transforms import TransformSpec
 
 __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR100DataModule"]
@@ -57,6 +59,7 @@ class _CIFAR100Files(CIFAR100):
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
+@loader_keywords(after="data_dir", batch_size=64, num_workers=2)
 class CIFAR100DataModule(PreloadableDataModule):
     """CIFAR-100 for classification and distillation.
 
@@ -98,19 +101,14 @@ class CIFAR100DataModule(PreloadableDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        batch_size: int = 64,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        drop_last: bool = True,
         download: bool = True,
         gpu_preload: bool = False,
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
+        **loader_options: Any,
     ) -> None:
-        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
         transforms = {"train_transform": train_transform, "val_transform": val_transform}
-        super().__init__(data_dir, *loader, gpu_preload=gpu_preload, **transforms)
+        super().__init__(data_dir, gpu_preload=gpu_preload, **transforms, **loader_options)
         self.download = download
 
     @property

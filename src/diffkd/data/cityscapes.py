@@ -28,6 +28,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.loaders import LoaderOptions
 from diffkd.data.segmentation import (
     VAL_SIZE_FIX,
@@ -270,6 +271,7 @@ class CityscapesFine(SegmentationFolder):
 SegmentationLoaders = SegmentationDataModule
 
 
+@loader_keywords(after="root", moved={"drop_last": "normalization"}, batch_size=2, val_batch_size=1, num_workers=4)
 class CityscapesDataModule(SegmentationDataModule):
     """Cityscapes fine semantic segmentation; satisfies :class:`~diffkd.data.protocol.DistillDataModule`.
 
@@ -310,10 +312,6 @@ class CityscapesDataModule(SegmentationDataModule):
     def __init__(
         self,
         root: str = "data/cityscapes",
-        batch_size: int = 2,
-        val_batch_size: int = 1,
-        num_workers: int = 4,
-        pin_memory: bool = False,
         train_split: str = "train",
         val_split: str = "val",
         crop_size: int | Sequence[int] = (512, 1024),
@@ -321,11 +319,11 @@ class CityscapesDataModule(SegmentationDataModule):
         scale_step: float = 0.1,
         hflip_prob: float = 0.5,
         normalization: Normalization = "cirkd",
-        drop_last: bool = True,
         verify: bool = False,
         skip_bad_images: bool = False,
+        **loader_options: Any,
     ) -> None:
-        loader = LoaderOptions(batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        loader = LoaderOptions(**loader_options)
         checks = {"verify": verify, "skip_bad_images": skip_bad_images}
         super().__init__(root, loader, train_split, val_split, crop_size, scale_range, scale_step, hflip_prob, **checks)
         for key, split in (("train_split", train_split), ("val_split", val_split)):

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffkd.data.device_loader import DeviceTensorLoader
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.loaders import DataModuleBase, LoaderOptions
 from diffkd.data.protocol import preserved_rng_state
 from diffkd.data.transforms import TransformSpec, build_transform, check_transform_output, describe_spec
@@ -33,6 +34,7 @@ __all__ = ["ClassificationDataModule", "PreloadableDataModule"]
 log = logging.getLogger("diffkd.data.base")  # the logger name of these lines before the split: filters keep working
 
 
+@loader_keywords(after="data_dir", batch_size=64, num_workers=2)
 class ClassificationDataModule(DataModuleBase):
     """Base for classification data; satisfies :class:`~diffkd.data.protocol.ClassificationData`.
 
@@ -62,16 +64,12 @@ class ClassificationDataModule(DataModuleBase):
     def __init__(
         self,
         data_dir: str = "data",
-        batch_size: int = 64,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        drop_last: bool = True,
         *,
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(LoaderOptions(batch_size, val_batch_size, num_workers, pin_memory, drop_last))
+        super().__init__(LoaderOptions(**loader_options))
         self.data_dir = str(data_dir)
         self.transform_specs: dict[str, TransformSpec] = {"train": train_transform, "val": val_transform}
 

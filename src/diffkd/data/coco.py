@@ -49,6 +49,7 @@ from torchvision.transforms import v2
 
 from diffkd.data.image_checks import ImageFileChecks
 from diffkd.data.images import DataIssue, DataNotFoundError, ImageReadError, inspect_image, read_image
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.loaders import DataModuleBase, LoaderOptions
 from diffkd.data.resumable import EpochCodedBatchSampler
 from diffkd.data.usable import SplitProblem, raise_problems
@@ -640,6 +641,14 @@ class GroupedBatchSampler(EpochCodedBatchSampler):
 # ------------------------------------------------------------------------------------------ the datamodule
 
 
+@loader_keywords(
+    after="root",
+    moved={"drop_last": "aspect_ratio_group_factor"},
+    batch_size=2,
+    val_batch_size=2,
+    num_workers=4,
+    drop_last=False,
+)
 class COCODataModule(ImageFileChecks, DataModuleBase):
     """COCO 2017 detection (or any COCO-format set) for torchvision's detectors.
 
@@ -720,10 +729,6 @@ class COCODataModule(ImageFileChecks, DataModuleBase):
     def __init__(
         self,
         root: str = "data/coco",
-        batch_size: int = 2,
-        val_batch_size: int = 2,
-        num_workers: int = 4,
-        pin_memory: bool = False,
         train_split: str = "train2017",
         val_split: str = "val2017",
         image_dir: str = "{split}",
@@ -735,13 +740,13 @@ class COCODataModule(ImageFileChecks, DataModuleBase):
         contiguous_labels: bool = False,
         remove_images_without_annotations: bool = True,
         aspect_ratio_group_factor: int = 3,
-        drop_last: bool = False,
         min_box_size: float = 1.0,
         seed: int | None = None,
         verify: bool = False,
         skip_bad_images: bool = False,
+        **loader_options: Any,
     ) -> None:
-        super().__init__(LoaderOptions(batch_size, val_batch_size, num_workers, pin_memory, drop_last))
+        super().__init__(LoaderOptions(**loader_options))
         self.init_image_checks(verify, skip_bad_images)
         self.root = Path(root)
         self.train_split = train_split

@@ -40,6 +40,7 @@ from torch.utils.data import Dataset
 from diffkd.data.classification import PreloadableDataModule
 from diffkd.data.device_loader import CropFlipNormalize
 from diffkd.data.images import DataNotFoundError
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.transforms import TransformSpec
 
 __all__ = [
@@ -210,6 +211,7 @@ class TransformedImageDataset(Dataset):
         return self.transform(Image.fromarray(pixels.numpy())), self.targets[index]
 
 
+@loader_keywords(after="data_dir", batch_size=128, num_workers=0)
 class FashionMNISTDataModule(PreloadableDataModule):
     """Fashion-MNIST in memory (see the module docstring for where the files are looked for).
 
@@ -244,11 +246,6 @@ class FashionMNISTDataModule(PreloadableDataModule):
     def __init__(
         self,
         data_dir: str = "data",
-        batch_size: int = 128,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool = True,
         download: bool = True,
         image_size: int = 28,
         subset: int | None = None,
@@ -256,10 +253,10 @@ class FashionMNISTDataModule(PreloadableDataModule):
         gpu_preload: bool = False,
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
+        **loader_options: Any,
     ) -> None:
-        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
         transforms = {"train_transform": train_transform, "val_transform": val_transform}
-        super().__init__(data_dir, *loader, gpu_preload=gpu_preload, **transforms)
+        super().__init__(data_dir, gpu_preload=gpu_preload, **transforms, **loader_options)
         self.download = download
         self.image_size = int(image_size)
         if subset is not None and subset <= 0:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -32,6 +33,7 @@ from torchvision import transforms as T
 from diffkd.data.classification import ClassificationDataModule
 from diffkd.data.folders import ClassFolders, ImageListDataset, list_classes
 from diffkd.data.image_checks import ImageFileChecks
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.transforms import TransformSpec
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataModule", "list_classes"]
@@ -42,6 +44,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@loader_keywords(after="image_size", batch_size=64, num_workers=2)
 class ImageFolderDataModule(ImageFileChecks, ClassificationDataModule):
     """Classification on ``<root>/{train,val}/<class>/*`` images.
 
@@ -61,10 +64,8 @@ class ImageFolderDataModule(ImageFileChecks, ClassificationDataModule):
         mean, std: per-channel normalisation (ImageNet statistics by default).
         train_transform, val_transform: None (the defaults above), a mapping of timm ``create_transform``
             arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`).
-        verify: decode every image at setup and raise one error listing the bad files (see
-            :class:`~diffkd.data.image_checks.ImageFileChecks`).
-        skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
-            ``skipped_images`` counts them (default: such an image raises an error naming it).
+        verify, skip_bad_images: decode every image at setup / replace an undecodable sample by the next readable
+            one; see :class:`~diffkd.data.image_checks.ImageFileChecks`.
     """
 
     in_chans = 3
@@ -76,20 +77,15 @@ class ImageFolderDataModule(ImageFileChecks, ClassificationDataModule):
         train_dir: str = "train",
         val_dir: str = "val",
         image_size: int = 224,
-        batch_size: int = 64,
-        val_batch_size: int | None = None,
-        num_workers: int = 2,
-        pin_memory: bool = False,
-        drop_last: bool = True,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         train_transform: TransformSpec = None,
         val_transform: TransformSpec = None,
         verify: bool = False,
         skip_bad_images: bool = False,
+        **loader_options: Any,
     ) -> None:
-        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
-        super().__init__(root, *loader, train_transform=train_transform, val_transform=val_transform)
+        super().__init__(root, train_transform=train_transform, val_transform=val_transform, **loader_options)
         self.init_image_checks(verify, skip_bad_images)
         self.root = Path(root)
         self.train_dir = self.root / train_dir

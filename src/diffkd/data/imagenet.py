@@ -49,7 +49,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch.utils.data import Dataset
 
@@ -58,6 +58,7 @@ from diffkd.data.folders import ClassFolders, ImageListDataset
 from diffkd.data.image_checks import ImageFileChecks
 from diffkd.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from diffkd.data.images import DataNotFoundError
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.transforms import TransformSpec
 
 if TYPE_CHECKING:
@@ -157,6 +158,7 @@ class _Index:
         return 1 + max(y for samples in (self.train, self.val) for _, y in samples)
 
 
+@loader_keywords(after="layout", batch_size=32, num_workers=8)
 class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
     """ImageNet-1k train/val with the official DiffKD transforms (see the module docstring for the layouts).
 
@@ -191,10 +193,8 @@ class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
         train_transform, val_transform: None (the recipe's timm pipelines), a mapping of timm
             ``create_transform`` arguments, or a list of torchvision transforms (see :mod:`diffkd.data.transforms`);
             either replaces the recipe's pipeline for its split.
-        verify: decode every image at setup and raise one error listing the bad files (see
-            :class:`~diffkd.data.image_checks.ImageFileChecks`).
-        skip_bad_images: replace a sample whose image does not decode by the next readable one, with a warning;
-            ``skipped_images`` counts them (default: such an image raises an error naming it).
+        verify, skip_bad_images: decode every image at setup / replace an undecodable sample by the next readable
+            one; see :class:`~diffkd.data.image_checks.ImageFileChecks`.
     """
 
     in_chans = 3
@@ -204,11 +204,6 @@ class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
         self,
         data_dir: str = "data/imagenet",
         layout: Literal["auto", "folders", "list"] = "auto",
-        batch_size: int = 32,
-        val_batch_size: int | None = None,
-        num_workers: int = 8,
-        pin_memory: bool = False,
-        drop_last: bool = True,
         image_size: int = 224,
         crop_pct: float = 0.875,
         interpolation: str = "bilinear",
@@ -234,9 +229,9 @@ class ImageNetDataModule(ImageFileChecks, ClassificationDataModule):
         val_transform: TransformSpec = None,
         verify: bool = False,
         skip_bad_images: bool = False,
+        **loader_options: Any,
     ) -> None:
-        loader = (batch_size, val_batch_size, num_workers, pin_memory, drop_last)
-        super().__init__(data_dir, *loader, train_transform=train_transform, val_transform=val_transform)
+        super().__init__(data_dir, train_transform=train_transform, val_transform=val_transform, **loader_options)
         if layout not in ("auto", "folders", "list"):
             raise ValueError(f"layout must be 'auto', 'folders' or 'list', got {layout!r}")
         self.init_image_checks(verify, skip_bad_images)

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from diffkd.data.loader_keywords import loader_keywords
 from diffkd.data.loaders import LoaderOptions
 from diffkd.data.segmentation import (
     PairLayout,
@@ -76,6 +78,7 @@ def find_segmentation_pairs(root: str | Path, splits: Sequence[str]) -> dict[str
     return find_layout_pairs(root, splits, FOLDER_LAYOUT)
 
 
+@loader_keywords(after="num_classes", moved={"drop_last": "cache"}, batch_size=8, num_workers=0)
 class SegmentationFolderDataModule(SegmentationDataModule):
     """Semantic segmentation from ``<root>/{train,val}/{images,labels}/`` (see the module docstring); satisfies
     :class:`~diffkd.data.protocol.DistillDataModule`. The test loader is the validation split's.
@@ -108,10 +111,6 @@ class SegmentationFolderDataModule(SegmentationDataModule):
         self,
         root: str,
         num_classes: int,
-        batch_size: int = 8,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
         train_split: str = "train",
         val_split: str = "val",
         in_chans: int = 3,
@@ -124,11 +123,11 @@ class SegmentationFolderDataModule(SegmentationDataModule):
         ignore_index: int = 255,
         class_names: Sequence[str] | None = None,
         cache: bool = False,
-        drop_last: bool = True,
         verify: bool = False,
         skip_bad_images: bool = False,
+        **loader_options: Any,
     ) -> None:
-        loader = LoaderOptions(batch_size, val_batch_size, num_workers, pin_memory, drop_last)
+        loader = LoaderOptions(**loader_options)
         checks = {"verify": verify, "skip_bad_images": skip_bad_images}
         super().__init__(root, loader, train_split, val_split, crop_size, scale_range, scale_step, hflip_prob, **checks)
         if int(num_classes) < 1:
