@@ -116,15 +116,11 @@ class CIRKDSegmentationModel(nn.Module):
         self.pretrained.load_imagenet_weights(source, strict=strict, drop_classifier=drop_classifier)
 
 
-class DeepLabV3(CIRKDSegmentationModel):
-    """DeepLabV3 (CIRKD ``models/deeplabv3.py`` / ``deeplabv3_mobile.py``): ASPP head on c4, FCN aux head on c3.
+class _HeadOnC4(CIRKDSegmentationModel):
+    """A CIRKD model whose ``_head_cls(c4, K, head_channels, norm_layer=...)`` sits on c4, with CIRKD's FCN aux head
+    (``auxlayer``) on c3 when ``aux``. ``backbone`` is a dilated backbone whose ``feature_info`` gives c3 and c4."""
 
-    Keys: ``pretrained.*``, ``head.aspp.{b0..b4,project}.*``, ``head.block.{0,1,4}.*``, ``auxlayer.block.{0,1,4}.*``.
-    Head feature ``head.block.3`` → (B, head_channels, H/8, W/8) (CIRKD's ``x_feat_after_aspp``).
-    """
-
-    _head_feature = "head.block.3"
-    _head_logits = "head.block.4"
+    _head_cls: ClassVar[type[DeepLabHead | PSPHead]]
 
     def __init__(
         self,
@@ -135,33 +131,33 @@ class DeepLabV3(CIRKDSegmentationModel):
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         c3, c4 = backbone.feature_info[2]["num_chs"], backbone.feature_info[3]["num_chs"]
-        head = DeepLabHead(c4, num_classes, head_channels, norm_layer=norm_layer)
+        head = self._head_cls(c4, num_classes, head_channels, norm_layer=norm_layer)
         super().__init__(backbone, head, FCNHead(c3, num_classes, norm_layer) if aux else None)
         self._describe(num_classes, head_channels)
 
 
-class PSPNet(CIRKDSegmentationModel):
+class DeepLabV3(_HeadOnC4):
+    """DeepLabV3 (CIRKD ``models/deeplabv3.py`` / ``deeplabv3_mobile.py``): ASPP head on c4, FCN aux head on c3.
+
+    Keys: ``pretrained.*``, ``head.aspp.{b0..b4,project}.*``, ``head.block.{0,1,4}.*``, ``auxlayer.block.{0,1,4}.*``.
+    Head feature ``head.block.3`` → (B, head_channels, H/8, W/8) (CIRKD's ``x_feat_after_aspp``).
+    """
+
+    _head_cls = DeepLabHead
+    _head_feature = "head.block.3"
+    _head_logits = "head.block.4"
+
+
+class PSPNet(_HeadOnC4):
     """PSPNet (CIRKD ``models/pspnet.py``): pyramid pooling head on c4, FCN aux head on c3.
 
     Keys: ``pretrained.*``, ``head.psp.conv{1..4}.{0,1}.*``, ``head.block.{0,1}.*``, ``head.classifier.*``,
     ``auxlayer.block.{0,1,4}.*``. Head feature ``head.block`` → (B, head_channels, H/8, W/8).
     """
 
+    _head_cls = PSPHead
     _head_feature = "head.block"
     _head_logits = "head.classifier"
-
-    def __init__(
-        self,
-        backbone: ResNetV1s,
-        num_classes: int = CITYSCAPES_CLASSES,
-        head_channels: int = 128,
-        aux: bool = True,
-        norm_layer: NormLayer = nn.BatchNorm2d,
-    ) -> None:
-        c3, c4 = backbone.feature_info[2]["num_chs"], backbone.feature_info[3]["num_chs"]
-        head = PSPHead(c4, num_classes, head_channels, norm_layer)
-        super().__init__(backbone, head, FCNHead(c3, num_classes, norm_layer) if aux else None)
-        self._describe(num_classes, head_channels)
 
 
 # ------------------------------------------------------------------------------------------------ weights
