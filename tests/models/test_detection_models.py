@@ -5,6 +5,7 @@ Most checks build on the meta device (no memory, no initialisation cost); nothin
 
 from __future__ import annotations
 
+import inspect
 import urllib.error
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torchvision
 from torchvision.ops import FrozenBatchNorm2d
 
-from diffkd.models import create_model, create_teacher, list_models
+from diffkd.models import create_model, create_teacher, get_model_entry, list_models
 from diffkd.models.detection import BACKBONES, DETECTORS, FPN_LEVELS
 from diffkd.models.imagenet import WeightsDownloadError
 
@@ -120,3 +121,43 @@ def test_a_teacher_loads_a_diffkd_checkpoint(tmp_path):
     assert torch.equal(
         again.head.classification_head.cls_logits.weight, trained.head.classification_head.cls_logits.weight
     )
+
+
+# one registered variant per builder: its module and the leading parameters positional callers rely on
+VARIANTS = {
+    "fasterrcnn_resnet50_fpn": ("detection", ["num_classes", "pretrained", "weights", "weights_backbone"]),
+    "mmdet_faster_rcnn_r50_fpn": (
+        "mmdet.faster_rcnn",
+        ["num_classes", "pretrained", "weights", "weights_backbone", "min_size", "max_size", "frozen_stages"],
+    ),
+    "mmdet_fpn_teacher_r50": ("mmdet.faster_rcnn", ["style", "min_size", "max_size"]),
+    "mmdet_retinanet_r50_fpn": (
+        "mmdet.retinanet",
+        ["num_classes", "weights_backbone", "min_size", "max_size", "frozen_stages", "weights", "backbone_only"],
+    ),
+    "mmdet_fcos_r50_caffe_fpn_gn": (
+        "mmdet.fcos",
+        ["num_classes", "weights_backbone", "min_size", "max_size", "frozen_stages"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_registered_variant_has_its_builders_signature_less_the_bound_arguments(name):
+    module, leading = VARIANTS[name]
+    entry = get_model_entry(name)
+    params = inspect.signature(entry.fn).parameters
+    assert list(params)[: len(leading)] == leading
+    assert not {"label", "backbone", "detector", "depth", "name"} & set(params)
+    assert entry.fn.__name__ == name and entry.module == f"diffkd.models.{module}"
+    assert entry.fn.__doc__ and "see :func:`build" in entry.fn.__doc__
+
+
+def test_a_variant_passes_positional_arguments_on_and_names_itself_in_errors():
+    # both checks fail before anything is built
+    with pytest.raises(ValueError, match=r"^retinanet_resnet101_fpn: p6_input='p7'"):
+        get_model_entry("retinanet_resnet101_fpn").fn(91, False, None, None, 800, 1333, 3, True, "p7")
+    with pytest.raises(ValueError, match=r"^mmdet_fcos_r101_caffe_fpn_gn: weights_backbone='IMAGENET1K_V1'"):
+        get_model_entry("mmdet_fcos_r101_caffe_fpn_gn").fn(81, "IMAGENET1K_V1")
+    with pytest.raises(TypeError, match="label"):
+        get_model_entry("mmdet_faster_rcnn_r50_fpn").fn(label="mine")

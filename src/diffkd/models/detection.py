@@ -56,6 +56,7 @@ from torch import nn
 
 from diffkd.models.imagenet import WeightsDownloadError
 from diffkd.models.registry import register_model
+from diffkd.models.variants import register_variant
 
 __all__ = ["BACKBONES", "DETECTORS", "FPN_LEVELS", "build_detector"]
 
@@ -209,24 +210,11 @@ def build_detector(
 def _register(detector: str, backbone: str) -> None:
     name = f"{detector}_{backbone}_fpn"
     levels = ", ".join(repr(k) for k in FPN_LEVELS[detector])
-
-    def fn(
-        num_classes: int = _COCO_CLASSES,
-        pretrained: bool = False,
-        weights: str | None = None,
-        weights_backbone: str | None = None,
-        **kwargs: Any,
-    ) -> nn.Module:
-        return build_detector(
-            detector, backbone, num_classes, pretrained, weights, weights_backbone, label=name, **kwargs
-        )
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (
+    doc = (
         f"torchvision {detector} on a {BACKBONES[backbone]} FPN (see :func:`build_detector`); FPN levels "
         f"{levels}, 256 channels."
     )
-    register_model(fn, name=name, tags=_TAGS)
+    register_variant(build_detector, name, doc, _TAGS, detector, backbone, label=name)
 
 
 for _detector in DETECTORS:

@@ -35,7 +35,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +83,7 @@ __all__ = [
     "refuse_pretrained",
     "resnet_description",
     "sigmoid_focal_loss",
+    "with_weights",
 ]
 
 #: MMDetection's ``data_preprocessor`` of the pytorch-style models (0..255 RGB).
@@ -93,6 +94,7 @@ CAFFE_MEAN_BGR = (102.9801, 115.9465, 122.7717)
 CAFFE_STD = (1.0, 1.0, 1.0)
 
 Style = Literal["pytorch", "caffe"]
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,10 @@ def mmdet_resnet(
     style: Style = "pytorch",
     frozen_stages: int = 1,
     bn_requires_grad: bool = True,
+    weights: str | None = None,
 ) -> nn.Module:
-    """MMDetection's ``ResNet``/``ResNeXt`` as a torchvision ``ResNet`` (no classifier used; randomly initialised —
-    ImageNet weights come from :func:`load_backbone_weights`).
+    """MMDetection's ``ResNet``/``ResNeXt`` as a torchvision ``ResNet`` (no classifier used; randomly initialised,
+    then ``weights`` loaded by :func:`load_backbone_weights` when given).
 
     Args:
         depth: 50 or 101.
@@ -145,6 +148,7 @@ def mmdet_resnet(
         style: ``"pytorch"`` (stride on the 3×3) or ``"caffe"`` (stride on the first 1×1).
         frozen_stages: the stem and this many stages take no gradient (MMDetection's ``frozen_stages``; -1: none).
         bn_requires_grad: whether BatchNorm's weight and bias train (statistics are frozen either way).
+        weights: ImageNet weights (:func:`load_backbone_weights`' ``source``); ``None``: random.
     """
     import torchvision
 
@@ -169,6 +173,8 @@ def mmdet_resnet(
     frozen = ["conv1", "bn1", *(f"layer{i}" for i in range(1, frozen_stages + 1))] if frozen_stages >= 0 else []
     for name in frozen:
         getattr(model, name).requires_grad_(False)
+    if weights is not None:
+        load_backbone_weights(model, weights, depth, groups)
     return model
 
 
@@ -496,6 +502,16 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, gamma: float = 2.0, alph
 
 
 # ---------------------------------------------------------------------------------------------------- builders
+def with_weights(model: ModelT, weights: str | Path | None) -> ModelT:
+    """``model`` after loading ``weights`` with :func:`~diffkd.models.checkpoint.load_weights` (an MMDetection zoo
+    file, converted, or the model's own state dict); ``None``: ``model`` as built."""
+    if weights is not None:
+        from diffkd.models.checkpoint import load_weights
+
+        load_weights(model, weights)
+    return model
+
+
 def refuse_pretrained(label: str, zoo: str = "") -> None:
     """``pretrained=True`` downloads nothing: MMDetection's weights are zoo files (``zoo`` names them), passed as
     ``weights=<file>``.

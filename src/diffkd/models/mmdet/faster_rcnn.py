@@ -126,14 +126,14 @@ from diffkd.models.mmdet.common import (
     fill_num_batches_tracked,
     frozen_stages_of,
     is_mmdet_checkpoint,
-    load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
     mmdet_transform,
     refuse_pretrained,
+    with_weights,
 )
-from diffkd.models.registry import register_model
+from diffkd.models.variants import register_variant
 
 __all__ = [
     "BACKBONES",
@@ -734,11 +734,7 @@ def build_faster_rcnn(
             backbone, "pytorch", min_size, max_size, label=f"{label} (backbone_only)",
             weights_backbone=weights_backbone, _skip_resize=_skip_resize,
         )  # fmt: skip
-        if weights is not None:
-            from diffkd.models.checkpoint import load_weights
-
-            load_weights(teacher, weights)
-        return teacher
+        return with_weights(teacher, weights)
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise TypeError(f"{label}: unknown keyword arguments {unknown}; settings are {sorted(SETTINGS)}")
@@ -749,9 +745,7 @@ def build_faster_rcnn(
         raise ValueError(f"{label}: num_classes counts background 0 and needs at least one class, got {num_classes}")
     s = {k: v[0] for k, v in SETTINGS.items()} | settings
     depth, groups, width, description = BACKBONES[backbone]
-    body = mmdet_resnet(depth, groups, width, "pytorch", stages)
-    if weights_backbone is not None:
-        load_backbone_weights(body, weights_backbone, depth, groups)
+    body = mmdet_resnet(depth, groups, width, "pytorch", stages, weights=weights_backbone)
     fpn = mmdet_fpn(body, 0, "maxpool")
     anchors = MMDetAnchorGenerator(strides=(4, 8, 16, 32, 64), ratios=(0.5, 1.0, 2.0), scales=(8,))
     rpn = MMDetRPN(
@@ -792,11 +786,7 @@ def build_faster_rcnn(
     )
     transform = mmdet_transform(min_size, max_size, "pytorch", _skip_resize=_skip_resize)
     model = MMDetFasterRCNN(fpn, rpn, roi_heads, transform, description=f"Faster R-CNN {description} FPN", name=label)
-    if weights is not None:
-        from diffkd.models.checkpoint import load_weights
-
-        load_weights(model, weights)
-    return model
+    return with_weights(model, weights)
 
 
 def build_fpn_teacher(
@@ -823,55 +813,24 @@ def build_fpn_teacher(
     if unknown:
         raise TypeError(f"{label}: unknown keyword arguments {unknown}")
     depth, groups, width, _ = BACKBONES[backbone]
-    body = mmdet_resnet(depth, groups, width, style, frozen_stages=4, bn_requires_grad=False)
-    if weights_backbone is not None:
-        load_backbone_weights(body, weights_backbone, depth, groups)
+    body = mmdet_resnet(depth, groups, width, style, frozen_stages=4, bn_requires_grad=False, weights=weights_backbone)
     transform = mmdet_transform(min_size, max_size, style, _skip_resize=bool(kwargs.get("_skip_resize", False)))
     return MMDetFPNTeacher(mmdet_fpn(body, 0, "maxpool"), transform, style=style, name=label)
 
 
 def _register(backbone: str) -> None:
-    name = f"mmdet_faster_rcnn_{backbone}_fpn"
+    name, teacher = f"mmdet_faster_rcnn_{backbone}_fpn", f"mmdet_fpn_teacher_{backbone}"
     config, ap, url = ZOO[name]
-
-    def fn(
-        num_classes: int = COCO_NUM_CLASSES,
-        pretrained: bool = False,
-        weights: str | None = None,
-        weights_backbone: str | None = None,
-        min_size: int | Sequence[int] = 800,
-        max_size: int = 1333,
-        frozen_stages: int | None = None,
-        **kwargs: Any,
-    ) -> MMDetFasterRCNN | MMDetFPNTeacher:
-        return build_faster_rcnn(
-            backbone, num_classes, pretrained, weights, weights_backbone, min_size, max_size, frozen_stages,
-            label=name, **kwargs,
-        )  # fmt: skip
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (
+    doc = (
         f"MMDetection's Faster R-CNN {BACKBONES[backbone][3]} FPN ({config}; zoo file {url}, box AP {ap}); see "
         ":func:`build_faster_rcnn`. FPN levels '0', '1', '2', '3', 'pool' (P2–P6), 256 channels."
     )
-    register_model(fn, name=name, tags=TAGS)
-
-    teacher = f"mmdet_fpn_teacher_{backbone}"
-
-    def teacher_fn(
-        style: Literal["pytorch", "caffe"] = "pytorch",
-        min_size: int | Sequence[int] = 800,
-        max_size: int = 1333,
-        **kwargs: Any,
-    ) -> MMDetFPNTeacher:
-        return build_fpn_teacher(backbone, style, min_size, max_size, label=teacher, **kwargs)
-
-    teacher_fn.__name__ = teacher_fn.__qualname__ = teacher
-    teacher_fn.__doc__ = (
+    register_variant(build_faster_rcnn, name, doc, TAGS, backbone, label=name)
+    doc = (
         f"The {BACKBONES[backbone][3]} backbone + Faster R-CNN FPN of any MMDetection checkpoint (FPN features only; "
         "see :func:`build_fpn_teacher`). FPN levels '0', '1', '2', '3', 'pool'."
     )
-    register_model(teacher_fn, name=teacher, tags=TAGS)
+    register_variant(build_fpn_teacher, teacher, doc, TAGS, backbone, label=teacher)
 
 
 for _backbone in BACKBONES:

@@ -93,7 +93,6 @@ from diffkd.models.mmdet.common import (
     frozen_stages_of,
     is_mmdet_checkpoint,
     is_weights_file,
-    load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
@@ -101,7 +100,7 @@ from diffkd.models.mmdet.common import (
     refuse_pretrained,
     sigmoid_focal_loss,
 )
-from diffkd.models.registry import register_model
+from diffkd.models.variants import register_variant
 
 __all__ = [
     "INF",
@@ -570,41 +569,26 @@ def build_mmdet_fcos(
     if pretrained:
         refuse_pretrained(label)
     frozen_stages = frozen_stages_of(label, frozen_stages, trainable_layers, frozen_bn)
-    body = mmdet_resnet(depth, style="caffe", frozen_stages=frozen_stages, bn_requires_grad=False)
-    if weights_backbone is not None:
-        if not is_weights_file(str(weights_backbone)):
-            raise ValueError(
-                f"{label}: weights_backbone={weights_backbone!r} names pytorch-style ImageNet weights, but this "
-                f"model is MMDetection's caffe-style R-{depth} (BGR 0..255, std 1, stride on the 1×1), initialised "
-                f"from {_CAFFE_FILES[depth]}: download {_CAFFE_URL}{_CAFFE_FILES[depth].rsplit(' ', 1)[-1]} and "
-                "pass its path"
-            )
-        load_backbone_weights(body, str(weights_backbone), depth)
+    if weights_backbone is not None and not is_weights_file(str(weights_backbone)):
+        raise ValueError(
+            f"{label}: weights_backbone={weights_backbone!r} names pytorch-style ImageNet weights, but this "
+            f"model is MMDetection's caffe-style R-{depth} (BGR 0..255, std 1, stride on the 1×1), initialised "
+            f"from {_CAFFE_FILES[depth]}: download {_CAFFE_URL}{_CAFFE_FILES[depth].rsplit(' ', 1)[-1]} and "
+            "pass its path"
+        )
+    weights = None if weights_backbone is None else str(weights_backbone)
+    body = mmdet_resnet(depth, style="caffe", frozen_stages=frozen_stages, bn_requires_grad=False, weights=weights)
     backbone = mmdet_fpn(body, 1, "on_output", relu_before_extra=True)
     return MMDetFCOS(backbone, num_classes, min_size, max_size, label=label, **kwargs)
 
 
 def _register(depth: int) -> None:
     name = f"mmdet_fcos_r{depth}_caffe_fpn_gn"
-
-    def fn(
-        num_classes: int = 81,
-        weights_backbone: str | None = None,
-        min_size: int | Sequence[int] = (640, 800),
-        max_size: int = 1333,
-        frozen_stages: int | None = None,
-        **kwargs: Any,
-    ) -> MMDetFCOS:
-        return build_mmdet_fcos(
-            depth, num_classes, weights_backbone, min_size, max_size, frozen_stages, label=name, **kwargs
-        )
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = (
+    doc = (
         f"MMDetection's fcos_r{depth}-caffe_fpn_gn-head_ms-640-800-2x_coco (see :func:`build_mmdet_fcos`); FPN "
         "levels '0', '1', '2', 'p6', 'p7' (P3–P7), 256 channels."
     )
-    register_model(fn, name=name, tags=TAGS)
+    register_variant(build_mmdet_fcos, name, doc, TAGS, depth, label=name)
 
 
 for _depth in (50, 101):

@@ -87,7 +87,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.retinanet import RetinaNetHead
@@ -118,15 +118,15 @@ from diffkd.models.mmdet.common import (
     describe_mmdet_checkpoint,
     frozen_stages_of,
     is_mmdet_checkpoint,
-    load_backbone_weights,
     mmdet_fpn,
     mmdet_resnet,
     mmdet_state_dict,
     mmdet_transform,
     refuse_pretrained,
     sigmoid_focal_loss,
+    with_weights,
 )
-from diffkd.models.registry import register_model
+from diffkd.models.variants import register_variant
 
 __all__ = [
     "BACKBONES",
@@ -458,46 +458,23 @@ def build_mmdet_retinanet(
     frozen_stages = frozen_stages_of(name, frozen_stages, trainable_layers, frozen_bn)
     transform_keys = ("_skip_resize", "fixed_size", "size_divisible")
     transform_kwargs = {k: kwargs.pop(k) for k in transform_keys if k in kwargs}
-    body = mmdet_resnet(depth, groups=groups, width_per_group=width, style="pytorch", frozen_stages=frozen_stages)
-    if weights_backbone is not None:
-        load_backbone_weights(body, weights_backbone, depth, groups)
+    body = mmdet_resnet(depth, groups, width, "pytorch", frozen_stages, weights=weights_backbone)
     backbone = mmdet_fpn(body, start_level=1, extra="on_input")
     transform = mmdet_transform(min_size, max_size, "pytorch", **transform_kwargs)
     model = MMDetRetinaNet(
         backbone, num_classes, transform, name=name, description=f"RetinaNet {backbone_name} FPN",
         backbone_only=backbone_only, **kwargs,
     )  # fmt: skip
-    if weights is not None:
-        from diffkd.models.checkpoint import load_weights
-
-        load_weights(model, weights)
-    return model
+    return with_weights(model, weights)
 
 
 def _register(name: str) -> None:
-    backbone_name = BACKBONES[name][3]
-
-    def fn(
-        num_classes: int = COCO_NUM_CLASSES,
-        weights_backbone: str | None = None,
-        min_size: int | Sequence[int] = 800,
-        max_size: int = 1333,
-        frozen_stages: int | None = None,
-        weights: str | Path | None = None,
-        backbone_only: bool = False,
-        **kwargs: Any,
-    ) -> nn.Module:
-        return build_mmdet_retinanet(
-            name, num_classes, weights_backbone, min_size, max_size, frozen_stages, weights, backbone_only, **kwargs
-        )
-
-    fn.__name__ = fn.__qualname__ = name
     zoo = "; ".join(f"{s}: {ap} AP" for s, ap, _ in ZOO[name])
-    fn.__doc__ = (
-        f"MMDetection's RetinaNet {backbone_name} FPN (zoo {zoo}); see :func:`build_mmdet_retinanet`. FPN levels "
+    doc = (
+        f"MMDetection's RetinaNet {BACKBONES[name][3]} FPN (zoo {zoo}); see :func:`build_mmdet_retinanet`. FPN levels "
         "'0', '1', '2', 'p6', 'p7' (P3–P7), 256 channels."
     )
-    register_model(fn, name=name, tags=TAGS)
+    register_variant(build_mmdet_retinanet, name, doc, TAGS, name)
 
 
 for _name in BACKBONES:
