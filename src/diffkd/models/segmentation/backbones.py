@@ -46,17 +46,26 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv
     return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
 
 
+@torch.no_grad()
+def _init_conv_bn(module: nn.Module) -> None:
+    """CIRKD's init of both backbones: conv ~ kaiming normal (fan out, ReLU), every BatchNorm (SyncBatchNorm
+    too) weight 1, bias 0; in ``module.modules()`` order, so the draws match CIRKD's."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 # ------------------------------------------------------------------------------------------------- ResNet
 
 
-class BasicBlockV1b(nn.Module):
-    """ResNet basic block (3×3 → 3×3) with dilation; CIRKD ``BasicBlockV1b`` keys ``conv1 bn1 conv2 bn2 downsample``.
+class _BlockV1b(nn.Module):
+    """The constructor CIRKD's two ResNet blocks share: ``_layers`` builds the convs and norms (in CIRKD's key
+    order), then ``downsample`` (the shortcut projection, or ``None``) is registered last, as CIRKD does."""
 
-    ``first_dilation`` is the first conv's dilation (CIRKD's ``dilation`` argument), ``dilation`` the second's
-    (CIRKD's ``previous_dilation``): the first block of a dilated stage keeps the previous stage's dilation there.
-    """
-
-    expansion: ClassVar[int] = 1
+    expansion: ClassVar[int]
 
     def __init__(
         self,
@@ -69,12 +78,32 @@ class BasicBlockV1b(nn.Module):
         norm_layer: NormLayer = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride, first_dilation or dilation)
+        self._layers(inplanes, planes, stride, dilation, first_dilation or dilation, norm_layer)
+        self.downsample = downsample
+
+    def _layers(
+        self, inplanes: int, planes: int, stride: int, dilation: int, first_dilation: int, norm_layer: NormLayer
+    ) -> None:
+        raise NotImplementedError
+
+
+class BasicBlockV1b(_BlockV1b):
+    """ResNet basic block (3×3 → 3×3) with dilation; CIRKD ``BasicBlockV1b`` keys ``conv1 bn1 conv2 bn2 downsample``.
+
+    ``first_dilation`` is the first conv's dilation (CIRKD's ``dilation`` argument), ``dilation`` the second's
+    (CIRKD's ``previous_dilation``): the first block of a dilated stage keeps the previous stage's dilation there.
+    """
+
+    expansion: ClassVar[int] = 1
+
+    def _layers(
+        self, inplanes: int, planes: int, stride: int, dilation: int, first_dilation: int, norm_layer: NormLayer
+    ) -> None:
+        self.conv1 = _conv3x3(inplanes, planes, stride, first_dilation)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(planes, planes, 1, dilation)
         self.bn2 = norm_layer(planes)
-        self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, inplanes, H, W) → (B, planes, H/stride, W/stride)."""
@@ -84,32 +113,23 @@ class BasicBlockV1b(nn.Module):
         return self.relu(out + identity)
 
 
-class BottleneckV1b(nn.Module):
+class BottleneckV1b(_BlockV1b):
     """ResNet bottleneck (1×1 → 3×3 → 1×1, stride and dilation on the 3×3); CIRKD ``BottleneckV1b`` keys
     ``conv1 bn1 conv2 bn2 conv3 bn3 downsample``. ``first_dilation`` (if given) replaces ``dilation`` on the 3×3.
     """
 
     expansion: ClassVar[int] = 4
 
-    def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        stride: int = 1,
-        dilation: int = 1,
-        first_dilation: int | None = None,
-        downsample: nn.Module | None = None,
-        norm_layer: NormLayer = nn.BatchNorm2d,
+    def _layers(
+        self, inplanes: int, planes: int, stride: int, dilation: int, first_dilation: int, norm_layer: NormLayer
     ) -> None:
-        super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
         self.bn1 = norm_layer(planes)
-        self.conv2 = _conv3x3(planes, planes, stride, first_dilation or dilation)
+        self.conv2 = _conv3x3(planes, planes, stride, first_dilation)
         self.bn2 = norm_layer(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, inplanes, H, W) → (B, 4·planes, H/stride, W/stride)."""
@@ -120,7 +140,31 @@ class BottleneckV1b(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNetV1s(nn.Module):
+class _ImageNetBackbone(nn.Module):
+    """A dilated backbone that loads a CSAIL deep-stem ImageNet file (``imagenet_extra_prefixes``: the file's
+    classifier keys it does not have) into ``_imagenet_module()`` (itself unless a subclass says otherwise)."""
+
+    imagenet_extra_prefixes: ClassVar[tuple[str, ...]]
+
+    def _imagenet_module(self) -> nn.Module:
+        return self
+
+    def load_imagenet_weights(
+        self, source: str | Path | Mapping[str, Any], *, strict: bool = True, drop_classifier: bool = False
+    ) -> None:
+        """Load a deep-stem ImageNet file into this backbone (``resnet18-imagenet.pth``, ``resnet101-imagenet.pth``;
+        ``mobilenetv2-imagenet.pth``, keys ``features.*`` and ``classifier.*``, into ``net``); see
+        :func:`load_imagenet_backbone`."""
+        load_imagenet_backbone(
+            self._imagenet_module(),
+            source,
+            self.imagenet_extra_prefixes,
+            strict=strict,
+            drop_classifier=drop_classifier,
+        )
+
+
+class ResNetV1s(_ImageNetBackbone):
     """Deep-stem ResNet (CIRKD ``ResNetV1b(deep_stem=True)``, "v1s"), dilated to output stride 8, without fc.
 
     Stem: 3×3 conv 3→64 /2, 64→64, 64→128 (each + BN + ReLU), then max-pool /2; ``layer1`` therefore starts
@@ -169,12 +213,7 @@ class ResNetV1s(nn.Module):
             {"num_chs": 512 * e, "reduction": self.output_stride, "module": "layer4"},
         ]
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_conv_bn(self)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, BottleneckV1b):
@@ -214,15 +253,6 @@ class ResNetV1s(nn.Module):
         c3 = self.layer3(c2)
         c4 = self.layer4(c3)
         return c1, c2, c3, c4
-
-    def load_imagenet_weights(
-        self, source: str | Path | Mapping[str, Any], *, strict: bool = True, drop_classifier: bool = False
-    ) -> None:
-        """Load a deep-stem ImageNet file (``resnet18-imagenet.pth``) into this backbone; see
-        :func:`load_imagenet_backbone`."""
-        load_imagenet_backbone(
-            self, source, self.imagenet_extra_prefixes, strict=strict, drop_classifier=drop_classifier
-        )
 
 
 def resnet18_v1s(dilated: bool = True, **kwargs: Any) -> ResNetV1s:
@@ -316,19 +346,14 @@ class MobileNetV2Features(nn.Module):
         self.features = nn.Sequential(*features)
         self.out_channels = cin
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, 3, H, W) → (B, 320, H/os, W/os)."""
         return self.features(x)
 
 
-class DilatedMobileNetV2(nn.Module):
+class DilatedMobileNetV2(_ImageNetBackbone):
     """CIRKD ``MobileNetV2Dilated`` (dilate_scale 8): MobileNetV2 features under ``net`` (keys ``net.features.*``).
 
     ``forward`` returns ``(c1, c2, c3, c4)`` taken after ``features.3/6/13/17``: (B, 24, H/4, W/4),
@@ -360,14 +385,8 @@ class DilatedMobileNetV2(nn.Module):
         c1, c2, c3, c4 = outs
         return c1, c2, c3, c4
 
-    def load_imagenet_weights(
-        self, source: str | Path | Mapping[str, Any], *, strict: bool = True, drop_classifier: bool = False
-    ) -> None:
-        """Load ``mobilenetv2-imagenet.pth`` (keys ``features.*``, ``classifier.*``) into ``net``; see
-        :func:`load_imagenet_backbone`."""
-        load_imagenet_backbone(
-            self.net, source, self.imagenet_extra_prefixes, strict=strict, drop_classifier=drop_classifier
-        )
+    def _imagenet_module(self) -> nn.Module:
+        return self.net
 
 
 # ---------------------------------------------------------------------------------------- ImageNet weights
