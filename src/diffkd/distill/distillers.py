@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -163,6 +164,30 @@ class DistillOutput(NamedTuple):
 Example = Tensor | Callable[[], Any] | DryRun
 
 
+class _Sides(NamedTuple):
+    """What :meth:`Distiller.build` taps: the two models, their dry runs, and the device the heads go to."""
+
+    student: nn.Module
+    teacher: nn.Module
+    s_run: DryRun
+    t_run: DryRun
+    device: Any
+
+    def of(self, role: str) -> tuple[nn.Module, DryRun]:
+        """``(model, dry run)`` of ``role`` (``"student"`` or ``"teacher"``)."""
+        return (self.student, self.s_run) if role == "student" else (self.teacher, self.t_run)
+
+
+class _Tap(NamedTuple):
+    """One side's tap of a point: the tensor, its layout and where that came from, and its (B, C, H, W) shape."""
+
+    text: str
+    value: Tensor
+    layout: Layout
+    source: str
+    shape: torch.Size
+
+
 class Distiller(nn.Module):
     """The distillation losses between a student and a frozen teacher.
 
@@ -290,9 +315,10 @@ class Distiller(nn.Module):
             teacher, t_source, "teacher", [a for s in self.specs.values() for a in s.tap_addresses("teacher")]
         )
         device = next((t.device for t in (*student.parameters(), *student.buffers())), None)
+        sides = _Sides(student, teacher, s_run, t_run, device)
         for config, spec in self.specs.items():
             if spec.multi_tap:
-                self.points[config] = self._build_multi_tap_point(config, spec, student, teacher, s_run, t_run, device)
+                self.points[config] = self._build_multi_tap_point(config, spec, sides)
                 continue
             s_addr = self._resolve(student, s_run, spec.student, "student")
             t_addr = self._resolve(teacher, t_run, spec.teacher, "teacher")
@@ -306,9 +332,7 @@ class Distiller(nn.Module):
                 name = f"{config}_{key}" if key else config
                 if name in self.points:
                     raise ValueError(f"point {name!r} (from {config!r}) collides with another point's name")
-                self.points[name] = self._build_point(
-                    name, config, spec, student, teacher, s_run, t_run, s_concrete, t_concrete, device
-                )
+                self.points[name] = self._build_point(name, config, spec, sides, s_concrete, t_concrete)
         self.built = True
         return self.describe()
 
@@ -346,48 +370,51 @@ class Distiller(nn.Module):
             )
         return value
 
-    def _build_multi_tap_point(
-        self,
-        config: str,
-        spec: PointSpec,
-        student: nn.Module,
-        teacher: nn.Module,
-        s_run: DryRun,
-        t_run: DryRun,
-        device: Any,
-    ) -> PointInfo:
-        """One point over several taps per side: every level resolved, laid out and size-checked as a single-tap
-        point's tap, then one head built from the lists of channels."""
+    def _tap_side(self, config: str, spec: PointSpec, sides: _Sides, role: str, addr: TapAddress) -> _Tap:
+        """``role``'s tap at a concrete address with its layout (``spec.<role>_layout``, declared or from the
+        shape) and its shape as (B, C, H, W)."""
+        model, run = sides.of(role)
+        value = self._tapped(config, role, model, run, addr)
+        explicit = spec.student_layout if role == "student" else spec.teacher_layout
+        layout, source = resolve_layout(model, module_of(addr.path), value, explicit, role, config, f"{role}_layout")
+        text = str(addr) if addr.selectors else addr.path
+        return _Tap(text, value, layout, source, to_bchw(value, layout).shape)
+
+    @staticmethod
+    def _check_align(config: str, spec: PointSpec) -> None:
         if spec.align not in (None, "interpolate", "head"):
             raise ValueError(f"point {config!r}: align must be null, 'interpolate' or 'head', got {spec.align!r}")
-        levels = []
+
+    @staticmethod
+    def _check_sizes(name: str, config: str, spec: PointSpec, s: _Tap, t: _Tap, s_text: str, t_text: str) -> None:
+        """Refuse maps of different (H, W) unless the point aligns them."""
+        if s.shape[-2:] != t.shape[-2:] and spec.align is None:
+            raise ValueError(
+                f"point {name!r}: student {s_text!r} is {_size(s.value, s.layout)} but teacher {t_text!r} is "
+                f"{_size(t.value, t.layout)}; tap maps of equal size or set "
+                f"++distill.points.{config}.align=interpolate (or align=head where the head aligns them)"
+            )
+
+    def _build_multi_tap_point(self, config: str, spec: PointSpec, sides: _Sides) -> PointInfo:
+        """One point over several taps per side: every level resolved, laid out and size-checked as a single-tap
+        point's tap, then one head built from the lists of channels."""
+        self._check_align(config, spec)
+        levels: list[tuple[_Tap, _Tap]] = []
         for s_text, t_text in zip(spec.tap_addresses("student"), spec.tap_addresses("teacher")):
-            level = []
-            for role, model, run, text, explicit in (
-                ("student", student, s_run, s_text, spec.student_layout),
-                ("teacher", teacher, t_run, t_text, spec.teacher_layout),
-            ):
-                addr = self._resolve(model, run, text, role)
-                value = self._tapped(config, role, model, run, addr)
-                layout, source = resolve_layout(
-                    model, module_of(addr.path), value, explicit, role, config, f"{role}_layout"
-                )
-                level.append((text, value, layout, source, to_bchw(value, layout).shape))
-            (s_text, s_val, s_layout, _, s4), (t_text, t_val, t_layout, _, t4) = level
-            if s4[-2:] != t4[-2:] and spec.align is None:
-                raise ValueError(
-                    f"point {config!r}: student {s_text!r} is {_size(s_val, s_layout)} but teacher {t_text!r} is "
-                    f"{_size(t_val, t_layout)}; tap maps of equal size or set "
-                    f"++distill.points.{config}.align=interpolate (or align=head where the head aligns them)"
-                )
-            levels.append(level)
+            s_tap, t_tap = (
+                self._tap_side(config, spec, sides, role, self._resolve(*sides.of(role), text, role))
+                for role, text in (("student", s_text), ("teacher", t_text))
+            )
+            s_tap, t_tap = s_tap._replace(text=s_text), t_tap._replace(text=t_text)  # the addresses as configured
+            self._check_sizes(config, config, spec, s_tap, t_tap, s_text, t_text)
+            levels.append((s_tap, t_tap))
         s_levels, t_levels = [lv[0] for lv in levels], [lv[1] for lv in levels]
         kwargs = {**self.head_defaults.get(spec.head, {}), **spec.head_kwargs}
         try:
             head = self._heads_of[config].build(
-                [int(lv[4][1]) for lv in s_levels],
-                [int(lv[4][1]) for lv in t_levels],
-                vector=[lv[2] == "vector" for lv in s_levels],
+                [int(tap.shape[1]) for tap in s_levels],
+                [int(tap.shape[1]) for tap in t_levels],
+                vector=[tap.layout == "vector" for tap in s_levels],
                 **kwargs,
             )
         except ValueError as err:
@@ -395,72 +422,49 @@ class Distiller(nn.Module):
         head_key: str | None = None
         if head is not None:
             head_key = config
-            self.heads[config] = head.to(device) if device is not None else head
+            self.heads[config] = head.to(sides.device) if sides.device is not None else head
         return PointInfo(
             name=config,
             config=config,
-            student=tuple(lv[0] for lv in s_levels),
-            teacher=tuple(lv[0] for lv in t_levels),
-            student_layout=tuple(lv[2] for lv in s_levels),
-            teacher_layout=tuple(lv[2] for lv in t_levels),
-            layout_source=tuple((s[3], t[3]) for s, t in zip(s_levels, t_levels)),
-            student_shape=tuple(tuple(lv[4][1:]) for lv in s_levels),
-            teacher_shape=tuple(tuple(lv[4][1:]) for lv in t_levels),
+            student=tuple(tap.text for tap in s_levels),
+            teacher=tuple(tap.text for tap in t_levels),
+            student_layout=tuple(tap.layout for tap in s_levels),
+            teacher_layout=tuple(tap.layout for tap in t_levels),
+            layout_source=tuple((s.source, t.source) for s, t in zip(s_levels, t_levels)),
+            student_shape=tuple(tuple(tap.shape[1:]) for tap in s_levels),
+            teacher_shape=tuple(tuple(tap.shape[1:]) for tap in t_levels),
             head=head_key,
         )
 
     def _build_point(
-        self,
-        name: str,
-        config: str,
-        spec: PointSpec,
-        student: nn.Module,
-        teacher: nn.Module,
-        s_run: DryRun,
-        t_run: DryRun,
-        s_addr: TapAddress,
-        t_addr: TapAddress,
-        device: Any,
+        self, name: str, config: str, spec: PointSpec, sides: _Sides, s_addr: TapAddress, t_addr: TapAddress
     ) -> PointInfo:
-        s_val = self._tapped(config, "student", student, s_run, s_addr)
-        t_val = self._tapped(config, "teacher", teacher, t_run, t_addr)
-        s_layout, s_src = resolve_layout(
-            student, module_of(s_addr.path), s_val, spec.student_layout, "student", config, "student_layout"
-        )
-        t_layout, t_src = resolve_layout(
-            teacher, module_of(t_addr.path), t_val, spec.teacher_layout, "teacher", config, "teacher_layout"
-        )
-        s4, t4 = to_bchw(s_val, s_layout).shape, to_bchw(t_val, t_layout).shape
-        if spec.align not in (None, "interpolate", "head"):
-            raise ValueError(f"point {config!r}: align must be null, 'interpolate' or 'head', got {spec.align!r}")
-        if s4[-2:] != t4[-2:] and spec.align is None:
-            raise ValueError(
-                f"point {name!r}: student {str(s_addr)!r} is {_size(s_val, s_layout)} but teacher {str(t_addr)!r} "
-                f"is {_size(t_val, t_layout)}; tap maps of equal size or set "
-                f"++distill.points.{config}.align=interpolate (or align=head where the head aligns them)"
-            )
+        s_tap = self._tap_side(config, spec, sides, "student", s_addr)
+        t_tap = self._tap_side(config, spec, sides, "teacher", t_addr)
+        self._check_align(config, spec)
+        self._check_sizes(name, config, spec, s_tap, t_tap, str(s_addr), str(t_addr))
         head_key: str | None = config if spec.shared_head else name
         if head_key not in self.heads:
             entry = self._heads_of[config]
             kwargs = {**self.head_defaults.get(spec.head, {}), **spec.head_kwargs}
             try:
-                head = entry.build(int(s4[1]), int(t4[1]), vector=s_layout == "vector", **kwargs)
+                head = entry.build(int(s_tap.shape[1]), int(t_tap.shape[1]), vector=s_tap.layout == "vector", **kwargs)
             except ValueError as err:
                 raise ValueError(f"point {name!r}: {err}") from None
             if head is None:
                 head_key = None
             else:
-                self.heads[head_key] = head.to(device) if device is not None else head
+                self.heads[head_key] = head.to(sides.device) if sides.device is not None else head
         return PointInfo(
             name=name,
             config=config,
-            student=str(s_addr) if s_addr.selectors else s_addr.path,
-            teacher=str(t_addr) if t_addr.selectors else t_addr.path,
-            student_layout=s_layout,
-            teacher_layout=t_layout,
-            layout_source=(s_src, t_src),
-            student_shape=tuple(s4[1:]),
-            teacher_shape=tuple(t4[1:]),
+            student=s_tap.text,
+            teacher=t_tap.text,
+            student_layout=s_tap.layout,
+            teacher_layout=t_tap.layout,
+            layout_source=(s_tap.source, t_tap.source),
+            student_shape=tuple(s_tap.shape[1:]),
+            teacher_shape=tuple(t_tap.shape[1:]),
             head=head_key,
         )
 
