@@ -402,6 +402,16 @@ def test_backbone_weights_round_trip(tmp_path: Path, name: str) -> None:
     model.load_backbone_weights(old, strict=False, drop_classifier=True)
 
 
+def test_backbone_shape_mismatch_names_file_and_model_shapes() -> None:
+    model = create_model("cirkd_deeplabv3_resnet18")
+    sd = _imagenet_file(model, mobilenet=False)
+    sd["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    with pytest.raises(
+        RuntimeError, match=r"shape mismatches \(1\): conv1\.weight: file \(64, 3, 5, 5\) vs model \(64, 3, 3, 3\)"
+    ):
+        model.load_backbone_weights(sd, drop_classifier=True, strict=False)  # shapes raise even when not strict
+
+
 def test_backbone_weights_reject_torchvision_resnet() -> None:
     tv = create_model("tv_resnet18").state_dict()  # standard 7×7 stem: not CIRKD's deep-stem backbone
     with pytest.raises(RuntimeError, match="deep-stem"):
