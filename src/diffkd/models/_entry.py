@@ -1,6 +1,6 @@
 """Registered entry points written as one builder per family plus one docstring-only ``def`` per name.
 
-A family (the torchvision or timm classifiers, the CIRKD or torchvision segmenters, the CIFAR ResNets, the demo CNNs)
+A family (the torchvision or timm classifiers, the CIRKD or torchvision segmenters, the CIFAR zoo, the demo CNNs)
 shares one signature and one body; only the architecture and the docstring differ per name. Each family writes its
 body once, in a factory, and each name is a decorated stub that contributes its name and docstring::
 
