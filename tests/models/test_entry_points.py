@@ -1,4 +1,4 @@
-"""Registered entry points built by a family factory (``diffkd.models._entry``) look and act like hand-written ones:
+"""Registered entry points built by a family factory (``diffkd.models.variants``) look and act like hand-written ones:
 each module attribute is the registered function, under its own name, module and docstring, with the family's
 signature and defaults, and the errors name the registered model."""
 

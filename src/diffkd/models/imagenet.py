@@ -38,8 +38,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from diffkd.models._entry import entry_point
 from diffkd.models.registry import register_model_prefix
+from diffkd.models.variants import entry_point
 
 __all__ = [
     "DISTILL_POINTS",
@@ -278,7 +278,7 @@ Entry = Callable[..., nn.Module]
 
 
 def _tv(arch: str, default_weights: str = "IMAGENET1K_V1") -> Callable[[Callable[[], object]], Entry]:
-    """Turn a docstring-only stub into the entry point of torchvision's ``arch`` (see :mod:`diffkd.models._entry`):
+    """Turn a docstring-only stub into the entry point of torchvision's ``arch`` (see :mod:`diffkd.models.variants`):
     ``fn(num_classes=1000, pretrained=False, weights=None, **kwargs) -> nn.Module``."""
 
     def make(stub: Callable[[], object]) -> Entry:

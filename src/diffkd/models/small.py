@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffkd.models._entry import entry_point
+from diffkd.models.variants import entry_point
 
 __all__ = ["ConvBNReLU", "SmallCNN", "demo_cnn_student", "demo_cnn_teacher", "smallcnn_student", "smallcnn_teacher"]
 
@@ -75,7 +75,7 @@ def _small(
     channels: Sequence[int], strides: Sequence[int]
 ) -> Callable[[Callable[[], object]], Callable[..., SmallCNN]]:
     """Turn a docstring-only stub into the ``SmallCNN(channels, strides)`` entry point (see
-    :mod:`diffkd.models._entry`): ``fn(num_classes=10, pretrained=False, **kwargs)``, ``in_chans`` 1 by default."""
+    :mod:`diffkd.models.variants`): ``fn(num_classes=10, pretrained=False, **kwargs)``, ``in_chans`` 1 by default."""
 
     def make(stub: Callable[[], object]) -> Callable[..., SmallCNN]:
         name = stub.__name__

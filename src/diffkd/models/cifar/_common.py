@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from diffkd.models._entry import entry_point
+from diffkd.models.variants import entry_point
 
 __all__ = ["CIFAR_TEACHERS_HINT", "ShuffleBlock", "check_pretrained", "cifar_entry", "init_msra_fan_out"]
 
@@ -39,7 +39,7 @@ def cifar_entry(
     cls: type[M], *args: Any, teacher: bool = False, name: str | None = None, **fixed: Any
 ) -> Callable[[Callable[[], object]], Callable[..., M]]:
     """Turn a docstring-only stub into the CIFAR entry point ``fn(num_classes=100, pretrained=False, **kwargs)``
-    returning ``cls(*args, num_classes=num_classes, **fixed, **kwargs)`` (see :mod:`diffkd.models._entry`).
+    returning ``cls(*args, num_classes=num_classes, **fixed, **kwargs)`` (see :mod:`diffkd.models.variants`).
 
     Args:
         cls: the model class.

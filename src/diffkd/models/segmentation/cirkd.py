@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from diffkd.models._entry import entry_point
 from diffkd.models.checkpoint import load_weights
 from diffkd.models.imagenet import WeightsDownloadError
 from diffkd.models.segmentation.backbones import (
@@ -45,6 +44,7 @@ from diffkd.models.segmentation.backbones import (
     resnet101_v1s,
 )
 from diffkd.models.segmentation.heads import DeepLabHead, FCNHead, PSPHead
+from diffkd.models.variants import entry_point
 
 __all__ = ["CIRKD_WEIGHTS", "CIRKDSegmentationModel", "CIRKDWeights", "DeepLabV3", "PSPNet"]
 
@@ -228,7 +228,7 @@ def _cirkd(
     arch: type[DeepLabV3 | PSPNet], backbone: Callable[[NormLayer], nn.Module], width: int, *, has_aux: bool = True
 ) -> Callable[[Callable[[], object]], Callable[..., CIRKDSegmentationModel]]:
     """Turn a docstring-only stub into the CIRKD entry point ``arch(backbone(norm_layer), K, width, aux, norm_layer)``
-    (see :mod:`diffkd.models._entry`); ``has_aux=False`` makes ``aux`` default to ``False`` and refuse ``True``."""
+    (see :mod:`diffkd.models.variants`); ``has_aux=False`` makes ``aux`` default to ``False`` and refuse ``True``."""
 
     def make(stub: Callable[[], object]) -> Callable[..., CIRKDSegmentationModel]:
         name = stub.__name__

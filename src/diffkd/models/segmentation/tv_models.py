@@ -26,8 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from diffkd.models._entry import entry_point
 from diffkd.models.imagenet import WeightsDownloadError
+from diffkd.models.variants import entry_point
 
 __all__ = ["build_torchvision_segmentation"]
 
@@ -138,7 +138,7 @@ def build_torchvision_segmentation(
 
 
 def _tv(arch: str) -> Callable[[Callable[[], object]], Callable[..., nn.Module]]:
-    """Turn a docstring-only stub into the entry point of torchvision's ``arch`` (see :mod:`diffkd.models._entry`):
+    """Turn a docstring-only stub into the entry point of torchvision's ``arch`` (see :mod:`diffkd.models.variants`):
     ``fn(num_classes=19, pretrained=False, aux=True, weights=None, weights_backbone=None, **kwargs) -> nn.Module``."""
 
     def make(stub: Callable[[], object]) -> Callable[..., nn.Module]:
