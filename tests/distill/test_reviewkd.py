@@ -20,23 +20,12 @@ from diffkd.distill import Distiller, FeatureTaps
 from diffkd.distill.registry import build_distance, get_head
 from diffkd.models import create_model
 from diffkd.train import train
+from tests.helpers.parity import as_float64 as _t
+from tests.helpers.parity import max_rel
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = json.loads((ROOT / "tests" / "fixtures" / "mdistiller_reviewkd.json").read_text())
 RTOL = 1e-5
-
-
-def _t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
-
-
-def max_rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest element-wise |ours − ref| / |ref| (entries where ref is 0 must be 0 to 1e-12 absolute)."""
-    ours, ref = ours.detach().double(), ref.double()
-    assert ours.shape == ref.shape
-    zero = ref.abs() < 1e-300
-    assert (ours[zero].abs() < 1e-12).all()
-    return float(((ours - ref).abs()[~zero] / ref.abs()[~zero]).max()) if (~zero).any() else 0.0
 
 
 def _ours(key: str, levels: int) -> str:
