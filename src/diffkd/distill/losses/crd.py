@@ -156,6 +156,7 @@ class CRDLoss(nn.Module):
         self.register_buffer("z_student", torch.tensor(-1.0))
         self.register_buffer("z_teacher", torch.tensor(-1.0))
         self._z_checked = False  # Z is set (or was loaded) once this process has run a step
+        self._largest_class = 0  # samples in the training set's largest class (bind_data): decides replacement
         # the sampler's view of the labels: derived from the data module at every start, so not in the checkpoint
         self.register_buffer("train_labels", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.register_buffer("class_order", torch.zeros(0, dtype=torch.int64), persistent=False)
@@ -193,7 +194,8 @@ class CRDLoss(nn.Module):
                 raise ValueError("distance crd: the training labels must be class indices ≥ 0")
             device = self.z_student.device
             counts = torch.bincount(labels)
-            if int(counts.max()) == n:
+            self._largest_class = int(counts.max())  # once, here: never a host sync in the step
+            if self._largest_class == n:
                 raise ValueError(
                     f"distance crd (mode {self.mode}) draws negatives from other classes, but all {n} training "
                     "samples have one class; use distance.mode: uniform"
@@ -242,7 +244,7 @@ class CRDLoss(nn.Module):
             idx[:, 0] = sample_index
             return idx
         labels = self.train_labels[sample_index]  # (B,)
-        if k <= n - int(self.class_count.max()):  # without replacement: the K smallest of random keys
+        if k <= n - self._largest_class:  # without replacement: the K smallest of random keys
             keys = torch.rand(b, n, device=device)
             keys.masked_fill_(self.train_labels.unsqueeze(0) == labels.unsqueeze(1), 2.0)
             negatives = keys.topk(k, dim=1, largest=False).indices
