@@ -18,18 +18,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from diffkd.paper_results import PAPER_RESULTS
 from diffkd.train import build_module, train
-from tests.conftest import compose_config
+from tests.conftest import CONF_DIR, compose_config
 
-PAIRS = [
-    "cifar_wrn40_wrn16",
-    "cifar_wrn40_wrn40_1",
-    "cifar_res56_res20",
-    "cifar_res32x4_res8x4",
-    "cifar_res50_mbv2",
-    "cifar_res32x4_shuv1",
-    "cifar_res32x4_shuv2",
-]
+# every CIFAR model pair an experiment names (conf/pair/cifar_*.yaml): Table 9's six and WRN-40-2 → WRN-16-2
+PAIRS = sorted(p.stem for p in (CONF_DIR / "pair").glob("cifar_*.yaml"))
 METHODS = [
     "none",
     "kd",
@@ -203,3 +197,8 @@ def test_align_head_is_needed_for_unequal_maps_and_checked():
     module.build(x)
     info = module.distiller.describe()["stage1"]
     assert info["student_shape"] == [240, 16, 16] and info["teacher_shape"] == [64, 32, 32]
+
+
+def test_every_paper_cifar_pair_is_in_the_matrix():
+    assert {e for e in PAPER_RESULTS if e.startswith("cifar_")} | {"cifar_wrn40_wrn16"} <= set(PAIRS)
+    assert len(PAIRS) == 7
