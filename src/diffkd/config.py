@@ -57,12 +57,17 @@ class ConfigError(ValueError):
 
 
 @contextmanager
-def packaged_config(config_dir: str | Path = CONFIG_DIR) -> Iterator[None]:
+def packaged_config(config_dir: str | Path = CONFIG_DIR, keep_running_app: bool = False) -> Iterator[None]:
     """Hydra's compose API initialised on the packaged ``conf/`` (or ``config_dir``): ``hydra.compose(config_name=
-    "train", ...)`` works inside. Hydra's global state is cleared before and after."""
+    "train", ...)`` works inside. Hydra's global state is cleared before and after — unless ``keep_running_app``
+    and a Hydra app is running (``python -m diffkd.train`` composing the demo's runs): then the app's own state is
+    used as it is."""
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    if keep_running_app and GlobalHydra.instance().is_initialized():
+        yield
+        return
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):

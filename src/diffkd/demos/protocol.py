@@ -24,18 +24,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffkd.config import CONFIG_DIR, PRIMARY_CONFIG
+from diffkd.config import PRIMARY_CONFIG, packaged_config
 from diffkd.training import train
 
 # The kit's log records keep the name they had when it lived in ``diffkd.demo``: log settings name it.
@@ -211,17 +209,6 @@ def cpu_supports_bf16() -> bool:
     return "amx_bf16" in flags
 
 
-@contextmanager
-def _composer() -> Iterator[None]:
-    """Hydra's compose API: the running app's (``python -m diffkd.train``; its state is kept, unlike
-    :func:`diffkd.config.packaged_config`), or the packaged ``conf/``."""
-    if GlobalHydra.instance().is_initialized():
-        yield
-        return
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
-
-
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
@@ -230,7 +217,7 @@ def demo_run_config(base: Sequence[str], method: str, fixed: Sequence[str]) -> D
     """``train.yaml`` composed with the user's overrides ``base``, ``distill=<method>`` and the demo's ``fixed``
     settings. A ``distill.<key>`` override reaches the run only when its distiller has that key's parent (the
     ``diffkd`` run has ``distill.diffkd``, the ``kd`` run has not)."""
-    with _composer():
+    with packaged_config(keep_running_app=True):
         plain = [o for o in base if not _key(o).startswith("distill.")]
         probe = compose(config_name=PRIMARY_CONFIG, overrides=[*plain, f"distill={method}", *fixed])
         kept = list(plain)
